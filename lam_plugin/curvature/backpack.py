@@ -1,0 +1,180 @@
+"""Curvature with BackPACK: square-root GGN factors, pair sums formed layer by layer.
+
+``SqrtGGNExact`` with ``MSELoss(reduction="sum")`` on the stacked outputs gives, for
+every parameter, the per-sample factors ``S = sqrt(2) J^T`` (``[D, B, *shape]``).
+Inside BackPACK's ``extension_hook`` each module's factors are contracted with the
+batch's output Hessian, ``diag(J^T G J) = diag(S^T G S) / 2``, and freed at once, so
+the factors of the whole network never sit in memory together.
+
+BackPACK works on a deep copy of the model, converted with ``use_converter=True``
+(residual ``+``, ``flatten`` ... become modules) and in eval mode (BatchNorm is
+supported only there). The user's model is never extended.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+
+import torch
+from backpack import backpack, extend
+from backpack.core.derivatives.adaptive_avg_pool_nd import AdaptiveAvgPoolNDDerivatives
+from backpack.core.derivatives.basederivatives import BaseDerivatives
+from backpack.extensions import SqrtGGNExact
+from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
+from backpack.custom_module.graph_utils import BackpackTracer
+from torch import Tensor, nn
+from torch.fx import Graph
+
+from ..modules import L2Normalize
+from ..wrapping import Batch, OutputKey, call_model, select_output
+from .base import CurvatureBackend, HessianFn, UnsupportedModelError, check_finite, flat_jacobian
+
+logger = logging.getLogger(__name__)
+
+_GRAPH_OPS_OK = {"placeholder", "output", "call_module", "get_attr"}
+
+
+class L2NormalizeDerivatives(BaseDerivatives):
+    """Transposed Jacobian of ``z = f/||f||``: ``J^T v = (v - (v.z) z) / ||f||``.
+
+    BackPACK has no normalisation layer, so this one is written here.
+    """
+
+    def hessian_is_zero(self, module: nn.Module) -> bool:
+        return False
+
+    def _jac_t_mat_prod(
+        self,
+        module: nn.Module,
+        g_inp: tuple[Tensor, ...],
+        g_out: tuple[Tensor, ...],
+        mat: Tensor,
+        subsampling: list[int] | None = None,
+    ) -> Tensor:
+        f = module.input0 if subsampling is None else module.input0[subsampling]
+        if f.ndim != 2 or module.dim not in (-1, 1):
+            raise UnsupportedModelError("L2Normalize is supported by BackPACK only on [B, D] inputs along dim -1")
+        norm = f.norm(dim=-1, keepdim=True)
+        z = f / norm
+        return (mat - (mat * z).sum(-1, keepdim=True) * z) / norm
+
+
+def _extension() -> SqrtGGNExact:
+    """``SqrtGGNExact`` with the layers BackPACK's table lacks but its derivatives cover."""
+    ext = SqrtGGNExact()
+    ext.set_module_extension(L2Normalize, SqrtGGNBaseModule(L2NormalizeDerivatives()))
+    for cls, n in ((nn.AdaptiveAvgPool1d, 1), (nn.AdaptiveAvgPool2d, 2), (nn.AdaptiveAvgPool3d, 3)):
+        ext.set_module_extension(cls, SqrtGGNBaseModule(AdaptiveAvgPoolNDDerivatives(N=n)))
+    return ext
+
+
+def _supported_types(ext: SqrtGGNExact) -> tuple[type, ...]:
+    # BackPACK keeps its module table private; read it to name an unsupported module
+    # before any work is done instead of failing in the middle of a backward pass.
+    table = getattr(ext, "_BackpropExtension__module_extensions", {})
+    return tuple(table)
+
+
+class _LeafTracer(BackpackTracer):
+    """BackPACK's tracer, with this library's ``L2Normalize`` kept as one module."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, L2Normalize) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _unsupported(gm: nn.Module, graph: Graph) -> str | None:
+    """Why BackPACK cannot run this graph exactly, or None."""
+    supported = _supported_types(_extension())
+    modules = dict(gm.named_modules())
+    for node in graph.nodes:
+        if node.op not in _GRAPH_OPS_OK:
+            return f"operation {node.op} {getattr(node.target, '__name__', node.target)!s} in the forward"
+        if node.op == "call_module":
+            mod = modules[node.target]
+            if supported and not isinstance(mod, supported):
+                return f"module {node.target!r} ({type(mod).__name__})"
+    return None
+
+
+def backpack_support(model: nn.Module) -> tuple[nn.Module | None, str | None]:
+    """An extended copy of ``model`` for BackPACK: ``(copy, None)``, or ``(None, reason)``.
+
+    A model whose every operation is a supported module is extended as it is; one with
+    functional operations (residual ``+``, ``flatten``, ...) goes through BackPACK's
+    converter, and whatever still is not a supported module is named in ``reason``.
+    """
+    net = copy.deepcopy(model).eval()
+    try:
+        graph = _LeafTracer().trace(net)
+    except Exception as err:  # fx cannot trace data-dependent control flow, among others
+        return None, f"a forward that torch.fx cannot trace ({type(err).__name__}: {err})"
+    if all(node.op in _GRAPH_OPS_OK for node in graph.nodes):
+        reason = _unsupported(net, graph)
+        return (None, reason) if reason else (extend(net), None)
+    try:
+        gm = extend(net, use_converter=True)
+    except Exception as err:  # the converter refuses graphs it cannot rewrite
+        return None, f"a forward that BackPACK's converter cannot rewrite ({type(err).__name__}: {err})"
+    reason = _unsupported(gm, gm.graph)
+    return (None, reason) if reason else (gm, None)
+
+
+class BackpackBackend(CurvatureBackend):
+    """Contrastive GGN diagonal from BackPACK's per-sample square-root factors."""
+
+    name = "backpack"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        output_key: OutputKey,
+        param_names: Sequence[str],
+        converted: nn.Module | None = None,
+    ) -> None:
+        super().__init__(model, output_key, param_names)
+        if converted is None:
+            converted, reason = backpack_support(model)
+            if converted is None:
+                raise UnsupportedModelError(f"BackPACK does not support {reason}")
+        self.net = converted
+        params = dict(self.net.named_parameters())
+        missing = [n for n in self.param_names if n not in params]
+        if missing:
+            raise UnsupportedModelError(f"BackPACK's converter renamed or dropped parameters {missing}")
+        self._name_of = {id(p): n for n, p in params.items() if n in set(self.param_names)}
+        for p in self.net.parameters():
+            p.requires_grad_(id(p) in self._name_of)
+        self.loss = extend(nn.MSELoss(reduction="sum"))
+        self.ext = _extension()
+
+    def batch(self, x: Batch, hessian_fn: HessianFn) -> tuple[Tensor, Tensor]:
+        parts: dict[str, Tensor] = {}
+        with torch.enable_grad():
+            out = select_output(call_model(self.net, x), self.output_key)
+            g = hessian_fn(out.detach())
+
+            def contract(module: nn.Module) -> None:
+                for p in module.parameters(recurse=False):
+                    name = self._name_of.get(id(p))
+                    factor = getattr(p, "sqrt_ggn_exact", None)
+                    if name is None or factor is None:
+                        continue
+                    jac = flat_jacobian(factor.transpose(0, 1))
+                    parts[name] = g.contract(jac) / 2.0
+                    del p.sqrt_ggn_exact
+
+            loss = self.loss(out, torch.zeros_like(out))
+            with backpack(self.ext, extension_hook=contract):
+                loss.backward()
+        missing = [n for n in self.param_names if n not in parts]
+        if missing:
+            raise UnsupportedModelError(f"BackPACK computed no factors for {missing}")
+        for p in self.net.parameters():
+            p.grad = None
+        diag = torch.cat([parts[n] for n in self.param_names])
+        return check_finite(diag, self.name), out.detach()
+
+    def close(self) -> None:
+        self.net = None  # type: ignore[assignment]

@@ -1,0 +1,65 @@
+"""Curvature with torch.func: per-sample Jacobians of any module.
+
+``vmap(jacrev(...))`` over ``functional_call`` gives ``J [B, D, P]`` for every
+parameter tensor of the subset; ``diag(J^T G J)`` is then formed tensor by tensor.
+Works for any module (LayerNorm, GELU, functional calls, ...), which makes it the
+fallback and the reference; memory is ``B * D * P`` for the Jacobians of one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+from torch.utils._pytree import tree_map
+
+from ..wrapping import Batch, OutputKey, select_output
+from .base import CurvatureBackend, HessianFn, check_finite, flat_jacobian
+
+
+def functional_forward(
+    model: nn.Module, params: Mapping[str, Tensor], x: Batch, output_key: OutputKey
+) -> Tensor:
+    """The ``[B, D]`` embedding of ``x`` with ``params`` substituted into ``model``."""
+    if isinstance(x, Mapping):
+        out: Any = functional_call(model, dict(params), (), dict(x))
+    else:
+        out = functional_call(model, dict(params), (x,))
+    return select_output(out, output_key)
+
+
+class FunctorchBackend(CurvatureBackend):
+    """Per-sample Jacobians with ``torch.func``; ``chunk_size`` bounds vmap's memory."""
+
+    name = "torch.func"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        output_key: OutputKey,
+        param_names: Sequence[str],
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(model, output_key, param_names)
+        self.chunk_size = chunk_size
+
+    def jacobians(self, x: Batch) -> tuple[dict[str, Tensor], Tensor]:
+        """Per-sample Jacobians ``{name: [B, D, *shape]}`` and outputs ``[B, D]``."""
+        named = dict(self.model.named_parameters())
+        sub = {n: named[n].detach() for n in self.param_names}
+
+        def one(p: dict[str, Tensor], xi: Batch) -> tuple[Tensor, Tensor]:
+            out = functional_forward(self.model, p, tree_map(lambda t: t.unsqueeze(0), xi), self.output_key)
+            return out[0], out[0]
+
+        jac, out = vmap(jacrev(one, has_aux=True), in_dims=(None, 0), chunk_size=self.chunk_size)(sub, x)
+        return jac, out
+
+    def batch(self, x: Batch, hessian_fn: HessianFn) -> tuple[Tensor, Tensor]:
+        jac, out = self.jacobians(x)
+        g = hessian_fn(out.detach())
+        diag = torch.cat([g.contract(flat_jacobian(jac[n])) for n in self.param_names])
+        return check_finite(diag, self.name), out.detach()

@@ -1,0 +1,107 @@
+"""Pairs of a batch: labels or miner tuples -> positive and negative index pairs.
+
+Conventions (DESIGN section 3):
+
+* ``miner="all"``: the unordered pairs ``{i, j}``, ``i < j``, of one batch.
+* a pytorch-metric-learning miner: each tuple it returns contributes its pairs as
+  given; a triplet ``(a, p, n)`` adds ``(a, p)`` and ``(a, n)``, and a pair that
+  appears in several tuples counts as often as it appears.
+* a negative pair counts only while its hinge is active, ``||z_i - z_j||^2 < margin``
+  on the L2-normalised embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+from torch import Tensor
+
+Miner = Union[str, Any]
+
+
+@dataclass(frozen=True)
+class PairSet:
+    """Index pairs of one batch with their kind.
+
+    Attributes:
+        i, j: ``[P]`` int64 indices into the batch.
+        positive: ``[P]`` bool, True for a positive (same-label) pair.
+    """
+
+    i: Tensor
+    j: Tensor
+    positive: Tensor
+
+    def __len__(self) -> int:
+        return self.i.numel()
+
+    @property
+    def n_positive(self) -> int:
+        return int(self.positive.sum())
+
+    @property
+    def n_negative(self) -> int:
+        return len(self) - self.n_positive
+
+    @property
+    def sign(self) -> Tensor:
+        """``[P]`` +1 for positive pairs, -1 for negative pairs (the sign of their curvature)."""
+        return self.positive.to(torch.int8) * 2 - 1
+
+    def select(self, mask: Tensor) -> "PairSet":
+        return PairSet(self.i[mask], self.j[mask], self.positive[mask])
+
+
+def _from_pml(indices: tuple[Tensor, ...]) -> PairSet:
+    a1, p, a2, n = indices
+    i = torch.cat([a1, a2]).long()
+    j = torch.cat([p, n]).long()
+    positive = torch.cat(
+        [torch.ones_like(a1, dtype=torch.bool), torch.zeros_like(a2, dtype=torch.bool)]
+    )
+    return PairSet(i, j, positive)
+
+
+def make_pairs(labels: Tensor, miner: Miner = "all", embeddings: Tensor | None = None) -> PairSet:
+    """Pairs of a batch from its ``labels [B]`` (``miner="all"``) or a PML miner.
+
+    A miner is called as ``miner(embeddings, labels)`` and may return pairs
+    ``(a1, p, a2, n)`` or triplets ``(a, p, n)``.
+    """
+    if isinstance(miner, str):
+        if miner != "all":
+            raise ValueError(f"miner must be 'all' or a pytorch-metric-learning miner, got {miner!r}")
+        a1, p, a2, n = lmu.get_all_pairs_indices(labels)
+        keep_pos, keep_neg = a1 < p, a2 < n
+        return _from_pml((a1[keep_pos], p[keep_pos], a2[keep_neg], n[keep_neg]))
+    if not callable(miner):
+        raise TypeError(f"miner must be 'all' or a callable pytorch-metric-learning miner, got {type(miner)}")
+    if embeddings is None:
+        raise ValueError("a miner needs the batch embeddings")
+    indices = miner(embeddings, labels)
+    if not isinstance(indices, tuple) or len(indices) not in (3, 4):
+        raise ValueError(
+            "the miner must return pairs (a1, p, a2, n) or triplets (a, p, n), "
+            f"got {type(indices).__name__} of length {len(indices) if isinstance(indices, tuple) else '?'}"
+        )
+    return _from_pml(lmu.convert_to_pairs(indices, labels))
+
+
+def active(pairs: PairSet, z: Tensor, margin: float) -> PairSet:
+    """Keep positives and the negatives whose hinge is active: ``||z_i - z_j||^2 < margin``.
+
+    ``z`` is ``[B, D]`` L2-normalised.
+    """
+    d2 = (z[pairs.i] - z[pairs.j]).pow(2).sum(-1)
+    return pairs.select(pairs.positive | (d2 < margin))
+
+
+def subsample(pairs: PairSet, max_pairs: int | None, generator: torch.Generator | None = None) -> PairSet:
+    """At most ``max_pairs`` pairs, drawn uniformly without replacement."""
+    if max_pairs is None or len(pairs) <= max_pairs:
+        return pairs
+    keep = torch.randperm(len(pairs), generator=generator)[:max_pairs].to(pairs.i.device)
+    return pairs.select(keep)

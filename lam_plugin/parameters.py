@@ -1,0 +1,111 @@
+"""Parameter subsets: which weights the posterior covers, and how they are flattened.
+
+The flat vector ``theta`` over a subset is the concatenation of the flattened
+parameters in ``model.named_parameters()`` order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .wrapping import Batch, call_model, eval_mode
+
+Subset = Union[str, Sequence[str]]
+
+
+def last_linear(model: nn.Module, example: Batch) -> str:
+    """Name (as in ``named_modules``) of the last ``nn.Linear`` run in ``model``'s forward."""
+    order: list[str] = []
+    handles = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: order.append(name))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            call_model(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        raise ValueError('subset="last_layer" needs an nn.Linear in the forward pass; none ran')
+    return order[-1]
+
+
+def resolve_subset(model: nn.Module, subset: Subset, example: Batch | None = None) -> list[str]:
+    """Parameter names covered by ``subset``, in ``named_parameters()`` order.
+
+    ``subset`` is ``"all"``, ``"last_layer"`` (weight and bias of the last ``nn.Linear``
+    run in the forward pass, found by running ``example``) or a list of name prefixes.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if isinstance(subset, str):
+        if subset == "all":
+            chosen = names
+        elif subset == "last_layer":
+            if example is None:
+                raise ValueError('subset="last_layer" needs an example batch to find the layer')
+            prefix = last_linear(model, example)
+            chosen = [n for n in names if n.rpartition(".")[0] == prefix]
+        else:
+            raise ValueError(
+                f"subset must be 'all', 'last_layer' or a list of parameter-name prefixes, got {subset!r}"
+            )
+    else:
+        prefixes = list(subset)
+        if not prefixes or not all(isinstance(p, str) for p in prefixes):
+            raise ValueError(f"subset as a list must hold parameter-name prefixes (str), got {subset!r}")
+        unmatched = [p for p in prefixes if not any(_has_prefix(n, p) for n in names)]
+        if unmatched:
+            raise ValueError(f"subset prefixes {unmatched} match no parameter; parameters are {names}")
+        chosen = [n for n in names if any(_has_prefix(n, p) for p in prefixes)]
+    if not chosen:
+        raise ValueError(f"subset={subset!r} selects no parameter")
+    return chosen
+
+
+def _has_prefix(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix.rstrip(".") + ".")
+
+
+def flatten(model: nn.Module, names: Sequence[str]) -> Tensor:
+    """The flat ``[P]`` vector of the named parameters (detached)."""
+    params = dict(model.named_parameters())
+    return torch.cat([params[n].detach().reshape(-1) for n in names])
+
+
+def unflatten(flat: Tensor, model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
+    """Split ``[..., P]`` into ``{name: [..., *shape]}`` (leading dims kept)."""
+    params = dict(model.named_parameters())
+    out: dict[str, Tensor] = {}
+    offset = 0
+    lead = flat.shape[:-1]
+    for n in names:
+        shape = params[n].shape
+        k = params[n].numel()
+        out[n] = flat[..., offset : offset + k].reshape(*lead, *shape)
+        offset += k
+    if offset != flat.shape[-1]:
+        raise ValueError(f"flat vector has {flat.shape[-1]} entries, the parameters {offset}")
+    return out
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the names, shapes, dtypes and values of all parameters and buffers."""
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def architecture(model: nn.Module) -> dict[str, list[int]]:
+    """``{name: shape}`` of all parameters: what must match for a saved posterior to fit."""
+    return {n: list(p.shape) for n, p in model.named_parameters()}

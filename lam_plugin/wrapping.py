@@ -1,0 +1,112 @@
+"""How the library talks to a user's model: inputs, output selection, modes.
+
+Everything here leaves the user's model as it was: modes are restored on exit and
+no hooks or attributes stay behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+Batch = Union[Tensor, Mapping[str, Tensor]]
+OutputKey = Union[str, int, None]
+
+
+def select_output(out: Any, output_key: OutputKey) -> Tensor:
+    """Pick the embedding ``[B, D]`` out of a model's output (tensor, dict or tuple)."""
+    if output_key is not None:
+        try:
+            out = out[output_key]
+        except (KeyError, IndexError, TypeError) as err:
+            raise ValueError(
+                f"output_key={output_key!r} could not be taken from the model output of type "
+                f"{type(out).__name__}: {err}"
+            ) from err
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"the model returned {type(out).__name__}; pass output_key= (a dict key or tuple index) "
+            "to pick the embedding tensor"
+        )
+    if out.ndim != 2:
+        raise ValueError(f"the embedding must have shape [B, D], got {tuple(out.shape)}")
+    return out
+
+
+class OutputSelector(nn.Module):
+    """``model`` followed by ``select_output``: a module whose output is the ``[B, D]`` embedding."""
+
+    def __init__(self, model: nn.Module, output_key: OutputKey) -> None:
+        super().__init__()
+        self.model = model
+        self.output_key = output_key
+
+    def forward(self, x: Batch) -> Tensor:
+        return select_output(call_model(self.model, x), self.output_key)
+
+
+def call_model(model: nn.Module, x: Batch) -> Any:
+    """``model(x)`` for a tensor, ``model(**x)`` for a dict of tensors."""
+    if isinstance(x, Mapping):
+        return model(**x)
+    return model(x)
+
+
+def batch_size(x: Batch) -> int:
+    """Number of items in a tensor or dict-of-tensors batch."""
+    if isinstance(x, Mapping):
+        if not x:
+            raise ValueError("the input dict is empty")
+        return next(iter(x.values())).shape[0]
+    if not isinstance(x, Tensor):
+        raise TypeError(f"inputs must be a tensor or a dict of tensors, got {type(x).__name__}")
+    return x.shape[0]
+
+
+def to_device(x: Batch, device: torch.device) -> Batch:
+    """Move a tensor or dict-of-tensors batch to ``device``."""
+    if isinstance(x, Mapping):
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in x.items()}
+    return x.to(device)
+
+
+def split_batch(batch: Any) -> tuple[Batch, Tensor]:
+    """``(x, y)`` out of a loader item (a tuple/list of two, or a dict with ``"labels"``)."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        x, y = batch[0], batch[1]
+    elif isinstance(batch, Mapping) and "labels" in batch:
+        y = batch["labels"]
+        x = {k: v for k, v in batch.items() if k != "labels"}
+    else:
+        raise ValueError(
+            "the loader must yield (x, y) batches, or dicts with a 'labels' entry; "
+            f"got {type(batch).__name__}"
+        )
+    if not isinstance(y, Tensor):
+        y = torch.as_tensor(y)
+    if y.ndim != 1:
+        raise ValueError(f"labels must have shape [B], got {tuple(y.shape)}")
+    return x, y
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode, and restore each one's own flag on exit."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameter-free model)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
