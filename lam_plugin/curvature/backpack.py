@@ -14,32 +14,33 @@ supported only there). The user's model is never extended.
 from __future__ import annotations
 
 import copy
-import logging
+import warnings
 from collections.abc import Sequence
 
 import torch
 from backpack import backpack, extend
-from backpack.core.derivatives.adaptive_avg_pool_nd import AdaptiveAvgPoolNDDerivatives
 from backpack.core.derivatives.basederivatives import BaseDerivatives
 from backpack.extensions import SqrtGGNExact
 from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from backpack.custom_module.graph_utils import BackpackTracer
 from torch import Tensor, nn
+from torch.func import vjp, vmap
 from torch.fx import Graph
 
 from ..modules import L2Normalize
 from ..wrapping import Batch, OutputKey, call_model, select_output
 from .base import CurvatureBackend, HessianFn, UnsupportedModelError, check_finite, flat_jacobian
 
-logger = logging.getLogger(__name__)
 
 _GRAPH_OPS_OK = {"placeholder", "output", "call_module", "get_attr"}
 
 
-class L2NormalizeDerivatives(BaseDerivatives):
-    """Transposed Jacobian of ``z = f/||f||``: ``J^T v = (v - (v.z) z) / ||f||``.
+class ParameterFreeDerivatives(BaseDerivatives):
+    """Transposed Jacobian of a parameter-free module at its stored input, by ``torch.func.vjp``.
 
-    BackPACK has no normalisation layer, so this one is written here.
+    Covers the layers BackPACK's ``SqrtGGNExact`` table lacks: this library's
+    ``L2Normalize`` (``J^T v = (v - (v.z) z)/||f||``) and adaptive average pooling
+    (BackPACK's own pooling derivatives build float32 kernels and fail in float64).
     """
 
     def hessian_is_zero(self, module: nn.Module) -> bool:
@@ -53,20 +54,19 @@ class L2NormalizeDerivatives(BaseDerivatives):
         mat: Tensor,
         subsampling: list[int] | None = None,
     ) -> Tensor:
-        f = module.input0 if subsampling is None else module.input0[subsampling]
-        if f.ndim != 2 or module.dim not in (-1, 1):
-            raise UnsupportedModelError("L2Normalize is supported by BackPACK only on [B, D] inputs along dim -1")
-        norm = f.norm(dim=-1, keepdim=True)
-        z = f / norm
-        return (mat - (mat * z).sum(-1, keepdim=True) * z) / norm
+        inp = module.input0 if subsampling is None else module.input0[subsampling]
+        _, pullback = vjp(module.forward, inp.detach())
+        return vmap(lambda m: pullback(m)[0])(mat)
+
+
+_EXTRA_MODULES = (L2Normalize, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 
 
 def _extension() -> SqrtGGNExact:
-    """``SqrtGGNExact`` with the layers BackPACK's table lacks but its derivatives cover."""
+    """``SqrtGGNExact`` extended to the parameter-free layers in ``_EXTRA_MODULES``."""
     ext = SqrtGGNExact()
-    ext.set_module_extension(L2Normalize, SqrtGGNBaseModule(L2NormalizeDerivatives()))
-    for cls, n in ((nn.AdaptiveAvgPool1d, 1), (nn.AdaptiveAvgPool2d, 2), (nn.AdaptiveAvgPool3d, 3)):
-        ext.set_module_extension(cls, SqrtGGNBaseModule(AdaptiveAvgPoolNDDerivatives(N=n)))
+    for cls in _EXTRA_MODULES:
+        ext.set_module_extension(cls, SqrtGGNBaseModule(ParameterFreeDerivatives()))
     return ext
 
 
@@ -166,14 +166,17 @@ class BackpackBackend(CurvatureBackend):
                     del p.sqrt_ggn_exact
 
             loss = self.loss(out, torch.zeros_like(out))
-            with backpack(self.ext, extension_hook=contract):
+            with backpack(self.ext, extension_hook=contract), warnings.catch_warnings():
+                # inputs never require grad here; torch warns that full backward hooks
+                # then fire on outputs only, which is all BackPACK needs
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
-        missing = [n for n in self.param_names if n not in parts]
-        if missing:
-            raise UnsupportedModelError(f"BackPACK computed no factors for {missing}")
         for p in self.net.parameters():
             p.grad = None
-        diag = torch.cat([parts[n] for n in self.param_names])
+        # a parameter that the embedding does not depend on (a second head of a
+        # dict-output model, say) gets no factor from BackPACK: its Jacobian is zero
+        params = dict(self.net.named_parameters())
+        diag = torch.cat([parts[n] if n in parts else torch.zeros_like(params[n]).reshape(-1) for n in self.param_names])
         return check_finite(diag, self.name), out.detach()
 
     def close(self) -> None:

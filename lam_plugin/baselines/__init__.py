@@ -1,0 +1,25 @@
+"""Baseline uncertainty methods for embedding models, compared against the Laplace posterior.
+
+Every method exposes ``predict(x, n=None, return_samples=False) -> Prediction`` and
+``sample(x, n=None) -> [n, B, D]`` unit-norm samples (:class:`UncertaintyBaseline`).
+"""
+
+from lam_plugin.baselines.base import UncertaintyBaseline, default_feature_fn
+from lam_plugin.baselines.deterministic import DeterministicEmbedder
+from lam_plugin.baselines.ensemble import DeepEnsemble
+from lam_plugin.baselines.hib import HIB, hib_loss
+from lam_plugin.baselines.mc_dropout import MCDropout, dropout_modules
+from lam_plugin.baselines.pfe import PFE, mls_loss
+
+__all__ = [
+    "UncertaintyBaseline",
+    "default_feature_fn",
+    "DeterministicEmbedder",
+    "MCDropout",
+    "dropout_modules",
+    "DeepEnsemble",
+    "PFE",
+    "mls_loss",
+    "HIB",
+    "hib_loss",
+]

@@ -1,0 +1,38 @@
+"""The deterministic embedder: no uncertainty at all."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lam_plugin.baselines.base import UncertaintyBaseline, normalized_forward
+from lam_plugin.prediction import Prediction
+
+__all__ = ["DeterministicEmbedder"]
+
+
+class DeterministicEmbedder(UncertaintyBaseline):
+    """Wraps a trained embedder as a point estimate: ``std = 0``.
+
+    :meth:`sample` repeats the single (L2-normalised) embedding ``n`` times. The
+    uncertainty of every input is therefore ``0``, so out-of-distribution metrics
+    (AUROC/AUPR of the uncertainty) are undefined for this baseline; it serves only as the
+    retrieval reference. The model is run in eval mode; its modes are restored.
+    """
+
+    default_n = 1
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def sample(self, x: Tensor, n: int | None = None) -> Tensor:
+        n = self._n(n)
+        z = normalized_forward(self.model, x)
+        return z.unsqueeze(0).repeat(n, 1, 1)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, n: int | None = None, return_samples: bool = False) -> Prediction:
+        z = normalized_forward(self.model, x)
+        samples = z.unsqueeze(0).repeat(self._n(n), 1, 1) if return_samples else None
+        return Prediction(mean=z, std=torch.zeros_like(z), samples=samples)

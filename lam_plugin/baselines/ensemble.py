@@ -1,0 +1,36 @@
+"""Deep ensembles: one sample per independently trained member."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lam_plugin.baselines.base import UncertaintyBaseline, normalized_forward
+
+__all__ = ["DeepEnsemble"]
+
+
+class DeepEnsemble(UncertaintyBaseline):
+    """An ensemble of ``M >= 2`` embedders trained independently (different seeds).
+
+    The samples are the members' L2-normalised embeddings (``[M, B, D]``); the
+    prediction's mean is their normalised average and its std their (unbiased) standard
+    deviation over members. The ``n`` argument of :meth:`sample`/:meth:`predict` is
+    accepted for interface compatibility and ignored: an ensemble has exactly ``M``
+    samples. Members run in eval mode; their modes are restored.
+    """
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        models = list(models)
+        if len(models) < 2:
+            raise ValueError(f"a deep ensemble needs at least 2 members, got {len(models)}")
+        self.models = models
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @torch.no_grad()
+    def sample(self, x: Tensor, n: int | None = None) -> Tensor:
+        return torch.stack([normalized_forward(m, x) for m in self.models])

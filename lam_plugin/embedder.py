@@ -1,0 +1,242 @@
+"""LaplaceEmbedder: wraps any embedding model and fits its Laplace posterior."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .curvature.backpack import BackpackBackend, backpack_support
+from .curvature.base import CurvatureBackend, HessianFn, UnsupportedModelError
+from .curvature.functorch import FunctorchBackend
+from .curvature.last_layer import LastLayerCurvature, detect_head, run_with_features
+from .geometry import APPROXES, GEOMETRIES, output_hessian
+from .pairs import Miner, active, make_pairs, subsample
+from .parameters import Subset, flatten, last_linear, resolve_subset
+from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
+from .prior import marglik_prior_precision
+from .wrapping import Batch, OutputKey, eval_mode, model_device, split_batch, to_device
+
+logger = logging.getLogger(__name__)
+
+BackendName = Literal["backpack", "torch.func", "auto"]
+PriorPrecision = Union[float, Tensor, Literal["marglik"]]
+BACKENDS = ("backpack", "torch.func", "auto")
+
+
+@dataclass
+class _PairCounter:
+    positive: int = 0
+    negative_active: int = 0
+    negative_total: int = 0
+
+
+class LaplaceEmbedder:
+    """Adds a Laplace posterior over (part of) the weights of any embedding model.
+
+    Args:
+        model: any ``nn.Module`` mapping a batch to embeddings ``[B, D]`` (or to a dict /
+            tuple from which ``output_key`` picks them). It is never modified.
+        subset: ``"last_layer"`` (the last ``nn.Linear`` run in the forward pass),
+            ``"all"``, or a list of parameter-name prefixes.
+        approx: ``"pos"``, ``"fix"`` or ``"full"``; geometry: ``"arccos"`` or ``"euclidean"``
+            (DESIGN section 3).
+        margin: the contrastive margin ``m``; a negative pair counts while
+            ``||z_i - z_j||^2 < m``.
+        miner: ``"all"`` (every unordered pair of a batch) or a pytorch-metric-learning miner.
+        prior_precision: a positive float (or ``[P]`` tensor), or ``"marglik"``.
+        backend: ``"backpack"``, ``"torch.func"`` or ``"auto"`` (BackPACK where it supports
+            every module, else torch.func with one warning naming the module). A last-layer
+            subset whose model output is that layer's output or its L2 normalisation uses
+            the closed form whatever the backend.
+        output_key: key or index of the embedding in a dict / tuple output.
+        normalize: L2-normalise the embedding samples.
+        hessian_scale: multiplies the curvature in the posterior precision.
+        max_pairs: at most this many pairs per batch (drawn at random) enter the curvature.
+        chunk_size: vmap chunk size for torch.func Jacobians and for sampling.
+        progress: show a progress bar during fits.
+        seed: seeds pair subsampling.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        subset: Subset = "last_layer",
+        approx: str = "fix",
+        geometry: str = "arccos",
+        margin: float = 0.7,
+        miner: Miner = "all",
+        prior_precision: PriorPrecision = 1.0,
+        backend: BackendName = "auto",
+        output_key: OutputKey = None,
+        normalize: bool = True,
+        hessian_scale: float = 1.0,
+        max_pairs: int | None = None,
+        chunk_size: int | None = None,
+        progress: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if approx not in APPROXES:
+            raise ValueError(f"approx must be one of {APPROXES}, got {approx!r}")
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not (isinstance(margin, (int, float)) and margin > 0):
+            raise ValueError(f"margin must be a positive number, got {margin!r}")
+        if not (isinstance(hessian_scale, (int, float)) and hessian_scale > 0):
+            raise ValueError(f"hessian_scale must be a positive number, got {hessian_scale!r}")
+        if max_pairs is not None and (not isinstance(max_pairs, int) or max_pairs < 1):
+            raise ValueError(f"max_pairs must be a positive int or None, got {max_pairs!r}")
+        if isinstance(prior_precision, str) and prior_precision != "marglik":
+            raise ValueError(f"prior_precision must be a positive number or 'marglik', got {prior_precision!r}")
+        if isinstance(miner, str) and miner != "all":
+            raise ValueError(f"miner must be 'all' or a pytorch-metric-learning miner, got {miner!r}")
+        self.model = model
+        self.subset = subset
+        self.approx = approx
+        self.geometry = geometry
+        self.margin = float(margin)
+        self.miner = miner
+        self.prior_precision = prior_precision
+        self.backend = backend
+        self.output_key = output_key
+        self.normalize = normalize
+        self.hessian_scale = float(hessian_scale)
+        self.max_pairs = max_pairs
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.seed = seed
+        self.posterior: EmbeddingPosterior | None = None
+
+    # -- fitting ------------------------------------------------------------------------
+    def fit(self, loader: Iterable[Any]) -> EmbeddingPosterior:
+        """Fit the posterior on ``loader`` (yielding ``(x, y)`` batches) and return it.
+
+        The curvature is the contrastive GGN diagonal summed over all batches; ``relu`` is
+        applied once to the total for ``approx`` "fix" and "full".
+        """
+        first = _first_batch(loader)
+        device = model_device(self.model)
+        x0 = to_device(split_batch(first)[0], device)
+        names = resolve_subset(self.model, self.subset, x0)
+        generator = torch.Generator().manual_seed(self.seed)
+        counter = _PairCounter()
+        total: Tensor | None = None
+        n_data = n_batches = 0
+        out_dim = 0
+        with eval_mode(self.model):
+            layer, head = self._last_layer_head(x0) if self.subset == "last_layer" else (None, None)
+            engine = self._engine(names, layer, head)
+            try:
+                bar = tqdm(loader, desc=f"curvature ({engine.name})", disable=not self.progress, leave=False)
+                for batch in bar:
+                    x, y = split_batch(batch)
+                    x, y = to_device(x, device), y.to(device)
+                    diag, out = engine.batch(x, self._hessian_fn(y, counter, generator))
+                    total = diag.double() if total is None else total + diag.double()
+                    n_data += y.shape[0]
+                    n_batches += 1
+                    out_dim = out.shape[-1]
+            finally:
+                engine.close()
+        if total is None:
+            raise ValueError("the loader yielded no batch")
+        dtype = flatten(self.model, names[:1]).dtype
+        curvature = (total.clamp_min(0) if self.approx in ("fix", "full") else total).to(dtype)
+        config = PosteriorConfig(
+            geometry=self.geometry,
+            approx=self.approx,
+            margin=self.margin,
+            hessian_scale=self.hessian_scale,
+            output_key=self.output_key,
+            normalize=self.normalize,
+            layer=layer if head is not None else None,
+            head=head,
+        )
+        stats = FitStats(
+            n_data=n_data,
+            n_batches=n_batches,
+            n_positive=counter.positive,
+            n_negative_active=counter.negative_active,
+            n_negative_total=counter.negative_total,
+            backend=engine.name,
+        )
+        mean = flatten(self.model, names)
+        prior = self.prior_precision
+        if isinstance(prior, str):
+            prior = marglik_prior_precision(self.hessian_scale * curvature, mean, n_data, out_dim)
+        self.posterior = EmbeddingPosterior(self.model, names, curvature, prior, mean=mean, config=config, stats=stats)
+        if stats.n_positive == 0:
+            logger.warning("no positive pair in any batch: the curvature is empty; batches need repeated labels")
+        return self.posterior
+
+    fit_posterior = fit
+
+    def _last_layer_head(self, x0: Batch) -> tuple[str, str | None]:
+        """The last linear layer, and the parameter-free head after it (None if there is none)."""
+        layer_name = last_linear(self.model, x0)
+        layer = dict(self.model.named_modules())[layer_name]
+        _, u, out = run_with_features(self.model, layer, x0, self.output_key)
+        return layer_name, detect_head(u, out)
+
+    def _engine(self, names: Sequence[str], layer: str | None, head: str | None) -> CurvatureBackend:
+        """The curvature backend for this fit (DESIGN section 4)."""
+        if layer is not None and head is not None and self.backend == "auto":
+            return LastLayerCurvature(self.model, self.output_key, names, layer, head)  # type: ignore[arg-type]
+        if self.backend == "torch.func":
+            return FunctorchBackend(self.model, self.output_key, names, self.chunk_size)
+        converted, reason = backpack_support(self.model)
+        if converted is not None:
+            return BackpackBackend(self.model, self.output_key, names, converted=converted)
+        if self.backend == "backpack":
+            raise UnsupportedModelError(f"backend='backpack' cannot run this model: BackPACK does not support {reason}")
+        logger.warning("BackPACK does not support %s; using the torch.func backend", reason)
+        return FunctorchBackend(self.model, self.output_key, names, self.chunk_size)
+
+    def _hessian_fn(self, y: Tensor, counter: _PairCounter, generator: torch.Generator) -> HessianFn:
+        """Outputs -> pairs (miner, hinge, subsample) -> the batch's output Hessian."""
+
+        def build(f: Tensor):
+            z = torch.nn.functional.normalize(f, dim=-1)
+            pairs = make_pairs(y, self.miner, z)
+            counter.negative_total += pairs.n_negative
+            pairs = subsample(active(pairs, z, self.margin), self.max_pairs, generator)
+            counter.positive += pairs.n_positive
+            counter.negative_active += pairs.n_negative
+            return output_hessian(f, pairs, self.geometry, self.approx)  # type: ignore[arg-type]
+
+        return build
+
+    # -- using the posterior -------------------------------------------------------------
+    def _fitted(self) -> EmbeddingPosterior:
+        if self.posterior is None:
+            raise RuntimeError("call fit(loader) before sampling")
+        return self.posterior
+
+    def sample_embeddings(self, x: Batch, n: int = 30, generator: torch.Generator | None = None) -> Tensor:
+        """``[n, B, D]`` embedding samples; same as ``posterior.sample``."""
+        return self._fitted().sample(x, n=n, generator=generator)
+
+    def __repr__(self) -> str:
+        return (
+            f"LaplaceEmbedder(subset={self.subset!r}, approx={self.approx!r}, geometry={self.geometry!r}, "
+            f"margin={self.margin}, backend={self.backend!r})"
+        )
+
+
+def _first_batch(loader: Iterable[Any]) -> Any:
+    try:
+        return next(iter(loader))
+    except StopIteration:
+        raise ValueError("the loader yielded no batch") from None
+    except TypeError as err:
+        raise TypeError(f"loader must be an iterable of (x, y) batches, got {type(loader).__name__}") from err

@@ -1,0 +1,357 @@
+"""The embedding posterior: a diagonal Gaussian over a parameter subset.
+
+``theta ~ N(theta*, diag(precision)^-1)`` with
+``precision = hessian_scale * curvature + prior_precision`` (DESIGN section 3). Each
+weight sample gives one embedding per input; their spread is the uncertainty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.func import vmap
+
+from . import __version__
+from .curvature.functorch import functional_forward
+from .curvature.last_layer import Head, apply_head, detect_head, run_with_features
+from .parameters import architecture, fingerprint, flatten, unflatten
+from .prediction import Prediction
+from .wrapping import Batch, OutputKey, eval_mode, model_device, split_batch, to_device
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "lam-plugin/embedding-posterior"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FitStats:
+    """What a fit saw: data size and the pairs that made the curvature."""
+
+    n_data: int = 0
+    n_batches: int = 0
+    n_positive: int = 0
+    n_negative_active: int = 0
+    n_negative_total: int = 0
+    backend: str = ""
+
+
+@dataclass(frozen=True)
+class PosteriorConfig:
+    """How the posterior was built and how it maps weights to embeddings.
+
+    ``layer`` and ``head`` are set for a last-layer posterior whose model output is the
+    layer's output or its L2 normalisation: sampling then runs the backbone once.
+    """
+
+    geometry: str = "arccos"
+    approx: str = "fix"
+    margin: float = 0.7
+    hessian_scale: float = 1.0
+    output_key: str | int | None = None
+    normalize: bool = True
+    layer: str | None = None
+    head: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PosteriorSummary:
+    """Where the posterior precision comes from, and how much the uncertainty varies.
+
+    ``data_share`` is ``hessian_scale * curvature / precision`` per parameter: near 0 the
+    prior swamps the data and every input gets about the same uncertainty.
+    """
+
+    n_params: int
+    prior_precision: float
+    hessian_scale: float
+    data_share_mean: float
+    data_share_median: float
+    params_data_dominated: float
+    curvature_median: float
+    curvature_max: float
+    stats: FitStats
+    uncertainty_quantiles: dict[str, float] | None = None
+
+    def __str__(self) -> str:
+        s = self.stats
+        lines = [
+            f"EmbeddingPosterior over {self.n_params:,} parameters (fit on {s.n_data:,} items, "
+            f"{s.n_batches} batches, backend {s.backend})",
+            f"  pairs: {s.n_positive:,} positive, {s.n_negative_active:,} active negative "
+            f"of {s.n_negative_total:,} negative",
+            f"  prior precision {self.prior_precision:.4g}, hessian scale {self.hessian_scale:.4g}",
+            f"  data share of the precision: mean {self.data_share_mean:.3f}, median "
+            f"{self.data_share_median:.3f}; data dominates in {100 * self.params_data_dominated:.1f}% of parameters",
+            f"  curvature: median {self.curvature_median:.4g}, max {self.curvature_max:.4g}",
+        ]
+        if self.uncertainty_quantiles:
+            q = self.uncertainty_quantiles
+            lines.append(
+                "  uncertainty over the given data: "
+                + ", ".join(f"{k} {v:.4g}" for k, v in q.items())
+            )
+        if self.data_share_median < 0.1:
+            lines.append(
+                "  warning: the prior swamps the data curvature, so uncertainties will look alike; "
+                "try prior_precision='marglik' or a larger hessian_scale"
+            )
+        return "\n".join(lines)
+
+
+class EmbeddingPosterior:
+    """Diagonal Laplace posterior over a subset of a model's weights.
+
+    Attributes:
+        curvature: ``[P]`` contrastive GGN diagonal summed over the fit (no prior, no scale),
+            in ``named_parameters()`` order over ``param_names``.
+        param_names: the parameters it covers.
+        mean: ``[P]`` the weights ``theta*`` it was fitted at.
+        prior_precision: scalar or ``[P]``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        param_names: list[str],
+        curvature: Tensor,
+        prior_precision: float | Tensor,
+        *,
+        mean: Tensor | None = None,
+        config: PosteriorConfig | None = None,
+        stats: FitStats | None = None,
+    ) -> None:
+        self.model = model
+        self.param_names = list(param_names)
+        self.mean = flatten(model, self.param_names) if mean is None else mean.detach().clone()
+        if curvature.shape != self.mean.shape:
+            raise ValueError(
+                f"curvature has shape {tuple(curvature.shape)}, the subset has {self.mean.numel()} parameters"
+            )
+        self.curvature = curvature.detach().to(self.mean)
+        self.prior_precision = _check_prior(prior_precision, self.mean)
+        self.config = config or PosteriorConfig()
+        self.stats = stats or FitStats()
+
+    # -- the Gaussian -------------------------------------------------------------------
+    @property
+    def precision(self) -> Tensor:
+        """``[P]`` posterior precision: ``hessian_scale * curvature + prior_precision``.
+
+        A negative curvature entry (possible only with ``approx="pos"`` in the arccos
+        geometry, whose pair Hessian is indefinite) contributes zero.
+        """
+        return self.config.hessian_scale * self.curvature.clamp_min(0) + self.prior_precision
+
+    @property
+    def std(self) -> Tensor:
+        """``[P]`` posterior standard deviation of each weight."""
+        return self.precision.rsqrt()
+
+    def sample_weights(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``[n, P]`` weight samples ``theta* + eps / sqrt(precision)``, ``eps ~ N(0, I)``."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        dev = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(n, self.mean.numel(), generator=generator, dtype=self.mean.dtype, device=dev)
+        return self.mean + eps.to(self.mean.device) * self.std
+
+    # -- embeddings ---------------------------------------------------------------------
+    def sample(
+        self, x: Batch, n: int = 30, generator: torch.Generator | None = None, chunk_size: int | None = None
+    ) -> Tensor:
+        """``[n, B, D]`` embedding samples of the batch ``x``, unit norm when ``normalize``.
+
+        A last-layer posterior with a parameter-free head runs the backbone once whatever
+        ``n``; other subsets batch the ``n`` forwards with ``vmap`` (``chunk_size`` of them
+        at a time, default all).
+        """
+        weights = self.sample_weights(n, generator)
+        x = to_device(x, model_device(self.model))
+        with eval_mode(self.model):
+            if self.config.head is not None:
+                out = self._sample_last_layer(x, weights)
+            else:
+                params = unflatten(weights, self.model, self.param_names)
+                key = self.config.output_key
+
+                def embed(p: dict[str, Tensor]) -> Tensor:
+                    return functional_forward(self.model, p, x, key)
+
+                with torch.no_grad():
+                    out = vmap(embed, chunk_size=chunk_size)(params)
+        return torch.nn.functional.normalize(out, dim=-1) if self.config.normalize else out
+
+    def _sample_last_layer(self, x: Batch, weights: Tensor) -> Tensor:
+        layer = dict(self.model.named_modules())[self.config.layer]
+        feats, u, out = run_with_features(self.model, layer, x, self.config.output_key)
+        if detect_head(u, out) != self.config.head:
+            raise RuntimeError(
+                f"the model output no longer follows from layer {self.config.layer!r} by "
+                f"'{self.config.head}'; was the model changed after fit?"
+            )
+        params = unflatten(weights, self.model, self.param_names)
+        w = params[f"{self.config.layer}.weight"]
+        u_s = torch.einsum("bi,noi->nbo", feats, w)
+        bias = params.get(f"{self.config.layer}.bias")
+        if bias is not None:
+            u_s = u_s + bias[:, None, :]
+        return apply_head(u_s, self.config.head)  # type: ignore[arg-type]
+
+    def predict(
+        self,
+        x: Batch,
+        n: int = 30,
+        generator: torch.Generator | None = None,
+        return_samples: bool = False,
+    ) -> Prediction:
+        """Mean (unit norm), per-dimension std and ``uncertainty = sum_d std`` of ``n`` samples."""
+        if n < 2:
+            raise ValueError(f"predict needs n >= 2 samples for a standard deviation, got n={n}")
+        return Prediction.from_samples(self.sample(x, n=n, generator=generator), keep_samples=return_samples)
+
+    # -- diagnostics --------------------------------------------------------------------
+    def summary(self, data: Iterable[Any] | Tensor | None = None, n: int = 30, max_batches: int = 20) -> PosteriorSummary:
+        """How much of the precision comes from the data, the pair counts of the fit, and,
+        given ``data`` (a batch or a loader of ``(x, y)``), the spread of the uncertainty."""
+        data_part = self.config.hessian_scale * self.curvature.clamp_min(0)
+        share = (data_part / self.precision).float()
+        prior = self.prior_precision
+        quantiles = None
+        if data is not None:
+            unc = self._uncertainties(data, n, max_batches)
+            qs = torch.quantile(unc.float(), torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]))
+            quantiles = dict(zip(["min", "p10", "median", "p90", "max"], qs.tolist()))
+        return PosteriorSummary(
+            n_params=self.mean.numel(),
+            prior_precision=float(prior.mean()) if isinstance(prior, Tensor) else float(prior),
+            hessian_scale=self.config.hessian_scale,
+            data_share_mean=float(share.mean()),
+            data_share_median=float(share.median()),
+            params_data_dominated=float((share > 0.5).float().mean()),
+            curvature_median=float(self.curvature.float().median()),
+            curvature_max=float(self.curvature.max()),
+            stats=self.stats,
+            uncertainty_quantiles=quantiles,
+        )
+
+    def _uncertainties(self, data: Iterable[Any] | Tensor, n: int, max_batches: int) -> Tensor:
+        if isinstance(data, Tensor):
+            return self.predict(data, n=n).uncertainty
+        out = []
+        for b, batch in enumerate(data):
+            if b >= max_batches:
+                break
+            x = split_batch(batch)[0] if isinstance(batch, (tuple, list, dict)) else batch
+            out.append(self.predict(x, n=n).uncertainty)
+        return torch.cat(out)
+
+    # -- persistence --------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """Identifies this posterior: the model's weights and the precision."""
+        h = hashlib.sha256(fingerprint(self.model).encode())
+        h.update(self.precision.detach().cpu().float().numpy().tobytes())
+        return h.hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        """Write a safetensors file (tensors plus JSON metadata; nothing executable)."""
+        prior = self.prior_precision
+        tensors = {
+            "curvature": self.curvature.detach().cpu().contiguous(),
+            "mean": self.mean.detach().cpu().contiguous(),
+            "prior_precision": (prior if isinstance(prior, Tensor) else torch.tensor([prior])).detach().cpu().contiguous(),
+        }
+        meta = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "lam_plugin_version": __version__,
+            "param_names": json.dumps(self.param_names),
+            "architecture": json.dumps(architecture(self.model)),
+            "model_fingerprint": fingerprint(self.model),
+            "config": json.dumps(asdict(self.config)),
+            "stats": json.dumps(asdict(self.stats)),
+        }
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module) -> "EmbeddingPosterior":
+        """Read a file written by :meth:`save` for ``model``; refuse one made for another model."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no posterior file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"{path} is not a lam-plugin posterior file ({err})") from err
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a lam-plugin posterior file (format {meta.get('format')!r})")
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise ValueError(
+                f"{path} has posterior format version {meta.get('format_version')}, this lam-plugin "
+                f"({__version__}) reads version {FORMAT_VERSION}"
+            )
+        saved_arch = json.loads(meta["architecture"])
+        arch = architecture(model)
+        if saved_arch != arch:
+            diff = _arch_diff(saved_arch, arch)
+            raise ValueError(f"{path} was made for another model architecture; differing parameters: {diff[:10]}")
+        if meta["model_fingerprint"] != fingerprint(model):
+            raise ValueError(
+                f"{path} was fitted on other weights than this model's (same architecture, different "
+                "parameters or buffers); refit the posterior for this model"
+            )
+        names = json.loads(meta["param_names"])
+        config = PosteriorConfig(**json.loads(meta["config"]))
+        stats = FitStats(**json.loads(meta["stats"]))
+        prior = tensors["prior_precision"]
+        dev = model_device(model)
+        return cls(
+            model,
+            names,
+            tensors["curvature"].to(dev),
+            float(prior[0]) if prior.numel() == 1 else prior.to(dev),
+            mean=tensors["mean"].to(dev),
+            config=config,
+            stats=stats,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"EmbeddingPosterior(params={self.mean.numel()}, geometry={self.config.geometry!r}, "
+            f"approx={self.config.approx!r}, backend={self.stats.backend!r})"
+        )
+
+
+def _arch_diff(a: dict[str, list[int]], b: dict[str, list[int]]) -> list[str]:
+    names = sorted(set(a) | set(b))
+    return [f"{n}: {a.get(n)} vs {b.get(n)}" for n in names if a.get(n) != b.get(n)]
+
+
+def _check_prior(prior: float | Tensor, mean: Tensor) -> float | Tensor:
+    if isinstance(prior, Tensor):
+        if prior.numel() == 1:
+            prior = float(prior)
+        elif prior.shape != mean.shape:
+            raise ValueError(f"prior_precision must be a scalar or [P]={mean.numel()}, got {tuple(prior.shape)}")
+        else:
+            if not (torch.isfinite(prior).all() and (prior > 0).all()):
+                raise ValueError("prior_precision must be positive and finite")
+            return prior.to(mean)
+    if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not math.isfinite(prior) or prior <= 0:
+        raise ValueError(f"prior_precision must be a positive finite number (or 'marglik'), got {prior!r}")
+    return float(prior)

@@ -1,0 +1,207 @@
+"""Fast contrastive training and batched embedding of in-memory tensors.
+
+The data are held as tensors and shuffled by permuting indices with a seeded
+:class:`torch.Generator`; there is no ``DataLoader`` and no per-sample Python loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = ["TrainingHistory", "train_contrastive", "embed", "preserve_modes", "model_device", "seeded"]
+
+
+@dataclass
+class TrainingHistory:
+    """Losses recorded during training.
+
+    Attributes:
+        epoch_losses: mean training loss of each epoch.
+        batch_losses: loss of every optimisation step, in order.
+    """
+
+    epoch_losses: list[float] = field(default_factory=list)
+    batch_losses: list[float] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss of the last epoch (``nan`` before any epoch)."""
+        return self.epoch_losses[-1] if self.epoch_losses else float("nan")
+
+    def __len__(self) -> int:
+        return len(self.epoch_losses)
+
+
+@contextlib.contextmanager
+def preserve_modes(*models: nn.Module) -> Iterator[None]:
+    """Restore the ``training`` flag of every submodule of ``models`` on exit."""
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device | None = None) -> Iterator[None]:
+    """Run the block with the global torch RNG seeded by ``seed``, then restore its state.
+
+    Layers such as ``nn.Dropout`` draw from the global RNG, which cannot be given a
+    generator; this makes them reproducible without a lasting ``torch.manual_seed``
+    side effect on the caller. ``seed=None`` does nothing.
+    """
+    if seed is None:
+        yield
+        return
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the first parameter (or buffer) of ``model``; CPU if it has none."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _make_optimizer(
+    optimizer: str | torch.optim.Optimizer, params: Any, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    name = optimizer.lower()
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {optimizer!r}; use 'adam', 'adamw', 'sgd' or an Optimizer instance")
+
+
+def _check_data(images: Tensor, labels: Tensor) -> None:
+    if labels.ndim != 1:
+        raise ValueError(f"labels must have shape [N], got {tuple(labels.shape)}")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{images.shape[0]} inputs but {labels.shape[0]} labels")
+    if images.shape[0] < 2:
+        raise ValueError("at least 2 training examples are needed")
+
+
+def train_contrastive(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int = 20,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    margin: float = 0.7,
+    miner: Any | None = None,
+    optimizer: str | torch.optim.Optimizer = "adam",
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> TrainingHistory:
+    """Train ``model`` in place with the contrastive loss on in-memory data.
+
+    Uses ``pytorch_metric_learning.losses.ContrastiveLoss(pos_margin=0, neg_margin=margin)``
+    (its default ``LpDistance`` normalises the embeddings) over all pairs of each batch,
+    or over the pairs/triplets chosen by ``miner`` (any PML miner) when given.
+
+    Every epoch visits the data in a fresh order drawn from a ``torch.Generator`` seeded
+    with ``seed``; stochastic layers (dropout) draw from the global RNG, which is seeded
+    with ``seed`` for the duration of the call and restored afterwards. The run is
+    therefore deterministic for a fixed seed and initial model, and leaves the caller's
+    global RNG state untouched. Batches with fewer than 2 examples are skipped.
+
+    Args:
+        model: the embedder, trained in place (moved to ``device``); the train/eval mode
+            of every submodule is restored at the end.
+        images: ``[N, ...]`` float inputs.
+        labels: ``[N]`` integer class labels.
+        epochs: passes over the data.
+        batch_size: examples per step.
+        lr: learning rate.
+        margin: negative margin of the contrastive loss.
+        miner: optional PML miner called as ``miner(embeddings, labels)``.
+        optimizer: ``"adam"``, ``"adamw"``, ``"sgd"`` or a ready optimizer instance.
+        weight_decay: weight decay of the built optimizer.
+        seed: seed of the shuffling (and of the dropout masks).
+        device: where to train; default, the model's device.
+        progress: show a tqdm bar with the running loss.
+
+    Returns:
+        The :class:`TrainingHistory` of per-epoch and per-step losses.
+    """
+    from pytorch_metric_learning import losses
+
+    _check_data(images, labels)
+    device = torch.device(device) if device is not None else model_device(model)
+    model.to(device)
+    loss_fn = losses.ContrastiveLoss(pos_margin=0, neg_margin=margin)
+    opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    n = images.shape[0]
+    history = TrainingHistory()
+
+    with preserve_modes(model), seeded(seed, device):
+        model.train()
+        bar = tqdm(range(epochs), desc="contrastive", disable=not progress)
+        for _ in bar:
+            order = torch.randperm(n, generator=generator).to(images.device)
+            total, steps = 0.0, 0
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                if idx.numel() < 2:
+                    continue
+                x = images[idx].to(device, non_blocking=True)
+                y = labels[idx].to(device, non_blocking=True)
+                emb = model(x)
+                indices_tuple = miner(emb, y) if miner is not None else None
+                loss = loss_fn(emb, y, indices_tuple)
+                opt.zero_grad(set_to_none=True)
+                if loss.requires_grad:
+                    loss.backward()
+                    opt.step()
+                value = float(loss.detach())
+                history.batch_losses.append(value)
+                total += value
+                steps += 1
+            history.epoch_losses.append(total / max(steps, 1))
+            bar.set_postfix(loss=f"{history.epoch_losses[-1]:.4f}")
+    return history
+
+
+@torch.no_grad()
+def embed(
+    model: nn.Module, images: Tensor, batch_size: int = 1024, device: torch.device | str | None = None
+) -> Tensor:
+    """``[N, D]`` L2-normalised embeddings of ``images``, computed in eval mode.
+
+    The train/eval mode of every submodule of ``model`` is restored afterwards. The model
+    is moved to ``device`` (default: the model's own device), where the result lies.
+    """
+    device = torch.device(device) if device is not None else model_device(model)
+    model.to(device)
+    outs: list[Tensor] = []
+    with preserve_modes(model):
+        model.eval()
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start : start + batch_size].to(device, non_blocking=True)
+            outs.append(torch.nn.functional.normalize(model(x).flatten(1), dim=-1))
+    if not outs:
+        raise ValueError("images is empty")
+    return torch.cat(outs)

@@ -1,0 +1,81 @@
+"""Small models that exercise every curvature path (importable by the tests)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lam_plugin import L2Normalize
+
+
+def paper_cnn(dim: int = 3, normalize: bool = True) -> nn.Sequential:
+    """The paper's FashionMNIST network (28x28 inputs)."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(9216, dim),
+    ]
+    if normalize:
+        layers.append(L2Normalize())
+    return nn.Sequential(*layers)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.act(self.bn(self.conv(x)))
+
+
+class ResCNN(nn.Module):
+    """Residual CNN with BatchNorm (to be used in eval mode) and adaptive average pooling."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.block = ResBlock(4)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.flat = nn.Flatten()
+        self.head = nn.Linear(16, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.flat(self.pool(self.block(self.stem(x)))))
+
+
+class NormMLP(nn.Module):
+    """MLP with LayerNorm and GELU (not supported by BackPACK)."""
+
+    def __init__(self, d_in: int = 10, dim: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, 12), nn.LayerNorm(12), nn.GELU(), nn.Linear(12, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class DictModel(nn.Module):
+    """Returns a dict; the embedding is under "embedding" and the last Linear feeds it."""
+
+    def __init__(self, d_in: int = 10, dim: int = 3) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d_in, 12), nn.Tanh())
+        self.aux = nn.Linear(12, 2)
+        self.proj = nn.Linear(12, dim)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        h = self.body(x)
+        return {"logits": self.aux(h), "embedding": self.proj(h)}
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model

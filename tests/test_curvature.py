@@ -1,0 +1,186 @@
+"""posterior.curvature against a brute-force torch.func computation of DESIGN section 3.
+
+The reference builds per-sample Jacobians with one ``jacrev`` over the whole batch,
+walks the pairs in a Python loop, and takes each pair's output-space Hessian from
+``torch.func.hessian`` of the pair loss: it shares no code with the library's
+geometry or backends.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from reference_models import DictModel, NormMLP, ResCNN, paper_cnn, randomize_bn
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+from lam_plugin import LaplaceEmbedder
+from lam_plugin.curvature.base import UnsupportedModelError
+
+MARGIN = 0.7
+
+
+def _cosine_loss(ab: torch.Tensor) -> torch.Tensor:
+    a, b = ab.chunk(2)
+    return 1 - (a @ b) / (a.norm() * b.norm())
+
+
+def _squared_loss(ab: torch.Tensor) -> torch.Tensor:
+    a, b = ab.chunk(2)
+    return 0.5 * (a - b).pow(2).sum()
+
+
+def reference_curvature(model, names, batches, geometry, approx, output_key=None):
+    model.eval()
+    params = dict(model.named_parameters())
+    theta0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+    sizes = [params[n].numel() for n in names]
+    total = torch.zeros_like(theta0)
+    for x, y in batches:
+        def out_fn(theta):
+            chunks = dict(zip(names, [c.reshape(params[n].shape) for c, n in zip(theta.split(sizes), names)]))
+            out = functional_call(model, chunks, (x,))
+            out = out[output_key] if output_key is not None else out
+            return torch.nn.functional.normalize(out, dim=-1) if geometry == "euclidean" else out
+
+        jac = jacrev(out_fn)(theta0)  # [B, D, P]
+        f = out_fn(theta0).detach()
+        z = torch.nn.functional.normalize(f, dim=-1)
+        dim = f.shape[1]
+        for i in range(len(y)):
+            for j in range(i + 1, len(y)):
+                pos = bool(y[i] == y[j])
+                if not pos and float((z[i] - z[j]).pow(2).sum()) >= MARGIN:
+                    continue
+                if approx == "pos" and not pos:
+                    continue
+                loss = _squared_loss if geometry == "euclidean" else _cosine_loss
+                h = hessian(loss)(torch.cat([f[i], f[j]]))
+                jp = torch.cat([jac[i], jac[j]])  # [2D, P]
+                if approx == "fix":
+                    h = h.clone()
+                    h[:dim, dim:] = 0
+                    h[dim:, :dim] = 0
+                term = (jp * (h @ jp)).sum(0)
+                total += term if pos else -term
+    return total.clamp_min(0) if approx in ("fix", "full") else total
+
+
+def _data(kind: str, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (1, 28, 28) if kind == "image28" else (1, 8, 8) if kind == "image8" else (10,)
+    # label mixes that leave some parameters with a positive signed sum and others
+    # with a negative one, so that the relu of "fix" and "full" is exercised
+    labels = [torch.tensor([0, 0, 0, 0, 1, 1]), torch.tensor([1, 1, 1, 1, 1, 0])]
+    return [(torch.randn(6, *shape, generator=g, dtype=dtype), y) for y in labels]
+
+
+MODELS = {
+    "paper_cnn": (lambda: paper_cnn(3, normalize=True), "image28", None, True),
+    "res_cnn_bn": (lambda: randomize_bn(ResCNN(4)), "image8", None, True),
+    "layernorm_gelu_mlp": (lambda: NormMLP(10, 4), "vector", None, False),
+    "dict_output": (lambda: DictModel(10, 3), "vector", "embedding", True),
+}
+
+
+def _build(name: str, dtype: torch.dtype, seed: int = 0):
+    factory, kind, key, backpack_ok = MODELS[name]
+    torch.manual_seed(seed)
+    model = factory().to(dtype).eval()
+    return model, _data(kind, dtype, seed), key, backpack_ok
+
+
+def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _fit(model, batches, key, **kw):
+    lam = LaplaceEmbedder(model, output_key=key, margin=MARGIN, progress=False, **kw)
+    return lam.fit(batches)
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("geometry", ["arccos", "euclidean"])
+@pytest.mark.parametrize("approx", ["pos", "fix", "full"])
+def test_curvature_matches_reference_float64(model_name, subset, geometry, approx):
+    model, batches, key, backpack_ok = _build(model_name, torch.float64)
+    backends = ["torch.func", "auto"] + (["backpack"] if backpack_ok else [])
+    ref = None
+    for backend in backends:
+        post = _fit(model, batches, key, subset=subset, geometry=geometry, approx=approx, backend=backend)
+        if ref is None:
+            ref = reference_curvature(model, post.param_names, batches, geometry, approx, key)
+            assert ref.abs().max() > 0, "degenerate test case: zero curvature"
+        assert post.curvature.dtype == torch.float64
+        assert _relerr(post.curvature, ref) <= 1e-4, (backend, post.stats.backend)
+
+
+@pytest.mark.parametrize("model_name", ["paper_cnn", "res_cnn_bn", "dict_output", "layernorm_gelu_mlp"])
+@pytest.mark.parametrize("geometry", ["arccos", "euclidean"])
+@pytest.mark.parametrize("approx", ["pos", "fix", "full"])
+def test_curvature_matches_reference_float32(model_name, geometry, approx):
+    model, batches, key, backpack_ok = _build(model_name, torch.float32, seed=1)
+    ref_model = _build(model_name, torch.float64, seed=1)[0]
+    ref_batches = [(x.double(), y) for x, y in batches]
+    backends = ["torch.func"] + (["backpack"] if backpack_ok else [])
+    for subset in ("all", "last_layer"):
+        ref = None
+        for backend in backends + ["auto"]:
+            post = _fit(model, batches, key, subset=subset, geometry=geometry, approx=approx, backend=backend)
+            if ref is None:
+                ref = reference_curvature(ref_model, post.param_names, ref_batches, geometry, approx, key)
+            assert _relerr(post.curvature.double(), ref) <= 1e-3, (subset, backend)
+
+
+def test_backend_choice_and_fallback_warning(caplog):
+    model, batches, key, _ = _build("layernorm_gelu_mlp", torch.float64)
+    with caplog.at_level(logging.WARNING, logger="lam_plugin"):
+        post = _fit(model, batches, key, subset="all", backend="auto")
+    assert post.stats.backend == "torch.func"
+    warnings = [r for r in caplog.records if "BackPACK does not support" in r.getMessage()]
+    assert len(warnings) == 1 and ("LayerNorm" in warnings[0].getMessage() or "GELU" in warnings[0].getMessage())
+    with pytest.raises(UnsupportedModelError, match="LayerNorm|GELU"):
+        _fit(model, batches, key, subset="all", backend="backpack")
+
+    cnn, cnn_batches, _, _ = _build("paper_cnn", torch.float64)
+    assert _fit(cnn, cnn_batches, None, subset="all").stats.backend == "backpack"
+    assert _fit(cnn, cnn_batches, None, subset="last_layer").stats.backend == "last_layer"
+    res, res_batches, _, _ = _build("res_cnn_bn", torch.float64)
+    assert _fit(res, res_batches, None, subset="all").stats.backend == "backpack"
+
+
+def test_prefix_subset_matches_reference():
+    model, batches, key, _ = _build("res_cnn_bn", torch.float64)
+    post = _fit(model, batches, key, subset=["block.conv", "head.bias"], backend="backpack")
+    assert post.param_names == ["block.conv.weight", "block.conv.bias", "head.bias"]
+    ref = reference_curvature(model, post.param_names, batches, "arccos", "fix")
+    assert _relerr(post.curvature, ref) <= 1e-4
+
+
+def test_miner_pairs_count_as_given():
+    """A triplet miner: every (a, p, n) adds (a, p) and (a, n), duplicates counted."""
+    from pytorch_metric_learning.miners import TripletMarginMiner
+
+    model, batches, key, _ = _build("dict_output", torch.float64)
+    miner = TripletMarginMiner(margin=10.0, type_of_triplets="all")
+    post = _fit(model, batches, key, subset="all", miner=miner, approx="pos", backend="torch.func")
+    # reference: explicit triplet loop, positives weighted by their number of negatives
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    total = torch.zeros_like(post.curvature)
+    for x, y in batches:
+        a, p, n = lmu.get_all_triplets_indices(y)
+        counts: dict[tuple[int, int], int] = {}
+        for ai, pi in zip(a.tolist(), p.tolist()):
+            counts[(ai, pi)] = counts.get((ai, pi), 0) + 1
+        for (ai, pi), c in counts.items():
+            yy = torch.full((len(y),), -1, dtype=torch.long)
+            yy[ai] = yy[pi] = 7
+            # one positive pair, isolated: reuse the reference on a two-item batch
+            sub = [(x[[ai, pi]], torch.tensor([7, 7]))]
+            total += c * reference_curvature(model, post.param_names, sub, "arccos", "pos", key)
+    assert post.stats.n_positive == sum(len(lmu.get_all_triplets_indices(y)[0]) for _, y in batches)
+    assert _relerr(post.curvature, total) <= 1e-6

@@ -1,0 +1,176 @@
+"""Reference networks, contrastive training and batched embedding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lam_plugin.models import ResidualBlock, fashionmnist_net, mlp_embedder, small_resnet
+from lam_plugin.modules import L2Normalize
+from lam_plugin.training import TrainingHistory, embed, train_contrastive
+
+
+def clusters(n: int = 450, k: int = 3, dim: int = 16, spread: float = 1.5, seed: int = 0):
+    """``k`` Gaussian clusters in ``dim`` dimensions (unit noise, centres ~ N(0, spread^2))."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, dim, generator=g) * spread
+    labels = torch.arange(n) % k
+    return centres[labels] + torch.randn(n, dim, generator=g), labels
+
+
+def one_nn_accuracy(z: torch.Tensor, labels: torch.Tensor) -> float:
+    """Leave-one-out 1-nearest-neighbour accuracy (recall@1) of unit-norm embeddings."""
+    sim = z @ z.T
+    sim.fill_diagonal_(-float("inf"))
+    return float((labels[sim.argmax(dim=1)] == labels).float().mean())
+
+
+def params_equal(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# ---------------------------------------------------------------- models
+
+
+def test_fashionmnist_net_layout_and_shapes():
+    net = fashionmnist_net()
+    assert isinstance(net, nn.Sequential)
+    assert [type(m) for m in net] == [
+        nn.Conv2d, nn.ReLU, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear
+    ]
+    assert net[-1].in_features == 9216 and net[-1].out_features == 3
+    assert net(torch.randn(4, 1, 28, 28)).shape == (4, 3)
+
+    net = fashionmnist_net(embedding_dim=16, normalize=True, dropout=0.25)
+    assert isinstance(net[5], nn.Dropout) and net[5].p == 0.25
+    assert isinstance(net[-1], L2Normalize)
+    out = net.eval()(torch.randn(5, 1, 28, 28))
+    assert out.shape == (5, 16)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(5))
+
+    with pytest.raises(ValueError):
+        fashionmnist_net(dropout=1.0)
+
+
+def test_small_resnet_shapes():
+    net = small_resnet()
+    assert isinstance(net, nn.Sequential)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert any(isinstance(m, nn.AdaptiveAvgPool2d) for m in net)
+    assert sum(isinstance(m, ResidualBlock) for m in net) == 2
+    assert net(torch.randn(3, 1, 28, 28)).shape == (3, 8)
+
+    net = small_resnet(in_channels=3, embedding_dim=5, width=4, normalize=True).eval()
+    out = net(torch.randn(2, 3, 17, 23))  # any image size
+    assert out.shape == (2, 5)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(2))
+
+
+def test_residual_block_is_plain_addition():
+    block = ResidualBlock(4).eval()
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(block(x), x + block.body(x))
+
+
+def test_mlp_embedder_shapes():
+    net = mlp_embedder(10, 4)
+    assert isinstance(net, nn.Sequential)
+    assert any(isinstance(m, nn.LayerNorm) for m in net) and any(isinstance(m, nn.GELU) for m in net)
+    assert net(torch.randn(7, 10)).shape == (7, 4)
+    assert net[0].out_features == 32
+
+    net = mlp_embedder(10, 4, hidden=8, normalize=True, dropout=0.1).eval()
+    assert sum(isinstance(m, nn.Dropout) for m in net) == 2
+    torch.testing.assert_close(net(torch.randn(3, 10)).norm(dim=-1), torch.ones(3))
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_train_contrastive_learns_clusters():
+    x, y = clusters()
+    torch.manual_seed(0)
+    model = mlp_embedder(16, 4)
+    before = one_nn_accuracy(embed(model, x), y)
+    history = train_contrastive(model, x, y, epochs=6, batch_size=128, lr=3e-3, progress=False)
+
+    assert isinstance(history, TrainingHistory)
+    assert len(history.epoch_losses) == 6 and len(history.batch_losses) == 6 * 4
+    assert history.epoch_losses[-1] < 0.6 * history.epoch_losses[0]
+    after = one_nn_accuracy(embed(model, x), y)
+    assert after > 0.9  # chance is 1/3
+    assert after >= before
+
+
+def test_train_contrastive_with_miner_and_optimizers():
+    from pytorch_metric_learning import miners
+
+    x, y = clusters(n=200)
+    torch.manual_seed(0)
+    model = mlp_embedder(16, 4)
+    history = train_contrastive(
+        model, x, y, epochs=2, batch_size=64, miner=miners.MultiSimilarityMiner(), progress=False
+    )
+    assert len(history.epoch_losses) == 2 and all(torch.isfinite(torch.tensor(history.batch_losses)))
+
+    for opt in ("sgd", "adamw", torch.optim.Adam(model.parameters(), lr=1e-3)):
+        train_contrastive(model, x, y, epochs=1, batch_size=64, optimizer=opt, weight_decay=1e-4, progress=False)
+    with pytest.raises(ValueError):
+        train_contrastive(model, x, y, epochs=1, optimizer="lbfgs", progress=False)
+    with pytest.raises(ValueError):
+        train_contrastive(model, x, y[:-1], epochs=1, progress=False)
+
+
+def test_train_contrastive_is_deterministic_and_leaves_global_rng():
+    x, y = clusters(n=150)
+    torch.manual_seed(0)
+    init = mlp_embedder(16, 4, dropout=0.2)  # dropout: stochastic forward passes too
+    runs = []
+    for seed in (3, 3, 4):
+        model = copy.deepcopy(init)
+        state = torch.get_rng_state()
+        h = train_contrastive(model, x, y, epochs=2, batch_size=50, seed=seed, progress=False)
+        assert torch.equal(torch.get_rng_state(), state)  # no lasting manual_seed side effect
+        runs.append((model, h))
+    (m1, h1), (m2, h2), (m3, h3) = runs
+    assert h1.batch_losses == h2.batch_losses and params_equal(m1, m2)
+    assert h1.batch_losses != h3.batch_losses and not params_equal(m1, m3)
+
+
+def test_train_contrastive_restores_modes_and_skips_singleton_batch():
+    x, y = clusters(n=129)  # last batch of 128 has a single example
+    model = mlp_embedder(16, 4, dropout=0.1)
+    model.eval()
+    model[3].train()  # mixed modes must come back as they were
+    modes = [m.training for m in model.modules()]
+    h = train_contrastive(model, x, y, epochs=1, batch_size=128, progress=False)
+    assert len(h.batch_losses) == 1
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_embed_normalises_batches_and_restores_mode():
+    torch.manual_seed(0)
+    model = mlp_embedder(16, 4, dropout=0.5)
+    x, _ = clusters(n=100)
+    model.train()
+    z = embed(model, x, batch_size=32)
+    assert model.training and all(m.training for m in model.modules())
+    assert z.shape == (100, 4)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(100))
+    # eval mode (dropout off) and independent of the batch size
+    torch.testing.assert_close(z, embed(model, x, batch_size=1000))
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(model.eval()(x), dim=-1)
+    torch.testing.assert_close(z, ref)
+    assert not model.training
+    embed(model, x)
+    assert not any(m.training for m in model.modules())
+
+
+def test_embed_images():
+    net = fashionmnist_net(embedding_dim=3)
+    z = embed(net, torch.randn(5, 1, 28, 28), batch_size=2)
+    assert z.shape == (5, 3) and not z.requires_grad
