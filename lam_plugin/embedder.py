@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
@@ -16,6 +17,7 @@ from .curvature.base import CurvatureBackend, HessianFn, UnsupportedModelError
 from .curvature.functorch import FunctorchBackend
 from .curvature.last_layer import LastLayerCurvature, detect_head, run_with_features
 from .geometry import APPROXES, GEOMETRIES, output_hessian
+from .online import OnlineLaplace, dataset_size_of, first_input
 from .pairs import Miner, active, make_pairs, subsample
 from .parameters import Subset, flatten, last_linear, resolve_subset
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
@@ -216,6 +218,61 @@ class LaplaceEmbedder:
 
         return build
 
+    # -- online LAM -------------------------------------------------------------------------
+    def online(self, example: Batch, dataset_size: int, **kwargs: Any) -> OnlineLaplace:
+        """A step-wise online-LAM trainer (``.step(x, y)``, ``.end_epoch()``, ``.posterior()``)
+        for use inside your own training loop; ``kwargs`` go to :class:`OnlineLaplace`."""
+        return OnlineLaplace(self, to_device(example, model_device(self.model)), dataset_size, **kwargs)
+
+    def fit_online(
+        self,
+        loader: Iterable[Any],
+        epochs: int = 20,
+        *,
+        dataset_size: int | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        lr_decay: float = math.exp(-0.01),
+        memory_factor: float = 0.999,
+        n_samples: int = 1,
+        max_pairs: int | None = 5000,
+    ) -> EmbeddingPosterior:
+        """Train the model with online LAM (DESIGN section 5) and return its posterior.
+
+        Unlike :meth:`fit`, this trains the model's weights in place (it is a training
+        loop); every module's train/eval flag is restored afterwards.
+        """
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        size = dataset_size if dataset_size is not None else dataset_size_of(loader)
+        trainer = self.online(
+            first_input(loader),
+            size,
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_decay=lr_decay,
+            memory_factor=memory_factor,
+            n_samples=n_samples,
+            max_pairs=max_pairs,
+        )
+        flags = {m: m.training for m in self.model.modules()}
+        self.model.train()
+        try:
+            bar = tqdm(total=epochs * _len_or_none(loader, 1), desc="online LAM", disable=not self.progress)
+            for _ in range(epochs):
+                for batch in loader:
+                    x, y = split_batch(batch)
+                    loss = trainer.step(x, y)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                trainer.end_epoch()
+            bar.close()
+        finally:
+            for m, flag in flags.items():
+                m.training = flag
+        self.posterior = trainer.posterior()
+        return self.posterior
+
     # -- using the posterior -------------------------------------------------------------
     def _fitted(self) -> EmbeddingPosterior:
         if self.posterior is None:
@@ -231,6 +288,13 @@ class LaplaceEmbedder:
             f"LaplaceEmbedder(subset={self.subset!r}, approx={self.approx!r}, geometry={self.geometry!r}, "
             f"margin={self.margin}, backend={self.backend!r})"
         )
+
+
+def _len_or_none(loader: Iterable[Any], default: int) -> int:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return default
 
 
 def _first_batch(loader: Iterable[Any]) -> Any:

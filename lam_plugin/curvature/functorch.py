@@ -46,9 +46,13 @@ class FunctorchBackend(CurvatureBackend):
         super().__init__(model, output_key, param_names)
         self.chunk_size = chunk_size
 
-    def jacobians(self, x: Batch) -> tuple[dict[str, Tensor], Tensor]:
-        """Per-sample Jacobians ``{name: [B, D, *shape]}`` and outputs ``[B, D]``."""
-        named = dict(self.model.named_parameters())
+    def jacobians(self, x: Batch, params: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        """Per-sample Jacobians ``{name: [B, D, *shape]}`` and outputs ``[B, D]``.
+
+        ``params`` (name -> tensor over the subset) evaluates them at other weights than
+        the model's own.
+        """
+        named = dict(self.model.named_parameters()) if params is None else dict(params)
         sub = {n: named[n].detach() for n in self.param_names}
 
         def one(p: dict[str, Tensor], xi: Batch) -> tuple[Tensor, Tensor]:
@@ -58,8 +62,10 @@ class FunctorchBackend(CurvatureBackend):
         jac, out = vmap(jacrev(one, has_aux=True), in_dims=(None, 0), chunk_size=self.chunk_size)(sub, x)
         return jac, out
 
-    def batch(self, x: Batch, hessian_fn: HessianFn) -> tuple[Tensor, Tensor]:
-        jac, out = self.jacobians(x)
+    def batch(
+        self, x: Batch, hessian_fn: HessianFn, params: Mapping[str, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        jac, out = self.jacobians(x, params)
         g = hessian_fn(out.detach())
         diag = torch.cat([g.contract(flat_jacobian(jac[n])) for n in self.param_names])
         return check_finite(diag, self.name), out.detach()

@@ -119,7 +119,11 @@ class LastLayerCurvature(CurvatureBackend):
 
     def batch(self, x: Batch, hessian_fn: HessianFn) -> tuple[Tensor, Tensor]:
         feats, u, out = run_with_features(self.model, self.layer, x, self.output_key)
-        g = hessian_fn(out)
+        return self.from_features(feats, u, hessian_fn(out)), out
+
+    def from_features(self, feats: Tensor, u: Tensor, g: OutputHessian) -> Tensor:
+        """``diag(J^T G J)`` over the layer's parameters from its input ``feats [B, in]`` and
+        output ``u [B, out]`` (at whatever weights produced ``u``)."""
         m = _per_unit(g, _head_jacobian(u, self.head), u.shape[0]).to(feats.dtype)
         if g.block_diagonal:
             weight = m.T @ feats.pow(2)
@@ -129,4 +133,4 @@ class LastLayerCurvature(CurvatureBackend):
             bias = m.sum(dim=(0, 1))
         parts = {"weight": weight, "bias": bias}
         diag = torch.cat([parts[n.rpartition(".")[2]].reshape(-1) for n in self.param_names])
-        return check_finite(diag, self.name), out
+        return check_finite(diag, self.name)

@@ -1,0 +1,209 @@
+"""Online LAM: training with sampled weights and a running curvature estimate.
+
+Each step (DESIGN section 5), with ``mu`` the current weights of the Laplace subset:
+
+1. ``sigma = 1 / sqrt(H + prior)``; draw ``theta_s = mu + sigma * eps_s`` for each of
+   ``n_samples`` samples (``eps_s ~ N(0, I)``).
+2. Embed the batch with ``theta_s`` and take pytorch-metric-learning's
+   ``ContrastiveLoss(pos_margin=0, neg_margin=margin)`` on the embedder's miner tuples.
+   Because ``d theta_s / d mu = I``, back-propagating through ``theta_s`` applies the
+   gradient at the sampled weights to ``mu`` (and the backbone is trained as usual).
+3. Without gradient, the contrastive GGN diagonal ``h_s`` at ``theta_s`` over all pairs
+   of the batch (at most ``max_pairs``, negatives only while their hinge is active),
+   rescaled by ``dataset_size**2 / n_pairs``.
+4. ``H <- memory_factor * H + relu(mean_s h_s)``, starting from ``H_0 = dataset_size``.
+
+The optimiser is RMSprop with weight decay and an exponential learning-rate decay per
+epoch, as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pytorch_metric_learning.losses import ContrastiveLoss
+from torch import Tensor
+
+from .curvature.functorch import FunctorchBackend, functional_forward
+from .curvature.last_layer import LastLayerCurvature, capture_io, detect_head, run_with_features
+from .geometry import OutputHessian, output_hessian
+from .pairs import active, make_pairs, subsample
+from .parameters import last_linear, resolve_subset, unflatten
+from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
+from .prior import marglik_prior_precision
+from .wrapping import Batch, model_device, split_batch, to_device
+
+if TYPE_CHECKING:
+    from .embedder import LaplaceEmbedder
+
+
+class OnlineLaplace:
+    """Step-wise online LAM for use inside any training loop.
+
+    Args:
+        embedder: the configured ``LaplaceEmbedder`` (model, subset, geometry, approx,
+            margin, miner, prior).
+        example: one input batch, used to find the parameter subset.
+        dataset_size: number of training items (scales the batch curvature).
+        lr, weight_decay: RMSprop settings; ``lr_decay`` multiplies the learning rate at
+            each :meth:`end_epoch`.
+        memory_factor: ``m`` in ``H <- m H + relu(h)``.
+        n_samples: weight samples per step.
+        max_pairs: at most this many pairs per batch enter the curvature.
+        generator: for the weight samples and the pair subsampling.
+    """
+
+    def __init__(
+        self,
+        embedder: "LaplaceEmbedder",
+        example: Batch,
+        dataset_size: int,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        lr_decay: float = math.exp(-0.01),
+        memory_factor: float = 0.999,
+        n_samples: int = 1,
+        max_pairs: int | None = 5000,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if dataset_size < 1:
+            raise ValueError(f"dataset_size must be positive, got {dataset_size}")
+        if not 0 < memory_factor <= 1:
+            raise ValueError(f"memory_factor must be in (0, 1], got {memory_factor}")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be positive, got {n_samples}")
+        self.embedder = embedder
+        model = embedder.model
+        self.names = resolve_subset(model, embedder.subset, example)
+        self.dataset_size = int(dataset_size)
+        self.memory_factor = memory_factor
+        self.n_samples = n_samples
+        self.max_pairs = max_pairs
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(embedder.seed)
+        params = dict(model.named_parameters())
+        n_params = sum(params[n].numel() for n in self.names)
+        self.H = torch.full((n_params,), float(dataset_size), dtype=params[self.names[0]].dtype, device=model_device(model))
+        self.optimizer = torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=lr_decay)
+        self.loss_fn = ContrastiveLoss(pos_margin=0.0, neg_margin=embedder.margin)
+        self.layer: str | None = None
+        self.head: str | None = None
+        if embedder.subset == "last_layer":
+            self.layer = last_linear(model, example)
+            layer_mod = dict(model.named_modules())[self.layer]
+            with torch.no_grad():
+                _, u, out = run_with_features(model, layer_mod, example, embedder.output_key)
+            self.head = detect_head(u, out)
+        self.engine: LastLayerCurvature | FunctorchBackend
+        if self.head is not None and self.layer is not None:
+            self.engine = LastLayerCurvature(model, embedder.output_key, self.names, self.layer, self.head)  # type: ignore[arg-type]
+        else:
+            self.engine = FunctorchBackend(model, embedder.output_key, self.names, embedder.chunk_size)
+        self.steps = 0
+        self.n_positive = self.n_negative_active = self.n_negative_total = 0
+
+    @property
+    def prior(self) -> float:
+        p = self.embedder.prior_precision
+        return 1.0 if isinstance(p, str) else float(p)
+
+    def _hessian(self, out: Tensor, y: Tensor) -> tuple[OutputHessian, int]:
+        z = torch.nn.functional.normalize(out, dim=-1)
+        pairs = make_pairs(y, "all")
+        self.n_negative_total += pairs.n_negative
+        pairs = subsample(active(pairs, z, self.embedder.margin), self.max_pairs, self.generator)
+        self.n_positive += pairs.n_positive
+        self.n_negative_active += pairs.n_negative
+        return output_hessian(out, pairs, self.embedder.geometry, self.embedder.approx), len(pairs)  # type: ignore[arg-type]
+
+    def step(self, x: Batch, y: Tensor) -> float:
+        """One optimisation step on the batch ``(x, y)``; returns the loss."""
+        emb = self.embedder
+        model = emb.model
+        device = model_device(model)
+        x, y = to_device(x, device), y.to(device)
+        params = dict(model.named_parameters())
+        sigma = (self.H.clamp_min(0) + self.prior).rsqrt()
+        losses, curvatures = [], []
+        for _ in range(self.n_samples):
+            eps = torch.randn(self.H.shape, generator=self.generator, dtype=self.H.dtype).to(device)
+            noise = unflatten(sigma * eps, model, self.names)
+            sampled = {n: params[n] + noise[n] for n in self.names}
+            if self.head is not None:
+                with capture_io(self.engine.layer) as io:  # type: ignore[union-attr]
+                    out = functional_forward(model, sampled, x, emb.output_key)
+            else:
+                out = functional_forward(model, sampled, x, emb.output_key)
+            tuples = None if isinstance(emb.miner, str) else emb.miner(out, y)
+            losses.append(self.loss_fn(out, y, indices_tuple=tuples))
+            with torch.no_grad():
+                g, n_pairs = self._hessian(out.detach(), y)
+                if n_pairs == 0:
+                    continue
+                if isinstance(self.engine, LastLayerCurvature):
+                    h = self.engine.from_features(io["input"].detach(), io["output"].detach(), g)
+                else:
+                    fixed = {n: t.detach() for n, t in sampled.items()}
+                    h, _ = self.engine.batch(x, lambda _f: g, params=fixed)
+                curvatures.append(h * (self.dataset_size**2 / n_pairs))
+        loss = torch.stack(losses).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            self.H.mul_(self.memory_factor)
+            if curvatures:
+                self.H.add_(torch.stack(curvatures).mean(0).clamp_min(0))
+        self.steps += 1
+        return float(loss.detach())
+
+    def end_epoch(self) -> None:
+        """Decay the learning rate (call once per epoch)."""
+        self.scheduler.step()
+
+    def posterior(self, n_data: int | None = None) -> EmbeddingPosterior:
+        """The posterior at the current weights with the running curvature ``H``."""
+        emb = self.embedder
+        mean = torch.cat([dict(emb.model.named_parameters())[n].detach().reshape(-1) for n in self.names])
+        prior: float = self.prior
+        if emb.prior_precision == "marglik":
+            prior = marglik_prior_precision(self.H, mean, n_data or self.dataset_size, 1)
+        config = PosteriorConfig(
+            geometry=emb.geometry,
+            approx=emb.approx,
+            margin=emb.margin,
+            hessian_scale=1.0,
+            output_key=emb.output_key,
+            normalize=emb.normalize,
+            layer=self.layer if self.head is not None else None,
+            head=self.head,
+            extra={"online": True, "memory_factor": self.memory_factor, "steps": self.steps},
+        )
+        stats = FitStats(
+            n_data=n_data or self.dataset_size,
+            n_batches=self.steps,
+            n_positive=self.n_positive,
+            n_negative_active=self.n_negative_active,
+            n_negative_total=self.n_negative_total,
+            backend=f"online/{self.engine.name}",
+        )
+        return EmbeddingPosterior(emb.model, self.names, self.H.clone(), prior, mean=mean, config=config, stats=stats)
+
+
+def dataset_size_of(loader: Iterable[Any]) -> int:
+    """``len(loader.dataset)``, with a clear error when the loader has no sized dataset."""
+    try:
+        return len(loader.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        raise ValueError("pass dataset_size=: the loader has no sized .dataset") from None
+
+
+def first_input(loader: Iterable[Any]) -> Batch:
+    """The inputs of the loader's first batch."""
+    for batch in loader:
+        return split_batch(batch)[0]
+    raise ValueError("the loader yielded no batch")
