@@ -15,11 +15,11 @@ from tqdm.auto import tqdm
 from .curvature.backpack import BackpackBackend, backpack_support
 from .curvature.base import CurvatureBackend, HessianFn, UnsupportedModelError
 from .curvature.functorch import FunctorchBackend
-from .curvature.last_layer import LastLayerCurvature, detect_head, run_with_features
+from .curvature.last_layer import LastLayerCurvature, probe_last_layer
 from .geometry import APPROXES, GEOMETRIES, output_hessian
 from .online import OnlineLaplace, dataset_size_of, first_input
 from .pairs import Miner, active, make_pairs, subsample
-from .parameters import Subset, flatten, last_linear, resolve_subset
+from .parameters import Subset, flatten, resolve_subset
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
 from .wrapping import Batch, OutputKey, eval_mode, model_device, split_batch, to_device
@@ -129,14 +129,14 @@ class LaplaceEmbedder:
         first = _first_batch(loader)
         device = model_device(self.model)
         x0 = to_device(split_batch(first)[0], device)
-        names = resolve_subset(self.model, self.subset, x0)
         generator = torch.Generator().manual_seed(self.seed)
         counter = _PairCounter()
         total: Tensor | None = None
         n_data = n_batches = 0
         out_dim = 0
         with eval_mode(self.model):
-            layer, head = self._last_layer_head(x0) if self.subset == "last_layer" else (None, None)
+            layer, head = probe_last_layer(self.model, x0, self.output_key) if self.subset == "last_layer" else (None, None)
+            names = resolve_subset(self.model, self.subset, layer)
             engine = self._engine(names, layer, head)
             try:
                 bar = tqdm(loader, desc=f"curvature ({engine.name})", disable=not self.progress, leave=False)
@@ -182,13 +182,6 @@ class LaplaceEmbedder:
         return self.posterior
 
     fit_posterior = fit
-
-    def _last_layer_head(self, x0: Batch) -> tuple[str, str | None]:
-        """The last linear layer, and the parameter-free head after it (None if there is none)."""
-        layer_name = last_linear(self.model, x0)
-        layer = dict(self.model.named_modules())[layer_name]
-        _, u, out = run_with_features(self.model, layer, x0, self.output_key)
-        return layer_name, detect_head(u, out)
 
     def _engine(self, names: Sequence[str], layer: str | None, head: str | None) -> CurvatureBackend:
         """The curvature backend for this fit (DESIGN section 4)."""

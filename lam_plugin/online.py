@@ -28,13 +28,13 @@ from pytorch_metric_learning.losses import ContrastiveLoss
 from torch import Tensor
 
 from .curvature.functorch import FunctorchBackend, functional_forward
-from .curvature.last_layer import LastLayerCurvature, capture_io, detect_head, run_with_features
+from .curvature.last_layer import LastLayerCurvature, capture_io, probe_last_layer
 from .geometry import OutputHessian, output_hessian
 from .pairs import active, make_pairs, subsample
-from .parameters import last_linear, resolve_subset, unflatten
+from .parameters import resolve_subset, unflatten
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
-from .wrapping import Batch, model_device, split_batch, to_device
+from .wrapping import Batch, eval_mode, model_device, split_batch, to_device
 
 if TYPE_CHECKING:
     from .embedder import LaplaceEmbedder
@@ -78,7 +78,12 @@ class OnlineLaplace:
             raise ValueError(f"n_samples must be positive, got {n_samples}")
         self.embedder = embedder
         model = embedder.model
-        self.names = resolve_subset(model, embedder.subset, example)
+        self.layer: str | None = None
+        self.head: str | None = None
+        if embedder.subset == "last_layer":
+            with eval_mode(model):
+                self.layer, self.head = probe_last_layer(model, example, embedder.output_key)
+        self.names = resolve_subset(model, embedder.subset, self.layer)
         self.dataset_size = int(dataset_size)
         self.memory_factor = memory_factor
         self.n_samples = n_samples
@@ -90,14 +95,6 @@ class OnlineLaplace:
         self.optimizer = torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=lr_decay)
         self.loss_fn = ContrastiveLoss(pos_margin=0.0, neg_margin=embedder.margin)
-        self.layer: str | None = None
-        self.head: str | None = None
-        if embedder.subset == "last_layer":
-            self.layer = last_linear(model, example)
-            layer_mod = dict(model.named_modules())[self.layer]
-            with torch.no_grad():
-                _, u, out = run_with_features(model, layer_mod, example, embedder.output_key)
-            self.head = detect_head(u, out)
         self.engine: LastLayerCurvature | FunctorchBackend
         if self.head is not None and self.layer is not None:
             self.engine = LastLayerCurvature(model, embedder.output_key, self.names, self.layer, self.head)  # type: ignore[arg-type]

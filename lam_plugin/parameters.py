@@ -37,21 +37,20 @@ def last_linear(model: nn.Module, example: Batch) -> str:
     return order[-1]
 
 
-def resolve_subset(model: nn.Module, subset: Subset, example: Batch | None = None) -> list[str]:
+def resolve_subset(model: nn.Module, subset: Subset, last_layer: str | None = None) -> list[str]:
     """Parameter names covered by ``subset``, in ``named_parameters()`` order.
 
-    ``subset`` is ``"all"``, ``"last_layer"`` (weight and bias of the last ``nn.Linear``
-    run in the forward pass, found by running ``example``) or a list of name prefixes.
+    ``subset`` is ``"all"``, ``"last_layer"`` (weight and bias of the module named
+    ``last_layer``, see :func:`last_linear`) or a list of name prefixes.
     """
     names = [n for n, _ in model.named_parameters()]
     if isinstance(subset, str):
         if subset == "all":
             chosen = names
         elif subset == "last_layer":
-            if example is None:
-                raise ValueError('subset="last_layer" needs an example batch to find the layer')
-            prefix = last_linear(model, example)
-            chosen = [n for n in names if n.rpartition(".")[0] == prefix]
+            if last_layer is None:
+                raise ValueError('subset="last_layer" needs the name of the last linear layer')
+            chosen = [n for n in names if n.rpartition(".")[0] == last_layer]
         else:
             raise ValueError(
                 f"subset must be 'all', 'last_layer' or a list of parameter-name prefixes, got {subset!r}"

@@ -67,6 +67,13 @@ def batch_size(x: Batch) -> int:
     return x.shape[0]
 
 
+def head_of_batch(x: Batch, k: int) -> Batch:
+    """The first ``k`` items of a tensor or dict-of-tensors batch."""
+    if isinstance(x, Mapping):
+        return {key: v[:k] if isinstance(v, Tensor) else v for key, v in x.items()}
+    return x[:k]
+
+
 def to_device(x: Batch, device: torch.device) -> Batch:
     """Move a tensor or dict-of-tensors batch to ``device``."""
     if isinstance(x, Mapping):

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from backpack import backpack, extend
 from backpack.core.derivatives.basederivatives import BaseDerivatives
+from backpack.core.derivatives.convnd import ConvNDDerivatives
 from backpack.extensions import SqrtGGNExact
 from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from backpack.custom_module.graph_utils import BackpackTracer
@@ -59,6 +60,36 @@ class ParameterFreeDerivatives(BaseDerivatives):
         return vmap(lambda m: pullback(m)[0])(mat)
 
 
+class _ConvDerivatives(ConvNDDerivatives):
+    """BackPACK's convolution derivatives with a faster per-sample weight Jacobian.
+
+    BackPACK forms ``J^T mat`` for the weight of every sample by convolving ``V * N``
+    repeated copies of the input (0.33 s of 0.69 s per batch of 64 on the paper's CNN);
+    with BackPACK's unfolded input ``X [N, C_in*k*k, L]`` it is one contraction,
+    ``[V, N, C_out, L] x [N, C_in*k*k, L] -> [V, N, C_out, C_in*k*k]``.
+    """
+
+    def _weight_jac_t_mat_prod(
+        self,
+        module: nn.Module,
+        g_inp: tuple[Tensor, ...],
+        g_out: tuple[Tensor, ...],
+        mat: Tensor,
+        sum_batch: bool = True,
+        subsampling: list[int] | None = None,
+    ) -> Tensor:
+        if module.groups != 1:
+            return super()._weight_jac_t_mat_prod(module, g_inp, g_out, mat, sum_batch, subsampling)
+        unfolded = self.get_unfolded_input(module)
+        if subsampling is not None:
+            unfolded = unfolded[subsampling]
+        flat = mat.flatten(start_dim=3)
+        if sum_batch:
+            return torch.einsum("vnol,nil->voi", flat, unfolded).reshape(mat.shape[0], *module.weight.shape)
+        return torch.einsum("vnol,nil->vnoi", flat, unfolded).reshape(*mat.shape[:2], *module.weight.shape)
+
+
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _EXTRA_MODULES = (L2Normalize, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 
 
@@ -67,6 +98,8 @@ def _extension() -> SqrtGGNExact:
     ext = SqrtGGNExact()
     for cls in _EXTRA_MODULES:
         ext.set_module_extension(cls, SqrtGGNBaseModule(ParameterFreeDerivatives()))
+    for conv, dims in _CONV_DIMS.items():
+        ext.set_module_extension(conv, SqrtGGNBaseModule(_ConvDerivatives(dims), params=["bias", "weight"]), overwrite=True)
     return ext
 
 

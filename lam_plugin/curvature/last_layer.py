@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ..geometry import OutputHessian
-from ..wrapping import Batch, OutputKey, call_model, select_output
+from ..parameters import last_linear
+from ..wrapping import Batch, OutputKey, call_model, head_of_batch, select_output
 from .base import CurvatureBackend, HessianFn, check_finite
 
 Head = Literal["identity", "normalize"]
@@ -69,6 +70,16 @@ def detect_head(u: Tensor, out: Tensor) -> Head | None:
     if torch.allclose(out, apply_head(u, "normalize"), **tol):
         return "normalize"
     return None
+
+
+def probe_last_layer(model: nn.Module, example: Batch, output_key: OutputKey) -> tuple[str, Head | None]:
+    """The last ``nn.Linear`` run in the forward pass, and the head after it (None if none).
+
+    Runs one no-grad forward on the first two items of ``example``.
+    """
+    layer = last_linear(model, head_of_batch(example, 2))
+    _, u, out = run_with_features(model, dict(model.named_modules())[layer], head_of_batch(example, 2), output_key)
+    return layer, detect_head(u, out)
 
 
 def _head_jacobian(u: Tensor, head: Head) -> Tensor | None:

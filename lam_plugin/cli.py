@@ -1,0 +1,260 @@
+"""The ``lam-plugin`` console script.
+
+Subcommands:
+
+``lam-plugin reproduce fashionmnist [--seeds 1 2 3] [--quick] [--out DIR] [--methods ...]
+[--device cpu|cuda] [--no-progress]``
+    Run the paper's FashionMNIST protocol (:mod:`lam_plugin.reproduce`) and print its table.
+``lam-plugin info``
+    Versions of lam_plugin and its main dependencies, and which datasets are found.
+
+``-v`` (before the subcommand) turns on debug logging. Logging is configured here, never
+in the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import logging
+import platform
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from . import __version__
+
+logger = logging.getLogger("lam_plugin.cli")
+
+#: Distributions reported by ``info``: label -> candidate distribution names.
+_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("torch",),
+    "backpack": ("backpack-for-pytorch",),
+    "laplace": ("laplace-torch",),
+    "faiss": ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss"),
+    "pytorch-metric-learning": ("pytorch-metric-learning",),
+    "numpy": ("numpy",),
+    "scikit-learn": ("scikit-learn",),
+    "safetensors": ("safetensors",),
+    "matplotlib": ("matplotlib",),
+}
+
+
+def _prior(value: str) -> float | str:
+    if value in ("auto", "marglik"):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'marglik' or a positive number, got {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"the prior precision must be positive, got {value}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lam-plugin``."""
+    from .reproduce import ALL_METHODS, DEFAULT_METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="lam-plugin", description="Laplace-approximation uncertainty for PyTorch embedding models."
+    )
+    parser.add_argument("--version", action="version", version=f"lam-plugin {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    rep = sub.add_parser(
+        "reproduce",
+        help="reproduce a table of the paper",
+        description="Train (or load from the cache) and evaluate every method of the paper's protocol.",
+    )
+    rep.add_argument("dataset", choices=["fashionmnist"], help="the experiment to reproduce")
+    rep.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 1 2 3 4 5; --quick: 1)")
+    rep.add_argument("--quick", action="store_true", help="a reduced smoke run (minutes on a CPU), every method")
+    rep.add_argument("--out", default=None, help="output folder (default runs/fashionmnist; trained models are cached in DIR/cache)")
+    rep.add_argument(
+        "--methods",
+        nargs="+",
+        choices=ALL_METHODS,
+        default=None,
+        metavar="METHOD",
+        help=f"methods to run (default: {' '.join(DEFAULT_METHODS)}; also: hib)",
+    )
+    rep.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    rep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rep.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default 20; --quick: 3)")
+    rep.add_argument("--samples", type=_positive_int, default=None, help="samples per test image (default 100)")
+    rep.add_argument("--train-limit", type=_positive_int, default=None, help="use a random subset of the training split")
+    rep.add_argument("--test-limit", type=_positive_int, default=None, help="use a random subset of the test split")
+    rep.add_argument("--ood-limit", type=_positive_int, default=None, help="use a random subset of the OoD images")
+    rep.add_argument(
+        "--prior-precision",
+        type=_prior,
+        default=None,
+        help="post-hoc LAM prior: auto (chosen on validation, default), marglik, or a number",
+    )
+    rep.add_argument("--data-root", default=None, help="folder with the FashionMNIST IDX files (searched first)")
+    rep.set_defaults(handler=_cmd_reproduce)
+
+    info = sub.add_parser("info", help="versions and available datasets")
+    info.set_defaults(handler=_cmd_info)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~lam_plugin.reproduce.ReproduceConfig` that ``reproduce`` arguments describe."""
+    from .reproduce import ReproduceConfig, with_overrides
+
+    base = ReproduceConfig.quick_run() if args.quick else ReproduceConfig()
+    return with_overrides(
+        base,
+        seeds=tuple(args.seeds) if args.seeds else None,
+        methods=tuple(args.methods) if args.methods else None,
+        epochs=args.epochs,
+        n_samples=args.samples,
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
+        ood_limit=args.ood_limit,
+        prior_precision=args.prior_precision,
+    )
+
+
+def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .reproduce import reproduce
+
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        print(f"lam-plugin reproduce: error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or "runs/fashionmnist"
+    result = reproduce(
+        args.dataset,
+        config,
+        out=out,
+        data_root=args.data_root,
+        device=args.device,
+        progress=not args.no_progress,
+        command=" ".join(["lam-plugin", *argv]),
+    )
+    res = result.results
+    print(f"\nFashionMNIST -> MNIST, seeds {' '.join(map(str, res['seeds']))}{' (quick)' if res['quick'] else ''}\n")
+    print(result.table)
+    if res.get("lam_posthoc"):
+        lam = res["lam_posthoc"]
+        print(f"\npost-hoc LAM prior precision: {lam['prior_precision']} ({lam['selection']})")
+    trained = len(result.trained)
+    print(f"\n{trained} model(s) trained, {len(result.loaded)} loaded from {result.out_dir / 'cache'}")
+    print(f"wall time {res['wall_time_s']:.0f} s; wrote:")
+    for path in result.files:
+        print(f"  {path}")
+    return 0
+
+
+def _version(names: Sequence[str]) -> str:
+    for name in names:
+        try:
+            return f"{importlib.metadata.version(name)} ({name})" if len(names) > 1 else importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def _cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import torch
+
+    from .data import DATASETS, DatasetNotFoundError
+
+    print(f"lam_plugin {__version__}")
+    print(f"python {platform.python_version()} ({platform.platform()})")
+    for label, names in _DISTRIBUTIONS.items():
+        print(f"{label:24s} {_version(names)}")
+    cuda = torch.cuda.is_available()
+    print(f"{'cuda':24s} {'available: ' + torch.cuda.get_device_name(0) if cuda else 'not available'}")
+    print("datasets:")
+    for name, loader in DATASETS.items():
+        split = "test"
+        try:
+            data = loader(split=split)
+        except DatasetNotFoundError:
+            print(f"  {name:14s} not found")
+        except Exception as err:  # a broken file should not stop the report
+            print(f"  {name:14s} unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+        else:
+            print(f"  {name:14s} found: {len(data):,} {split} images ({data.name}, {tuple(data.images.shape[1:])})")
+    return 0
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes records through ``tqdm.write`` so that they do not break progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _logging(verbose: bool) -> Iterator[None]:
+    """Log ``lam_plugin.*`` at INFO (DEBUG with ``-v``) to stderr for the duration of a command.
+
+    The handler sits on the ``lam_plugin`` logger (which stops propagating meanwhile), so
+    the output has one format whatever the root logger holds (``laplace`` installs a
+    default root handler when imported); everything is restored afterwards, which keeps
+    an in-process ``main()`` call free of lasting side effects.
+    """
+    package = logging.getLogger("lam_plugin")
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    saved = (package.level, package.propagate)
+    package.addHandler(handler)
+    package.setLevel(logging.DEBUG if verbose else logging.INFO)
+    package.propagate = False
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(saved[0])
+        package.propagate = saved[1]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lam-plugin``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    from .data import DatasetNotFoundError
+    from .reproduce import MethodUnavailableError
+
+    try:
+        with _logging(args.verbose):
+            return int(args.handler(args, argv))
+    except DatasetNotFoundError as err:
+        print(f"lam-plugin: error: {err}", file=sys.stderr)
+        return 1
+    except MethodUnavailableError as err:
+        print(f"lam-plugin: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lam-plugin: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

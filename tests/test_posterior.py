@@ -1,0 +1,237 @@
+"""LaplaceEmbedder / EmbeddingPosterior behaviour: the model untouched, samples, persistence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from reference_models import DictModel, NormMLP, ResCNN, paper_cnn, randomize_bn
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+from lam_plugin import EmbeddingPosterior, LaplaceEmbedder, Prediction
+
+
+def _loader(shape, n=24, batch=8, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.arange(n) % classes
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+def _snapshot(model: nn.Module):
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "classes": {n: type(m) for n, m in model.named_modules()},
+        "hooks": {
+            n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for n, m in model.named_modules()
+        },
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "grads": {n: p.grad for n, p in model.named_parameters()},
+        "attrs": {n: set(vars(m)) for n, m in model.named_modules()},
+    }
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("backend", ["auto", "backpack", "torch.func"])
+@pytest.mark.parametrize("name", ["paper_cnn", "res_cnn"])
+def test_model_unchanged_after_fit(name, backend, subset):
+    torch.manual_seed(0)
+    model = paper_cnn() if name == "paper_cnn" else randomize_bn(ResCNN())
+    shape = (1, 28, 28) if name == "paper_cnn" else (1, 8, 8)
+    model.train()  # a user's model in train mode, with one submodule in eval
+    list(model.modules())[1].eval()
+    before = _snapshot(model)
+    post = LaplaceEmbedder(model, subset=subset, backend=backend, progress=False).fit(_loader(shape))
+    post.sample(torch.randn(2, *shape), n=3)
+    after = _snapshot(model)
+    for key in before["state"]:
+        assert torch.equal(before["state"][key], after["state"][key]), key
+    for field in ("training", "classes", "hooks", "requires_grad", "grads", "attrs"):
+        assert before[field] == after[field], field
+
+
+def test_sample_shapes_unit_norm_and_vmap_path():
+    torch.manual_seed(0)
+    model = NormMLP(10, 4)
+    post = LaplaceEmbedder(model, subset="all", progress=False).fit(_loader((10,)))
+    x = torch.randn(5, 10)
+    g = torch.Generator().manual_seed(3)
+    z = post.sample(x, n=7, generator=g)
+    assert z.shape == (7, 5, 4)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(7, 5))
+    # the vmapped forward equals one functional_call per weight sample
+    weights = post.sample_weights(7, torch.Generator().manual_seed(3))
+    from lam_plugin.parameters import unflatten
+
+    params = unflatten(weights, model, post.param_names)
+    loop = torch.stack(
+        [functional_call(model, {n: p[s] for n, p in params.items()}, (x,)) for s in range(7)]
+    )
+    torch.testing.assert_close(z, torch.nn.functional.normalize(loop, dim=-1))
+
+
+def test_last_layer_sampling_runs_backbone_once_and_matches_functional_call():
+    torch.manual_seed(0)
+    model = paper_cnn(normalize=True)
+    post = LaplaceEmbedder(model, progress=False).fit(_loader((1, 28, 28)))
+    assert post.config.head == "normalize" and post.config.layer == "6"
+    calls = []
+    handle = model[0].register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(4, 1, 28, 28)
+    z = post.sample(x, n=30, generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    assert len(calls) == 1
+    weights = post.sample_weights(30, torch.Generator().manual_seed(0))
+    from lam_plugin.parameters import unflatten
+
+    params = unflatten(weights, model, post.param_names)
+    ref = torch.stack([functional_call(model, {n: p[s] for n, p in params.items()}, (x,)) for s in range(30)])
+    torch.testing.assert_close(z, torch.nn.functional.normalize(ref, dim=-1), rtol=1e-4, atol=1e-5)
+
+
+def test_predict_fields():
+    model = NormMLP(10, 4)
+    post = LaplaceEmbedder(model, subset="all", progress=False).fit(_loader((10,)))
+    pred = post.predict(torch.randn(6, 10), n=20, return_samples=True)
+    assert isinstance(pred, Prediction)
+    assert pred.mean.shape == (6, 4) and pred.std.shape == (6, 4) and pred.uncertainty.shape == (6,)
+    torch.testing.assert_close(pred.mean.norm(dim=-1), torch.ones(6))
+    torch.testing.assert_close(pred.uncertainty, pred.std.sum(-1))
+    assert pred.samples is not None and pred.samples.shape == (20, 6, 4)
+    with pytest.raises(ValueError, match="n >= 2"):
+        post.predict(torch.randn(2, 10), n=1)
+
+
+def test_samples_shrink_towards_mean_as_prior_grows():
+    torch.manual_seed(0)
+    model = paper_cnn(normalize=False)
+    loader = _loader((1, 28, 28))
+    x = torch.randn(6, 1, 28, 28)
+    spreads = []
+    for prior in (1e-2, 1e2, 1e4, 1e6, 1e8):
+        post = LaplaceEmbedder(model, prior_precision=prior, progress=False).fit(loader)
+        spreads.append(float(post.predict(x, n=64, generator=torch.Generator().manual_seed(0)).uncertainty.mean()))
+    assert all(a > b for a, b in zip(spreads, spreads[1:])), spreads
+    assert spreads[-1] < 0.05 * spreads[0]
+
+
+def test_save_load_identical_samples_and_refusals(tmp_path):
+    torch.manual_seed(0)
+    model = paper_cnn(normalize=True)
+    loader = _loader((1, 28, 28))
+    post = LaplaceEmbedder(model, subset="all", prior_precision=3.0, progress=False).fit(loader)
+    path = tmp_path / "posterior.safetensors"
+    post.save(path)
+    loaded = EmbeddingPosterior.load(path, model)
+    x = torch.randn(3, 1, 28, 28)
+    a = post.sample(x, n=5, generator=torch.Generator().manual_seed(11))
+    b = loaded.sample(x, n=5, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(a, b)
+    assert torch.equal(post.precision, loaded.precision)
+    assert loaded.param_names == post.param_names and loaded.config == post.config
+
+    other_arch = paper_cnn(dim=4, normalize=True)
+    with pytest.raises(ValueError, match="another model architecture"):
+        EmbeddingPosterior.load(path, other_arch)
+    other_weights = copy.deepcopy(model)
+    with torch.no_grad():
+        other_weights[0].weight.add_(1e-3)
+    with pytest.raises(ValueError, match="other weights"):
+        EmbeddingPosterior.load(path, other_weights)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a lam-plugin posterior"):
+        EmbeddingPosterior.load(bad, model)
+
+
+def test_dict_input_and_output():
+    class DictIn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = DictModel(10, 3)
+
+        def forward(self, image: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.inner(image * scale)
+
+    torch.manual_seed(0)
+    model = DictIn()
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        ({"image": torch.randn(6, 10, generator=g), "scale": torch.ones(6, 1)}, torch.tensor([0, 0, 1, 1, 2, 2]))
+        for _ in range(2)
+    ]
+    for subset in ("all", "last_layer"):
+        post = LaplaceEmbedder(model, subset=subset, output_key="embedding", progress=False).fit(batches)
+        z = post.sample(batches[0][0], n=4)
+        assert z.shape == (4, 6, 3)
+    assert post.param_names == ["inner.proj.weight", "inner.proj.bias"]
+
+
+def test_alias_sample_embeddings_summary_and_marglik():
+    model = paper_cnn(normalize=False)
+    loader = _loader((1, 28, 28))
+    lam = LaplaceEmbedder(model, prior_precision="marglik", progress=False)
+    post = lam.fit_posterior(loader)
+    assert lam.posterior is post
+    assert isinstance(post.prior_precision, float) and post.prior_precision > 0
+    z = lam.sample_embeddings(torch.randn(2, 1, 28, 28), n=3)
+    assert z.shape == (3, 2, 3)
+    text = str(post.summary(loader))
+    assert "positive" in text and "prior precision" in text and "uncertainty over the given data" in text
+
+
+def test_bad_arguments_have_clear_errors():
+    model = NormMLP(10, 4)
+    with pytest.raises(ValueError, match="approx"):
+        LaplaceEmbedder(model, approx="kron")
+    with pytest.raises(ValueError, match="geometry"):
+        LaplaceEmbedder(model, geometry="hyperbolic")
+    with pytest.raises(ValueError, match="backend"):
+        LaplaceEmbedder(model, backend="asdl")
+    with pytest.raises(ValueError, match="prior_precision"):
+        LaplaceEmbedder(model, prior_precision="big")
+    with pytest.raises(ValueError, match="margin"):
+        LaplaceEmbedder(model, margin=-1)
+    with pytest.raises(TypeError, match="nn.Module"):
+        LaplaceEmbedder("model")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="match no parameter"):
+        LaplaceEmbedder(model, subset=["nope"], progress=False).fit(_loader((10,)))
+    with pytest.raises(ValueError, match="no batch"):
+        LaplaceEmbedder(model, progress=False).fit([])
+    with pytest.raises(ValueError, match=r"\(x, y\)"):
+        LaplaceEmbedder(model, progress=False).fit([torch.randn(4, 10)])
+    with pytest.raises(ValueError, match="output_key"):
+        LaplaceEmbedder(DictModel(), output_key="missing", progress=False).fit(_loader((10,)))
+    with pytest.raises(TypeError, match="output_key"):
+        LaplaceEmbedder(DictModel(), progress=False).fit(_loader((10,)))
+    with pytest.raises(RuntimeError, match="fit"):
+        LaplaceEmbedder(model).sample_embeddings(torch.randn(2, 10))
+
+
+def test_online_step_and_fit_online():
+    torch.manual_seed(0)
+    model = paper_cnn(normalize=False)
+    loader = _loader((1, 28, 28), n=32, batch=16, classes=2)
+    lam = LaplaceEmbedder(model, progress=False)
+    trainer = lam.online(next(iter(loader))[0], dataset_size=32, lr=1e-3)
+    h0 = trainer.H.clone()
+    w0 = model[6].weight.detach().clone()
+    c0 = model[0].weight.detach().clone()
+    loss = trainer.step(*next(iter(loader)))
+    assert loss > 0
+    assert not torch.equal(model[6].weight, w0)  # mu moved
+    assert not torch.equal(model[0].weight, c0)  # the backbone trains too
+    assert (trainer.H >= 0.999 * h0 - 1e-6).all() and (trainer.H > 0.999 * h0).any()
+    post = lam.fit_online(loader, epochs=1)
+    assert post.stats.n_batches == 2 and post.curvature.shape == (27651,)
+    assert post.config.head == "identity"
+    assert post.sample(torch.randn(2, 1, 28, 28), n=3).shape == (3, 2, 3)
+    # the generic (torch.func) path of online LAM, on a subset that is not the last layer
+    mlp = NormMLP(10, 4)
+    post = LaplaceEmbedder(mlp, subset=["net.0"], progress=False).fit_online(_loader((10,)), epochs=1)
+    assert post.param_names == ["net.0.weight", "net.0.bias"]

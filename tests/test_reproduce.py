@@ -1,0 +1,270 @@
+"""The FashionMNIST protocol end to end on tiny synthetic data, the plots and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lam_plugin import LaplaceEmbedder, cli, plots
+from lam_plugin import metrics as M
+from lam_plugin import reproduce as R
+from lam_plugin.data import DatasetNotFoundError, ImageDataset
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HAS_ONLINE = callable(getattr(LaplaceEmbedder, "fit_online", None))
+
+
+def synthetic(n: int, classes: int, seed: int, kind: str = "id") -> ImageDataset:
+    """28x28 uint8 images: class c is a bright horizontal band at a class-specific row
+    (``kind="id"``) or a vertical band (``kind="ood"``), plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    images = torch.randint(0, 60, (n, 1, 28, 28), generator=g)
+    for i, c in enumerate(labels.tolist()):
+        pos = 2 + 5 * c
+        if kind == "id":
+            images[i, 0, pos : pos + 4, :] += 180
+        else:
+            images[i, 0, :, pos : pos + 4] += 180
+    return ImageDataset(images.clamp(0, 255).to(torch.uint8), labels.long(), f"synthetic-{kind}")
+
+
+@pytest.fixture(scope="module")
+def data() -> R.ProtocolData:
+    return R.ProtocolData(train=synthetic(200, 4, 0), test=synthetic(60, 4, 1), ood=synthetic(40, 4, 2, "ood"))
+
+
+def tiny_config(**overrides) -> R.ReproduceConfig:
+    methods = ["deterministic", "deep_ensemble", "pfe", "mc_dropout", "lam_posthoc"]
+    if HAS_ONLINE:
+        methods.append("lam_online")
+    settings = dict(
+        seeds=(1,),
+        methods=tuple(methods),
+        epochs=1,
+        batch_size=32,
+        lam_batch_size=32,
+        n_samples=8,
+        ensemble_size=2,
+        eval_batch_size=25,
+        max_pairs=200,
+        val_fraction=0.2,
+        quick=True,
+    )
+    settings.update(overrides)
+    return R.ReproduceConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("run")
+    config = tiny_config()
+    return config, out, R.reproduce_fashionmnist(config, out, data=data, progress=False, command="test")
+
+
+def test_results_json_schema(first_run):
+    config, out, result = first_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == "fashionmnist"
+    assert results["seeds"] == [1]
+    assert results["quick"] is True
+    assert list(results["methods"]) == [m for m in R.ALL_METHODS if m in config.methods]
+    for name, row in results["methods"].items():
+        assert list(row) == list(R.METRICS)
+        for metric, stat in row.items():
+            assert set(stat) == {"mean", "std"}
+            undefined = name == "deterministic" and metric in R.UNCERTAINTY_METRICS
+            if undefined:
+                assert stat == {"mean": None, "std": None}
+            else:
+                assert isinstance(stat["mean"], float) and math.isfinite(stat["mean"]), (name, metric)
+                assert stat["std"] == 0.0  # one seed
+                assert 0.0 <= stat["mean"] <= 1.0
+    for key in ("wall_time_s", "machine", "command", "per_seed", "config", "lam_posthoc"):
+        assert key in results
+    assert results["command"] == "test"
+    lam = results["lam_posthoc"]
+    assert lam["selection"] == "validation"
+    assert lam["candidates"] == ["marglik", "1"] and lam["prior_precision"] in lam["candidates"]
+    assert set(lam["validation"]["1"]) == {"marglik", "1"}
+    assert results["per_seed"]["deep_ensemble"]["1"]["info_member_seeds"] == [1, 2]
+    assert results["per_seed"]["lam_posthoc"]["1"]["n_samples"] == 8
+
+
+def test_results_markdown_table(first_run):
+    config, out, result = first_run
+    text = (out / "results.md").read_text()
+    header = "| Method | Source | mAP@1 ↑ | mAP@5 ↑ | mAP@10 ↑ | AUROC ↑ | AUPRC ↑ | AUSC ↑ | ECE ↓ |"
+    assert header in text and header in result.table
+    rows = [line for line in result.table.splitlines()[2:]]
+    ours = [r for r in rows if "| this run |" in r]
+    assert len(ours) == len(config.methods)
+    det = next(r for r in ours if r.startswith("| Deterministic |"))
+    assert det.count("—") == 4
+    assert "| paper | 0.78 ± 0.01 | 0.73 ± 0.01 | 0.72 ± 0.01 | — | — | — | — |" in text
+    lam = next(r for r in ours if r.startswith("| LAM (post-hoc) |"))
+    cells = [c.strip() for c in lam.strip("|").split("|")][2:]
+    assert len(cells) == 7 and all(" ± " in c for c in cells)
+    assert "Post-hoc prior precision" in text and "val ECE" in text
+
+
+def test_plots_are_png(first_run):
+    _, out, result = first_run
+    for name in ("roc.png", "pr.png", "sparsification.png", "reliability.png"):
+        path = out / name
+        assert path in result.files
+        data = path.read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 2000
+        from matplotlib.image import imread
+
+        assert imread(path).ndim == 3
+
+
+def test_cache_is_used_on_rerun(first_run, data):
+    config, out, first = first_run
+    assert first.trained, "the first run must train"
+    cached = sorted(p.name for p in (out / "cache").glob("*.safetensors"))
+    assert set(first.trained) == set(cached)
+    assert any(name.startswith("deterministic-seed1-") for name in cached)
+    assert any(name.startswith("lam_posthoc-seed1-") for name in cached)
+
+    calls = []
+    real = R.train_contrastive
+    R.train_contrastive = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        second = R.reproduce_fashionmnist(config, out, data=data, progress=False)
+    finally:
+        R.train_contrastive = real
+    assert second.trained == [] and calls == []
+    assert set(second.loaded) == set(cached)
+    again = json.loads((out / "results.json").read_text())
+    assert again["trained"] == []
+    # same models, same seeds: identical numbers
+    for name, row in first.results["methods"].items():
+        for metric, stat in row.items():
+            if stat["mean"] is not None:
+                assert again["methods"][name][metric]["mean"] == pytest.approx(stat["mean"], abs=1e-9), (name, metric)
+
+
+def test_changed_config_gets_its_own_cache_entry(tmp_path, data):
+    config = tiny_config(methods=("deterministic",), val_fraction=0.0, prior_precision=1.0)
+    first = R.reproduce_fashionmnist(config, tmp_path, data=data, progress=False)
+    second = R.reproduce_fashionmnist(R.with_overrides(config, lr=2e-3), tmp_path, data=data, progress=False)
+    assert len(first.trained) == len(second.trained) == 1
+    assert first.trained != second.trained
+    assert not (tmp_path / "roc.png").exists()  # no method with an uncertainty: no curves
+
+
+def test_lam_online_without_fit_online(monkeypatch, tmp_path, data):
+    monkeypatch.delattr(R.LaplaceEmbedder, "fit_online", raising=False)
+    with pytest.raises(R.MethodUnavailableError, match="fit_online"):
+        R.reproduce_fashionmnist(tiny_config(methods=("lam_online",)), tmp_path, data=data, progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown methods"):
+        R.ReproduceConfig(methods=("nope",))
+    with pytest.raises(ValueError, match="distinct"):
+        R.ReproduceConfig(seeds=(1, 1))
+    with pytest.raises(ValueError, match="validation"):
+        R.ReproduceConfig(val_fraction=0.0)
+    with pytest.raises(ValueError, match="prior"):
+        R.ReproduceConfig(prior_precision=-1.0)
+    quick = R.ReproduceConfig.quick_run()
+    assert quick.quick and quick.seeds == (1,) and set(quick.methods) == set(R.DEFAULT_METHODS)
+    assert R.ReproduceConfig().seeds == (1, 2, 3, 4, 5) and "hib" not in R.DEFAULT_METHODS
+
+
+def test_paper_numbers_transcribed():
+    paper = R.PAPER_FASHIONMNIST
+    assert set(paper) == set(R.ALL_METHODS)
+    assert paper["lam_online"]["auroc"] == (0.98, 0.01)
+    assert paper["lam_online"]["ece"] == (0.02, 0.00)
+    assert paper["deep_ensemble"]["map@1"] == (0.69, None)
+    assert paper["deterministic"]["auroc"] is None
+    assert paper["mc_dropout"]["ausc"] == (0.84, 0.06)
+
+
+def test_plot_functions_directly(tmp_path):
+    rng = np.random.default_rng(0)
+    scores_id, scores_ood = rng.normal(0, 1, 50), rng.normal(1, 1, 40)
+    mean = rng.normal(size=(40, 3))
+    std = np.abs(rng.normal(size=(40, 3)))
+    labels = np.arange(40) % 4
+    samples = rng.normal(size=(5, 40, 3))
+    paths = [
+        plots.plot_roc_curves({"a": M.roc_curve(scores_id, scores_ood)}, tmp_path / "r.png", aucs={"a": 0.7}),
+        plots.plot_pr_curves({"a": M.pr_curve(scores_id, scores_ood)}, tmp_path / "p.png", chance=0.44),
+        plots.plot_sparsification_curves({"a": M.sparsification_curve(mean, std, labels)}, tmp_path / "s.png"),
+        plots.plot_reliability_diagrams(
+            {k: M.reliability_diagram(samples, labels) for k in "abcd"}, tmp_path / "sub" / "d.png"
+        ),
+    ]
+    for path in paths:
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with pytest.raises(ValueError):
+        plots.plot_roc_curves({}, tmp_path / "x.png")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_parsing():
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["-v", "reproduce", "fashionmnist", "--seeds", "1", "2", "--quick", "--out", "o", "--methods",
+         "deterministic", "lam_posthoc", "--device", "cpu", "--no-progress", "--prior-precision", "marglik"]
+    )
+    assert args.verbose and args.quick and args.no_progress
+    assert args.seeds == [1, 2] and args.out == "o" and args.device == "cpu"
+    config = cli.config_from_args(args)
+    assert config.seeds == (1, 2) and config.methods == ("deterministic", "lam_posthoc") and config.quick
+    assert config.prior_precision == "marglik" and config.epochs == 3
+
+    full = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--prior-precision", "0.5"]))
+    assert full == R.ReproduceConfig(prior_precision=0.5)
+
+    for bad in (
+        ["reproduce", "cifar10"],
+        ["reproduce", "fashionmnist", "--methods", "nope"],
+        ["reproduce", "fashionmnist", "--device", "tpu"],
+        ["reproduce", "fashionmnist", "--prior-precision", "-1"],
+        [],
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_cli_info(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("lam_plugin", "torch", "backpack", "laplace", "faiss", "datasets:", "fashionmnist"):
+        assert name in out
+
+
+def test_cli_dataset_missing_is_a_clean_error(monkeypatch, capsys, tmp_path):
+    def missing(root=None):
+        raise DatasetNotFoundError("FashionMNIST was not found. Looked for: ...")
+
+    monkeypatch.setattr(R, "load_fashionmnist_protocol", missing)
+    code = cli.main(["reproduce", "fashionmnist", "--quick", "--no-progress", "--out", str(tmp_path),
+                     "--methods", "deterministic"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "FashionMNIST was not found" in err and "Traceback" not in err
+
+
+def test_cli_reproduce_in_process(monkeypatch, capsys, tmp_path, data):
+    monkeypatch.setattr(R, "load_fashionmnist_protocol", lambda root=None: data)
+    argv = ["reproduce", "fashionmnist", "--seeds", "3", "--out", str(tmp_path), "--methods", "deterministic",
+            "--epochs", "1", "--no-progress", "--prior-precision", "1"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| Deterministic | this run |" in out and "results.json" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["seeds"] == [3] and results["command"].startswith("lam-plugin reproduce fashionmnist")
