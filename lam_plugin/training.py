@@ -14,6 +14,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lam_plugin import wrapping
+from lam_plugin.wrapping import eval_mode
+
 __all__ = ["TrainingHistory", "train_contrastive", "embed", "preserve_modes", "model_device", "seeded"]
 
 
@@ -40,7 +43,14 @@ class TrainingHistory:
 
 @contextlib.contextmanager
 def preserve_modes(*models: nn.Module) -> Iterator[None]:
-    """Restore the ``training`` flag of every submodule of ``models`` on exit."""
+    """Restore the ``training`` flag of every submodule of ``models`` on exit.
+
+    Unlike :func:`lam_plugin.wrapping.eval_mode`, which puts a model in eval mode for
+    the block, this changes no mode on entry: the block may set any modes it wants
+    (``model.train()`` for training, eval with only the dropout layers in train mode
+    for MC dropout, ...), and it accepts several models at once. For "eval mode, then
+    restore", use ``eval_mode``.
+    """
     saved = [(m, m.training) for model in models for m in model.modules()]
     try:
         yield
@@ -67,12 +77,15 @@ def seeded(seed: int | None, device: torch.device | None = None) -> Iterator[Non
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Device of the first parameter (or buffer) of ``model``; CPU if it has none."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+    """Device of the first parameter (or buffer) of ``model``; CPU if it has none.
+
+    :func:`lam_plugin.wrapping.model_device`, plus one case it does not cover: a model
+    without parameters but with buffers reports the device of its first buffer.
+    """
+    if next(model.parameters(), None) is None:
+        for t in model.buffers():
+            return t.device
+    return wrapping.model_device(model)
 
 
 def _make_optimizer(
@@ -197,8 +210,7 @@ def embed(
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
     outs: list[Tensor] = []
-    with preserve_modes(model):
-        model.eval()
+    with eval_mode(model):
         for start in range(0, images.shape[0], batch_size):
             x = images[start : start + batch_size].to(device, non_blocking=True)
             outs.append(torch.nn.functional.normalize(model(x).flatten(1), dim=-1))

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from lam_plugin.prediction import Prediction
-from lam_plugin.training import model_device, preserve_modes
+from lam_plugin.training import TrainingHistory, model_device, seeded
+from lam_plugin.wrapping import eval_mode
 
-__all__ = ["UncertaintyBaseline", "default_feature_fn", "normalized_forward", "variance_head", "positive_pairs"]
+__all__ = [
+    "UncertaintyBaseline",
+    "VarianceHeadBaseline",
+    "default_feature_fn",
+    "normalized_forward",
+    "variance_head",
+    "positive_pairs",
+]
 
 
 class UncertaintyBaseline(ABC):
@@ -46,8 +55,7 @@ class UncertaintyBaseline(ABC):
 @torch.no_grad()
 def normalized_forward(model: nn.Module, x: Tensor) -> Tensor:
     """``[B, D]`` unit-norm embeddings of ``x`` by ``model`` in eval mode (modes restored)."""
-    with preserve_modes(model):
-        model.eval()
+    with eval_mode(model):
         out = model(x.to(model_device(model)))
     return torch.nn.functional.normalize(out.flatten(1), dim=-1)
 
@@ -80,3 +88,118 @@ def positive_pairs(labels: Tensor) -> tuple[Tensor, Tensor]:
     i, j = torch.triu_indices(labels.numel(), labels.numel(), offset=1, device=labels.device)
     keep = labels[i] == labels[j]
     return i[keep], j[keep]
+
+
+class VarianceHeadBaseline(UncertaintyBaseline):
+    """An embedder plus a head predicting the per-dimension ``log sigma^2`` of its embedding.
+
+    The part shared by :class:`~lam_plugin.baselines.PFE` and
+    :class:`~lam_plugin.baselines.HIB`: the attributes below, building the default head,
+    and Gaussian sampling ``normalise(mu + sigma * eps)`` from :meth:`mean_log_var`.
+    Subclasses define :meth:`mean_log_var` and their own ``fit``.
+
+    Args:
+        model: the embedder producing ``mu``.
+        head: module mapping ``feature_fn(x)`` to ``[B, D]`` log-variances; default
+            :func:`variance_head`, built at the first ``fit`` (see :meth:`_prepare_head`).
+        feature_fn: the head's input; default :func:`default_feature_fn`.
+        hidden: width of the default head.
+        n: default number of samples.
+        seed: when given, sampling noise is drawn from the global RNG seeded with it (its
+            state restored afterwards).
+    """
+
+    #: the method's name, in error messages and progress bars.
+    method_name: str = "variance head"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        head: nn.Module | None = None,
+        feature_fn: Callable[[Tensor], Tensor] | None = None,
+        hidden: int = 64,
+        n: int = 100,
+        seed: int | None = None,
+    ) -> None:
+        self.model = model
+        self.head = head
+        self.feature_fn = feature_fn if feature_fn is not None else default_feature_fn(model)
+        self.hidden = hidden
+        self.default_n = self._n(n)
+        self.seed = seed
+
+    @abstractmethod
+    def mean_log_var(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``mu`` ``[B, D]`` and ``log sigma^2`` ``[B, D]`` of ``x``."""
+
+    def _require_head(self) -> nn.Module:
+        if self.head is None:
+            raise RuntimeError(f"{self.method_name} has no variance head yet: call fit() first or pass head=")
+        return self.head
+
+    def _prepare_head(self, images: Tensor, device: torch.device) -> nn.Module:
+        """The head, on ``device``; the default one is built first if there is none yet.
+
+        The default head's sizes come from the features and embedding of two examples,
+        computed with the model in eval mode under ``no_grad`` (modes restored).
+        """
+        if self.head is None:
+            with torch.no_grad(), eval_mode(self.model):
+                x = images[:2].to(device)
+                feats = self.feature_fn(x).flatten(1)
+                dim = self.model(x).flatten(1).shape[1]
+            self.head = variance_head(feats.shape[1], dim, self.hidden)
+        return self.head.to(device)
+
+    def _draw(self, mu: Tensor, sigma: Tensor, n: int) -> Tensor:
+        """``[n, B, D]`` samples ``normalise(mu + sigma * eps)``, the noise seeded with :attr:`seed`."""
+        with seeded(self.seed, mu.device):
+            eps = torch.randn((n, *mu.shape), device=mu.device, dtype=mu.dtype)
+        return nn.functional.normalize(mu + sigma * eps, dim=-1)
+
+    @torch.no_grad()
+    def sample(self, x: Tensor, n: int | None = None) -> Tensor:
+        mu, log_var = self.mean_log_var(x)
+        return self._draw(mu, (0.5 * log_var).exp(), self._n(n))
+
+    def _fit_batches(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_loss: Callable[[Tensor, Tensor], Tensor | None],
+        params: Iterable[Tensor],
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        seed: int,
+        progress: bool,
+    ) -> TrainingHistory:
+        """Minimise ``batch_loss(x, y)`` over ``params`` with Adam, ``epochs`` passes of shuffled batches.
+
+        Each epoch visits ``(images, labels)`` in an order drawn from a ``torch.Generator``
+        seeded with ``seed``; every batch is moved to the model's device before
+        ``batch_loss`` sees it. Batches whose loss is ``None`` are skipped; an epoch
+        without any step records ``nan``. Module modes and the global RNG are left to the
+        caller's ``fit``.
+        """
+        device = model_device(self.model)
+        opt = torch.optim.Adam(params, lr=lr)
+        generator = torch.Generator().manual_seed(seed)
+        history = TrainingHistory()
+        for _ in tqdm(range(epochs), desc=self.method_name, disable=not progress):
+            order = torch.randperm(images.shape[0], generator=generator).to(images.device)
+            total, steps = 0.0, 0
+            for start in range(0, images.shape[0], batch_size):
+                idx = order[start : start + batch_size]
+                loss = batch_loss(images[idx].to(device), labels[idx].to(device))
+                if loss is None:
+                    continue
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                history.batch_losses.append(float(loss.detach()))
+                total += history.batch_losses[-1]
+                steps += 1
+            history.epoch_losses.append(total / steps if steps else float("nan"))
+        return history
+

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from lam_plugin.baselines.base import UncertaintyBaseline, default_feature_fn, variance_head
+from lam_plugin.baselines.base import VarianceHeadBaseline
 from lam_plugin.training import TrainingHistory, _check_data, model_device, preserve_modes, seeded
+from lam_plugin.wrapping import eval_mode
 
 __all__ = ["HIB", "hib_loss"]
 
@@ -48,7 +49,7 @@ def hib_loss(
     return contrastive + beta * kl
 
 
-class HIB(UncertaintyBaseline):
+class HIB(VarianceHeadBaseline):
     """Hedged Instance Embeddings: a stochastic embedding ``z ~ N(mu(x), sigma^2(x))``.
 
     ``mu`` is the output of ``model`` and ``log sigma^2`` that of a head on
@@ -73,6 +74,8 @@ class HIB(UncertaintyBaseline):
             (its state restored afterwards).
     """
 
+    method_name = "HIB"
+
     def __init__(
         self,
         model: nn.Module,
@@ -84,14 +87,9 @@ class HIB(UncertaintyBaseline):
         n: int = 100,
         seed: int | None = None,
     ) -> None:
-        self.model = model
-        self.head = head
-        self.feature_fn = feature_fn if feature_fn is not None else default_feature_fn(model)
-        self.hidden = hidden
+        super().__init__(model, head=head, feature_fn=feature_fn, hidden=hidden, n=n, seed=seed)
         self.k = int(k)
         self.beta = float(beta)
-        self.default_n = self._n(n)
-        self.seed = seed
         self.raw_a = nn.Parameter(torch.tensor(0.0))  # a = softplus(raw_a) + 1e-3
         self.b = nn.Parameter(torch.tensor(0.0))
 
@@ -108,11 +106,8 @@ class HIB(UncertaintyBaseline):
     @torch.no_grad()
     def mean_log_var(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Raw ``mu`` ``[B, D]`` and ``log sigma^2`` ``[B, D]`` of ``x`` (eval mode)."""
-        if self.head is None:
-            raise RuntimeError("HIB has no variance head yet: call fit() first or pass head=")
-        with preserve_modes(self.model, self.head):
-            self.model.eval()
-            self.head.eval()
+        head = self._require_head()
+        with eval_mode(self.model), eval_mode(head):
             return self._forward(x)
 
     def fit(
@@ -134,52 +129,21 @@ class HIB(UncertaintyBaseline):
         _check_data(images, labels)
         device = model_device(self.model)
         with seeded(seed, device), preserve_modes(self.model):
-            if self.head is None:
-                with torch.no_grad(), preserve_modes(self.model):
-                    self.model.eval()
-                    feats = self.feature_fn(images[:2].to(device)).flatten(1)
-                    dim = self.model(images[:2].to(device)).flatten(1).shape[1]
-                self.head = variance_head(feats.shape[1], dim, self.hidden)
-            self.head.to(device)
+            head = self._prepare_head(images, device)
             self.raw_a.data = self.raw_a.data.to(device)
             self.b.data = self.b.data.to(device)
-            params = list(self.head.parameters()) + [self.raw_a, self.b]
+            params = list(head.parameters()) + [self.raw_a, self.b]
             if train_embedder:
                 params += [p for p in self.model.parameters() if p.requires_grad]
-            opt = torch.optim.Adam(params, lr=lr)
-            generator = torch.Generator().manual_seed(seed)
-            history = TrainingHistory()
-            self.model.train(train_embedder)
-            self.head.train()
-            for _ in tqdm(range(epochs), desc="HIB", disable=not progress):
-                order = torch.randperm(images.shape[0], generator=generator).to(images.device)
-                total, steps = 0.0, 0
-                for start in range(0, images.shape[0], batch_size):
-                    idx = order[start : start + batch_size]
-                    x = images[idx].to(device)
-                    if train_embedder:
-                        mu = self.model(x).flatten(1)
-                        feats = self.feature_fn(x).flatten(1)
-                    else:
-                        with torch.no_grad():
-                            mu = self.model(x).flatten(1)
-                            feats = self.feature_fn(x).flatten(1)
-                    loss = hib_loss(mu, self.head(feats), labels[idx].to(device), self.a, self.b, self.k, self.beta)
-                    if loss is None:
-                        continue
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    history.batch_losses.append(float(loss.detach()))
-                    total += history.batch_losses[-1]
-                    steps += 1
-                history.epoch_losses.append(total / steps if steps else float("nan"))
-            self.head.eval()
-        return history
 
-    @torch.no_grad()
-    def sample(self, x: Tensor, n: int | None = None) -> Tensor:
-        mu, log_var = self.mean_log_var(x)
-        with seeded(self.seed, mu.device):
-            eps = torch.randn((self._n(n), *mu.shape), device=mu.device, dtype=mu.dtype)
-        return nn.functional.normalize(mu + (0.5 * log_var).exp() * eps, dim=-1)
+            def batch_loss(x: Tensor, y: Tensor) -> Tensor | None:
+                with contextlib.nullcontext() if train_embedder else torch.no_grad():
+                    mu = self.model(x).flatten(1)
+                    feats = self.feature_fn(x).flatten(1)
+                return hib_loss(mu, head(feats), y, self.a, self.b, self.k, self.beta)
+
+            self.model.train(train_embedder)
+            head.train()
+            history = self._fit_batches(images, labels, batch_loss, params, epochs, batch_size, lr, seed, progress)
+            head.eval()
+        return history

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from lam_plugin.baselines.base import UncertaintyBaseline
-from lam_plugin.training import model_device, preserve_modes, seeded
+from lam_plugin.training import model_device, seeded
+from lam_plugin.wrapping import eval_mode
 
 __all__ = ["MCDropout", "dropout_modules"]
 
@@ -49,8 +50,7 @@ class MCDropout(UncertaintyBaseline):
         b = x.shape[0]
         per_pass = max(1, min(n, self.max_batch // max(b, 1)))
         chunks: list[Tensor] = []
-        with preserve_modes(self.model), seeded(self.seed, device):
-            self.model.eval()
+        with eval_mode(self.model), seeded(self.seed, device):
             for m in dropout_modules(self.model):
                 m.train()
             done = 0

@@ -47,6 +47,13 @@ class DatasetNotFoundError(FileNotFoundError):
         lines.extend(f"  - {step}" for step in how_to_get)
         return cls("\n".join(lines))
 
+    @classmethod
+    def from_search(
+        cls, dataset: str, source: str, files: Sequence[str], dirs: Sequence[Path], how_to_get: Sequence[str]
+    ) -> DatasetNotFoundError:
+        """The error of a dataset with a single source: :meth:`from_attempts` with one :class:`SearchAttempt`."""
+        return cls.from_attempts(dataset, [SearchAttempt(source, tuple(files), tuple(dirs))], how_to_get)
+
 
 class DatasetFormatError(ValueError):
     """A dataset file exists but is corrupt, truncated, or not in the expected format."""
@@ -185,3 +192,27 @@ def first_with(dirs: Iterable[Path], names: Sequence[str]) -> Path | None:
         if all((directory / name).exists() for name in names):
             return directory
     return None
+
+
+def find_dir(
+    dataset: str,
+    root: PathLike | None,
+    files: Sequence[str],
+    *,
+    title: str,
+    source: str,
+    how_to_get: Sequence[str],
+    nested: str | None = None,
+) -> Path:
+    """The first of :func:`search_dirs` ``(dataset, root, nested)`` that holds every one of ``files``.
+
+    Raises:
+        DatasetNotFoundError: no searched folder holds them all; the message (see
+            :meth:`DatasetNotFoundError.from_search`) names ``title``, ``source``,
+            ``files``, the folders searched, and ``how_to_get``.
+    """
+    dirs = search_dirs(dataset, root, nested=nested)
+    directory = first_with(dirs, files)
+    if directory is None:
+        raise DatasetNotFoundError.from_search(title, source, files, dirs, how_to_get)
+    return directory

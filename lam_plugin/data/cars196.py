@@ -21,19 +21,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
-from .base import (
-    DatasetFormatError,
-    DatasetNotFoundError,
-    ImageDataset,
-    PathLike,
-    SearchAttempt,
-    check_split,
-    first_with,
-    search_dirs,
-)
-from .images import load_rgb_stack
+from .base import DatasetFormatError, ImageDataset, PathLike, check_split, find_dir
+from .images import load_class_split
 
 logger = logging.getLogger(__name__)
 
@@ -58,26 +47,21 @@ def load_cars196(root: PathLike | None = None, split: str = "train", *, image_si
         DatasetFormatError: the annotations are malformed or an image cannot be read.
     """
     check_split(split, ("train", "test"))
-    dirs = search_dirs("cars196", root)
-    directory = first_with(dirs, FILES)
-    if directory is None:
-        raise DatasetNotFoundError.from_attempts(
-            f"Cars196 ({split} split)",
-            [SearchAttempt("annotations and image folder", FILES, dirs)],
-            [
-                f"download cars_annos.mat and car_ims.tgz (from {URL} or a mirror), "
-                "unpack car_ims.tgz next to cars_annos.mat in one of the folders above",
-                "pip install scipy pillow  (to read them)",
-            ],
-        )
+    directory = find_dir(
+        "cars196",
+        root,
+        FILES,
+        title=f"Cars196 ({split} split)",
+        source="annotations and image folder",
+        how_to_get=[
+            f"download cars_annos.mat and car_ims.tgz (from {URL} or a mirror), "
+            "unpack car_ims.tgz next to cars_annos.mat in one of the folders above",
+            "pip install scipy pillow  (to read them)",
+        ],
+    )
     logger.info("Loading Cars196 %s split from %s", split, directory)
     paths, classes = read_annotations(directory)
-    keep = [i for i, cls in enumerate(classes) if (cls <= NUM_TRAIN_CLASSES) == (split == "train")]
-    return ImageDataset(
-        images=load_rgb_stack([paths[i] for i in keep], image_size),
-        labels=torch.tensor([classes[i] - 1 for i in keep], dtype=torch.int64),
-        name=f"cars196-{split}",
-    )
+    return load_class_split(paths, classes, split, NUM_TRAIN_CLASSES, image_size, name=f"cars196-{split}")
 
 
 def read_annotations(directory: Path) -> tuple[list[Path], list[int]]:

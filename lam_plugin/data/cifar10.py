@@ -21,16 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import (
-    DatasetFormatError,
-    DatasetNotFoundError,
-    ImageDataset,
-    PathLike,
-    SearchAttempt,
-    check_split,
-    first_with,
-    search_dirs,
-)
+from .base import DatasetFormatError, ImageDataset, PathLike, check_split, find_dir
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +71,15 @@ def load_cifar10(root: PathLike | None = None, split: str = "train") -> ImageDat
         DatasetFormatError: a batch is corrupt or names a disallowed global.
     """
     check_split(split, FILES)
-    dirs = search_dirs("cifar10", root, nested="cifar-10-batches-py")
-    directory = first_with(dirs, FILES[split])
-    if directory is None:
-        raise DatasetNotFoundError.from_attempts(
-            f"CIFAR-10 ({split} split)",
-            [SearchAttempt("python pickle batches", FILES[split], dirs)],
-            [f"download {URL} and unpack it (tar xzf) into one of the folders above"],
-        )
+    directory = find_dir(
+        "cifar10",
+        root,
+        FILES[split],
+        nested="cifar-10-batches-py",
+        title=f"CIFAR-10 ({split} split)",
+        source="python pickle batches",
+        how_to_get=[f"download {URL} and unpack it (tar xzf) into one of the folders above"],
+    )
     logger.info("Loading CIFAR-10 %s split from %s", split, directory)
     batches = [read_batch(directory / name) for name in FILES[split]]
     images = np.concatenate([data for data, _ in batches]).reshape(-1, 3, 32, 32)

@@ -21,19 +21,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
-from .base import (
-    DatasetFormatError,
-    DatasetNotFoundError,
-    ImageDataset,
-    PathLike,
-    SearchAttempt,
-    check_split,
-    first_with,
-    search_dirs,
-)
-from .images import load_rgb_stack
+from .base import DatasetFormatError, ImageDataset, PathLike, check_split, find_dir
+from .images import load_class_split
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +46,18 @@ def load_cub200(root: PathLike | None = None, split: str = "train", *, image_siz
         DatasetFormatError: an index file is malformed or an image cannot be read.
     """
     check_split(split, ("train", "test"))
-    dirs = search_dirs("cub200", root, nested="CUB_200_2011")
-    directory = first_with(dirs, FILES)
-    if directory is None:
-        raise DatasetNotFoundError.from_attempts(
-            f"CUB-200-2011 ({split} split)",
-            [SearchAttempt("CUB_200_2011 folder contents", FILES, dirs)],
-            [f"download {URL} and unpack it (tar xzf) into one of the folders above"],
-        )
+    directory = find_dir(
+        "cub200",
+        root,
+        FILES,
+        nested="CUB_200_2011",
+        title=f"CUB-200-2011 ({split} split)",
+        source="CUB_200_2011 folder contents",
+        how_to_get=[f"download {URL} and unpack it (tar xzf) into one of the folders above"],
+    )
     logger.info("Loading CUB-200-2011 %s split from %s", split, directory)
     paths, class_ids = read_index(directory)
-    keep = [i for i, class_id in enumerate(class_ids) if (class_id <= NUM_TRAIN_CLASSES) == (split == "train")]
-    return ImageDataset(
-        images=load_rgb_stack([paths[i] for i in keep], image_size),
-        labels=torch.tensor([class_ids[i] - 1 for i in keep], dtype=torch.int64),
-        name=f"cub200-{split}",
-    )
+    return load_class_split(paths, class_ids, split, NUM_TRAIN_CLASSES, image_size, name=f"cub200-{split}")
 
 
 def read_index(directory: Path) -> tuple[list[Path], list[int]]:

@@ -16,16 +16,8 @@ import logging
 import urllib.request
 from pathlib import Path
 
-from .base import (
-    DatasetFormatError,
-    DatasetNotFoundError,
-    ImageDataset,
-    PathLike,
-    SearchAttempt,
-    check_split,
-    search_dirs,
-)
-from .idx import idx_file, load_idx_pair
+from .base import DatasetFormatError, DatasetNotFoundError, ImageDataset, PathLike, check_split, search_dirs
+from .idx import find_idx_pair, load_idx_pair
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +62,9 @@ def load_fashionmnist(root: PathLike | None = None, split: str = "train", *, dow
     """
     check_split(split, FILES)
     dirs = search_dirs(_DATASET, root, extra=SYSTEM_DIRS)
-    found = _find(dirs, split)
+    found = find_idx_pair(dirs, *FILES[split])
     if found is None and download:
-        found = _find((download_fashionmnist(root),), split)
+        found = find_idx_pair((download_fashionmnist(root),), *FILES[split])
     if found is None:
         raise _not_found(dirs, split)
     images_path, labels_path = found
@@ -107,20 +99,13 @@ def download_fashionmnist(root: PathLike | None = None, *, base_url: str | None 
     return target
 
 
-def _find(dirs: tuple[Path, ...], split: str) -> tuple[Path, Path] | None:
-    image_stem, label_stem = FILES[split]
-    for directory in dirs:
-        images, labels = idx_file(directory, image_stem), idx_file(directory, label_stem)
-        if images is not None and labels is not None:
-            return images, labels
-    return None
-
-
 def _not_found(dirs: tuple[Path, ...], split: str) -> DatasetNotFoundError:
     files = tuple(f"{stem}[.gz]" for stem in FILES[split])
-    return DatasetNotFoundError.from_attempts(
+    return DatasetNotFoundError.from_search(
         f"FashionMNIST ({split} split)",
-        [SearchAttempt("IDX files", files, dirs)],
+        "IDX files",
+        files,
+        dirs,
         [
             "apt-get install dataset-fashion-mnist  (Debian/Ubuntu; installs /usr/share/datasets/fashion-mnist)",
             "load_fashionmnist(..., download=True) or download_fashionmnist(root) on a machine with internet",

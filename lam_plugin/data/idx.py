@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import logging
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,15 @@ def idx_file(directory: Path, stem: str) -> Path | None:
     for candidate in (directory / f"{stem}.gz", directory / stem):
         if candidate.is_file():
             return candidate
+    return None
+
+
+def find_idx_pair(dirs: Iterable[Path], image_stem: str, label_stem: str) -> tuple[Path, Path] | None:
+    """``(image file, label file)`` in the first of ``dirs`` that holds both (see :func:`idx_file`)."""
+    for directory in dirs:
+        images, labels = idx_file(directory, image_stem), idx_file(directory, label_stem)
+        if images is not None and labels is not None:
+            return images, labels
     return None
 
 

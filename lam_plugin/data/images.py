@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import DatasetFormatError
+from .base import DatasetFormatError, ImageDataset
 
 logger = logging.getLogger(__name__)
 
@@ -49,3 +49,19 @@ def load_rgb_stack(paths: Sequence[Path], image_size: int) -> Tensor:
     for i, path in enumerate(paths):
         images[i] = torch.from_numpy(load_rgb(path, image_size))
     return images
+
+
+def load_class_split(
+    paths: Sequence[Path], classes: Sequence[int], split: str, num_train_classes: int, image_size: int, name: str
+) -> ImageDataset:
+    """The class-disjoint ``split`` of the images ``paths`` with 1-based ``classes``.
+
+    ``"train"`` keeps the images of classes ``1..num_train_classes``, ``"test"`` the
+    others; labels are ``class - 1``, images as :func:`load_rgb_stack`.
+    """
+    keep = [i for i, cls in enumerate(classes) if (cls <= num_train_classes) == (split == "train")]
+    return ImageDataset(
+        images=load_rgb_stack([paths[i] for i in keep], image_size),
+        labels=torch.tensor([classes[i] - 1 for i in keep], dtype=torch.int64),
+        name=name,
+    )

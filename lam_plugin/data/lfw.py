@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .base import DatasetNotFoundError, ImageDataset, PathLike, SearchAttempt, check_split, search_dirs
+from .base import DatasetNotFoundError, ImageDataset, PathLike, check_split, search_dirs
 from .images import load_rgb_stack
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,11 @@ def load_lfw(
     dirs = search_dirs("lfw", root, nested="lfw")
     directory = next((d for d in dirs if d.is_dir() and any(_image_files(d))), None)
     if directory is None:
-        raise DatasetNotFoundError.from_attempts(
+        raise DatasetNotFoundError.from_search(
             f"LFW ({split} split)",
-            [SearchAttempt("folders of face images", ("<Person_Name>/<Person_Name>_0001.jpg",), dirs)],
+            "folders of face images",
+            ("<Person_Name>/<Person_Name>_0001.jpg",),
+            dirs,
             [f"download {URL} and unpack it (tar xzf) into one of the folders above"],
         )
     identities = read_identities(directory, min_images_per_identity)

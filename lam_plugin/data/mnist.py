@@ -48,7 +48,7 @@ from .base import (
     search_dirs,
 )
 from .fashionmnist import FILES as IDX_FILES
-from .idx import idx_file, load_idx_pair
+from .idx import find_idx_pair, load_idx_pair
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +99,9 @@ def load_mnist(root: PathLike | None = None, split: str = "test", *, source: str
 def _from_idx(root: PathLike | None, split: str) -> ImageDataset | SearchAttempt:
     image_stem, label_stem = IDX_FILES[split]
     dirs = search_dirs("mnist", root)
-    for directory in dirs:
-        images, labels = idx_file(directory, image_stem), idx_file(directory, label_stem)
-        if images is not None and labels is not None:
-            return load_idx_pair(images, labels, name=f"mnist-{split}")
+    found = find_idx_pair(dirs, image_stem, label_stem)
+    if found is not None:
+        return load_idx_pair(*found, name=f"mnist-{split}")
     return SearchAttempt("official IDX files", (f"{image_stem}[.gz]", f"{label_stem}[.gz]"), dirs)
 
 

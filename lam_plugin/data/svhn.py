@@ -17,16 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import (
-    DatasetFormatError,
-    DatasetNotFoundError,
-    ImageDataset,
-    PathLike,
-    SearchAttempt,
-    check_split,
-    first_with,
-    search_dirs,
-)
+from .base import DatasetFormatError, ImageDataset, PathLike, check_split, find_dir
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +38,14 @@ def load_svhn(root: PathLike | None = None, split: str = "train") -> ImageDatase
         DatasetFormatError: the file is not a MATLAB v5 file with ``X`` and ``y`` as above.
     """
     check_split(split, FILES)
-    dirs = search_dirs("svhn", root)
-    directory = first_with(dirs, [FILES[split]])
-    if directory is None:
-        raise DatasetNotFoundError.from_attempts(
-            f"SVHN ({split} split)",
-            [SearchAttempt("cropped-digits .mat file", (FILES[split],), dirs)],
-            [f"download {URL}{FILES[split]} into one of the folders above", "pip install scipy  (to read it)"],
-        )
+    directory = find_dir(
+        "svhn",
+        root,
+        (FILES[split],),
+        title=f"SVHN ({split} split)",
+        source="cropped-digits .mat file",
+        how_to_get=[f"download {URL}{FILES[split]} into one of the folders above", "pip install scipy  (to read it)"],
+    )
     path = directory / FILES[split]
     logger.info("Loading SVHN %s split from %s", split, path)
     images, labels = read_mat(path)
