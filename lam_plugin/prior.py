@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from laplace import DiagLaplace
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ def marglik_prior_precision(
     n_outputs: int,
     *,
     init: float = 1.0,
-    n_steps: int = 300,
+    n_steps: int = 100,
     lr: float = 0.1,
 ) -> float:
     """The scalar prior precision that maximises the Laplace marginal likelihood.
@@ -47,6 +46,10 @@ def marglik_prior_precision(
     """
     if curvature.shape != mean.shape:
         raise ValueError(f"curvature {tuple(curvature.shape)} and mean {tuple(mean.shape)} differ in shape")
+    # imported here: laplace-torch logs through the root logger at import time, which
+    # would configure logging for every program that merely imports lam_plugin
+    from laplace import DiagLaplace
+
     la = DiagLaplace(_FlatParameters(mean.float().cpu()), likelihood="regression", prior_precision=init)
     la.H = curvature.detach().float().cpu().clamp_min(0)
     la.mean = mean.detach().float().cpu()
