@@ -89,8 +89,14 @@ def test_results_json_schema(first_run):
     assert results["command"] == "test"
     lam = results["lam_posthoc"]
     assert lam["selection"] == "validation"
-    assert lam["candidates"] == ["marglik", "1"] and lam["prior_precision"] in lam["candidates"]
-    assert set(lam["validation"]["1"]) == {"marglik", "1"}
+    assert lam["candidates"] == ["marglik", "1", "10", "100", "1000", "10000", "100000", "1e+06"]
+    assert lam["prior_precision"] in lam["candidates"]
+    assert set(lam["validation"]["1"]) == set(lam["candidates"])
+    best = min(lam["candidates"], key=lambda c: lam["validation"]["1"][c]["ece"])
+    assert lam["validation"]["1"][lam["prior_precision"]]["ece"] == lam["validation"]["1"][best]["ece"]
+    chosen_value = lam["prior_values"]["1"][lam["prior_precision"]]
+    assert results["per_seed"]["lam_posthoc"]["1"]["info_prior_precision"] == chosen_value
+    assert 0.0 <= lam["curvature"]["1"]["zero_fraction"] <= 1.0
     assert results["per_seed"]["deep_ensemble"]["1"]["info_member_seeds"] == [1, 2]
     assert results["per_seed"]["lam_posthoc"]["1"]["n_samples"] == 8
 
