@@ -12,7 +12,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from .curvature.functorch import functional_forward
 from .curvature.last_layer import Head, apply_head, detect_head, run_with_features
 from .parameters import architecture, fingerprint, flatten, unflatten
 from .prediction import Prediction
-from .wrapping import Batch, OutputKey, eval_mode, model_device, split_batch, to_device
+from .wrapping import Batch, batch_size as batch_size_of, eval_mode, model_device, slice_batch, split_batch, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -170,29 +170,63 @@ class EmbeddingPosterior:
 
     # -- embeddings ---------------------------------------------------------------------
     def sample(
-        self, x: Batch, n: int = 30, generator: torch.Generator | None = None, chunk_size: int | None = None
+        self,
+        x: Batch,
+        n: int = 30,
+        generator: torch.Generator | None = None,
+        chunk_size: int | None = None,
+        batch_size: int | None = None,
     ) -> Tensor:
         """``[n, B, D]`` embedding samples of the batch ``x``, unit norm when ``normalize``.
 
         A last-layer posterior with a parameter-free head runs the backbone once whatever
         ``n``; other subsets batch the ``n`` forwards with ``vmap`` (``chunk_size`` of them
-        at a time, default all).
+        at a time, default all). ``batch_size`` embeds ``x`` in pieces of that many items,
+        all with the same ``n`` weight samples.
         """
         weights = self.sample_weights(n, generator)
         x = to_device(x, model_device(self.model))
+        size = batch_size_of(x)
+        step = size if batch_size is None else batch_size
+        if step < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
         with eval_mode(self.model):
-            if self.config.head is not None:
-                out = self._sample_last_layer(x, weights)
-            else:
-                params = unflatten(weights, self.model, self.param_names)
-                key = self.config.output_key
-
-                def embed(p: dict[str, Tensor]) -> Tensor:
-                    return functional_forward(self.model, p, x, key)
-
-                with torch.no_grad():
-                    out = vmap(embed, chunk_size=chunk_size)(params)
+            out = torch.cat(
+                [self._embed(slice_batch(x, i, i + step), weights, chunk_size) for i in range(0, size, step)], dim=1
+            )
         return torch.nn.functional.normalize(out, dim=-1) if self.config.normalize else out
+
+    def _embed(self, x: Batch, weights: Tensor, chunk_size: int | None) -> Tensor:
+        """``[n, B, D]`` model outputs of ``x`` under the weight samples ``[n, P]``."""
+        if self.config.head is not None:
+            return self._sample_last_layer(x, weights)
+        params = unflatten(weights, self.model, self.param_names)
+        key = self.config.output_key
+
+        def embed(p: dict[str, Tensor]) -> Tensor:
+            return functional_forward(self.model, p, x, key)
+
+        with torch.no_grad():
+            return vmap(embed, chunk_size=chunk_size)(params)
+
+    def tempered(self, temperature: float) -> "EmbeddingPosterior":
+        """The same posterior with its covariance multiplied by ``temperature``.
+
+        Both terms of the precision are divided by it, so the balance between data and
+        prior is kept: ``precision' = (hessian_scale * curvature + prior) / temperature``.
+        """
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        config = replace(self.config, hessian_scale=self.config.hessian_scale / temperature)
+        return EmbeddingPosterior(
+            self.model,
+            self.param_names,
+            self.curvature,
+            self.prior_precision / temperature,
+            mean=self.mean,
+            config=config,
+            stats=self.stats,
+        )
 
     def _sample_last_layer(self, x: Batch, weights: Tensor) -> Tensor:
         layer = dict(self.model.named_modules())[self.config.layer]
@@ -216,11 +250,14 @@ class EmbeddingPosterior:
         n: int = 30,
         generator: torch.Generator | None = None,
         return_samples: bool = False,
+        batch_size: int | None = None,
     ) -> Prediction:
         """Mean (unit norm), per-dimension std and ``uncertainty = sum_d std`` of ``n`` samples."""
         if n < 2:
             raise ValueError(f"predict needs n >= 2 samples for a standard deviation, got n={n}")
-        return Prediction.from_samples(self.sample(x, n=n, generator=generator), keep_samples=return_samples)
+        return Prediction.from_samples(
+            self.sample(x, n=n, generator=generator, batch_size=batch_size), keep_samples=return_samples
+        )
 
     # -- diagnostics --------------------------------------------------------------------
     def summary(self, data: Iterable[Any] | Tensor | None = None, n: int = 30, max_batches: int = 20) -> PosteriorSummary:

@@ -69,6 +69,7 @@ from .embedder import LaplaceEmbedder
 from .models import fashionmnist_net
 from .posterior import EmbeddingPosterior
 from .prediction import Prediction
+from .calibration import calibrate_temperature
 from .prior import marglik_prior_precision
 from .training import seeded, train_contrastive
 
@@ -725,7 +726,20 @@ class _Runner:
             os.replace(tmp, post_path)
             self.trained.append(post_path.name)
         net.eval()
-        return _Method("lam_online", _posterior_predict(posterior, c.n_samples, seed), info={"prior_precision": 1.0})
+        info: dict[str, Any] = {"prior_precision": 1.0}
+        if len(self.data.val_y) > 1:
+            # the running curvature of online LAM sets the posterior's scale only up to the
+            # rescaling of its batch sums; the temperature is chosen on validation ECE
+            posterior, report = calibrate_temperature(
+                posterior, self.data.val_x, self.data.val_y, n=c.n_samples, seed=seed, batch_size=c.eval_batch_size
+            )
+            info.update(
+                temperature=report.temperature,
+                validation_ece=report.ece,
+                validation_ece_by_temperature={f"{t:g}": v for t, v in report.scores.items()},
+            )
+            logger.info("online LAM seed %d: temperature %g (validation ECE %.4f)", seed, report.temperature, report.ece)
+        return _Method("lam_online", _posterior_predict(posterior, c.n_samples, seed), info=info)
 
 
 def _split_at_dropout(net: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -67,11 +67,16 @@ def batch_size(x: Batch) -> int:
     return x.shape[0]
 
 
+def slice_batch(x: Batch, start: int, stop: int) -> Batch:
+    """Items ``start:stop`` of a tensor or dict-of-tensors batch."""
+    if isinstance(x, Mapping):
+        return {key: v[start:stop] if isinstance(v, Tensor) else v for key, v in x.items()}
+    return x[start:stop]
+
+
 def head_of_batch(x: Batch, k: int) -> Batch:
     """The first ``k`` items of a tensor or dict-of-tensors batch."""
-    if isinstance(x, Mapping):
-        return {key: v[:k] if isinstance(v, Tensor) else v for key, v in x.items()}
-    return x[:k]
+    return slice_batch(x, 0, k)
 
 
 def to_device(x: Batch, device: torch.device) -> Batch:

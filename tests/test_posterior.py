@@ -235,3 +235,32 @@ def test_online_step_and_fit_online():
     mlp = NormMLP(10, 4)
     post = LaplaceEmbedder(mlp, subset=["net.0"], progress=False).fit_online(_loader((10,)), epochs=1)
     assert post.param_names == ["net.0.weight", "net.0.bias"]
+
+
+def test_tempered_and_calibrated_posterior():
+    from lam_plugin.calibration import calibrate_temperature
+
+    torch.manual_seed(0)
+    model = NormMLP(10, 4)
+    loader = _loader((10,), n=60, batch=20, classes=3)
+    post = LaplaceEmbedder(model, subset="all", progress=False).fit(loader)
+    hot = post.tempered(4.0)
+    torch.testing.assert_close(hot.precision, post.precision / 4.0)
+    assert post.tempered(1.0).precision.equal(post.precision)
+    with pytest.raises(ValueError, match="temperature"):
+        post.tempered(0.0)
+    x = torch.randn(90, 10)
+    y = torch.arange(90) % 3
+    # chunked sampling shares the weight samples across chunks
+    a = post.sample(x, n=5, generator=torch.Generator().manual_seed(1))
+    b = post.sample(x, n=5, generator=torch.Generator().manual_seed(1), batch_size=7)
+    torch.testing.assert_close(a, b)
+    calibrated, report = calibrate_temperature(post, x, y, temperatures=[1e-6, 1.0, 1e6], n=8)
+    from lam_plugin.metrics import ece
+
+    # the report's scores are the ECEs of the tempered posteriors, and the best one is chosen
+    for tau, score in report.scores.items():
+        samples = post.tempered(tau).sample(x, n=8, generator=torch.Generator().manual_seed(0), batch_size=1024)
+        assert score == pytest.approx(ece(samples, y))
+    assert report.ece == min(report.scores.values())
+    torch.testing.assert_close(calibrated.precision, post.precision / report.temperature)
