@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 import torch
@@ -16,9 +15,9 @@ from .curvature.backpack import BackpackBackend, backpack_support
 from .curvature.base import CurvatureBackend, HessianFn, UnsupportedModelError
 from .curvature.functorch import FunctorchBackend
 from .curvature.last_layer import LastLayerCurvature, probe_last_layer
-from .geometry import APPROXES, GEOMETRIES, output_hessian
+from .geometry import APPROXES, GEOMETRIES, OutputHessian, output_hessian
 from .online import OnlineLaplace, dataset_size_of, first_input
-from .pairs import Miner, active, make_pairs, subsample
+from .pairs import Miner, PairSelection
 from .parameters import Subset, flatten, resolve_subset
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
@@ -29,13 +28,6 @@ logger = logging.getLogger(__name__)
 BackendName = Literal["backpack", "torch.func", "auto"]
 PriorPrecision = Union[float, Tensor, Literal["marglik"]]
 BACKENDS = ("backpack", "torch.func", "auto")
-
-
-@dataclass
-class _PairCounter:
-    positive: int = 0
-    negative_active: int = 0
-    negative_total: int = 0
 
 
 class LaplaceEmbedder:
@@ -129,8 +121,7 @@ class LaplaceEmbedder:
         first = _first_batch(loader)
         device = model_device(self.model)
         x0 = to_device(split_batch(first)[0], device)
-        generator = torch.Generator().manual_seed(self.seed)
-        counter = _PairCounter()
+        selection = PairSelection(self.miner, self.margin, self.max_pairs, torch.Generator().manual_seed(self.seed))
         total: Tensor | None = None
         n_data = n_batches = 0
         out_dim = 0
@@ -143,7 +134,7 @@ class LaplaceEmbedder:
                 for batch in bar:
                     x, y = split_batch(batch)
                     x, y = to_device(x, device), y.to(device)
-                    diag, out = engine.batch(x, self._hessian_fn(y, counter, generator))
+                    diag, out = engine.batch(x, self._hessian_fn(y, selection))
                     total = diag.double() if total is None else total + diag.double()
                     n_data += y.shape[0]
                     n_batches += 1
@@ -167,9 +158,9 @@ class LaplaceEmbedder:
         stats = FitStats(
             n_data=n_data,
             n_batches=n_batches,
-            n_positive=counter.positive,
-            n_negative_active=counter.negative_active,
-            n_negative_total=counter.negative_total,
+            n_positive=selection.counts.positive,
+            n_negative_active=selection.counts.negative_active,
+            n_negative_total=selection.counts.negative_total,
             backend=engine.name,
         )
         mean = flatten(self.model, names)
@@ -197,17 +188,11 @@ class LaplaceEmbedder:
         logger.warning("BackPACK does not support %s; using the torch.func backend", reason)
         return FunctorchBackend(self.model, self.output_key, names, self.chunk_size)
 
-    def _hessian_fn(self, y: Tensor, counter: _PairCounter, generator: torch.Generator) -> HessianFn:
+    def _hessian_fn(self, y: Tensor, selection: PairSelection) -> HessianFn:
         """Outputs -> pairs (miner, hinge, subsample) -> the batch's output Hessian."""
 
-        def build(f: Tensor):
-            z = torch.nn.functional.normalize(f, dim=-1)
-            pairs = make_pairs(y, self.miner, z)
-            counter.negative_total += pairs.n_negative
-            pairs = subsample(active(pairs, z, self.margin), self.max_pairs, generator)
-            counter.positive += pairs.n_positive
-            counter.negative_active += pairs.n_negative
-            return output_hessian(f, pairs, self.geometry, self.approx)  # type: ignore[arg-type]
+        def build(f: Tensor) -> OutputHessian:
+            return output_hessian(f, selection(y, f), self.geometry, self.approx)  # type: ignore[arg-type]
 
         return build
 

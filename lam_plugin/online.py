@@ -29,8 +29,8 @@ from torch import Tensor
 
 from .curvature.functorch import FunctorchBackend, functional_forward
 from .curvature.last_layer import LastLayerCurvature, capture_io, probe_last_layer
-from .geometry import OutputHessian, output_hessian
-from .pairs import active, make_pairs, subsample
+from .geometry import output_hessian
+from .pairs import PairSelection
 from .parameters import resolve_subset, unflatten
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
@@ -87,7 +87,6 @@ class OnlineLaplace:
         self.dataset_size = int(dataset_size)
         self.memory_factor = memory_factor
         self.n_samples = n_samples
-        self.max_pairs = max_pairs
         self.generator = generator if generator is not None else torch.Generator().manual_seed(embedder.seed)
         params = dict(model.named_parameters())
         n_params = sum(params[n].numel() for n in self.names)
@@ -101,21 +100,13 @@ class OnlineLaplace:
         else:
             self.engine = FunctorchBackend(model, embedder.output_key, self.names, embedder.chunk_size)
         self.steps = 0
-        self.n_positive = self.n_negative_active = self.n_negative_total = 0
+        # the Hessian pairs: all pairs of the batch, whatever miner the loss uses
+        self.selection = PairSelection("all", embedder.margin, max_pairs, self.generator)
 
     @property
     def prior(self) -> float:
         p = self.embedder.prior_precision
         return 1.0 if isinstance(p, str) else float(p)
-
-    def _hessian(self, out: Tensor, y: Tensor) -> tuple[OutputHessian, int]:
-        z = torch.nn.functional.normalize(out, dim=-1)
-        pairs = make_pairs(y, "all")
-        self.n_negative_total += pairs.n_negative
-        pairs = subsample(active(pairs, z, self.embedder.margin), self.max_pairs, self.generator)
-        self.n_positive += pairs.n_positive
-        self.n_negative_active += pairs.n_negative
-        return output_hessian(out, pairs, self.embedder.geometry, self.embedder.approx), len(pairs)  # type: ignore[arg-type]
 
     def step(self, x: Batch, y: Tensor) -> float:
         """One optimisation step on the batch ``(x, y)``; returns the loss."""
@@ -138,15 +129,16 @@ class OnlineLaplace:
             tuples = None if isinstance(emb.miner, str) else emb.miner(out, y)
             losses.append(self.loss_fn(out, y, indices_tuple=tuples))
             with torch.no_grad():
-                g, n_pairs = self._hessian(out.detach(), y)
-                if n_pairs == 0:
+                pairs = self.selection(y, out.detach())
+                if len(pairs) == 0:
                     continue
+                g = output_hessian(out.detach(), pairs, emb.geometry, emb.approx)  # type: ignore[arg-type]
                 if isinstance(self.engine, LastLayerCurvature):
                     h = self.engine.from_features(io["input"].detach(), io["output"].detach(), g)
                 else:
                     fixed = {n: t.detach() for n, t in sampled.items()}
                     h, _ = self.engine.batch(x, lambda _f: g, params=fixed)
-                curvatures.append(h * (self.dataset_size**2 / n_pairs))
+                curvatures.append(h * (self.dataset_size**2 / len(pairs)))
         loss = torch.stack(losses).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -183,9 +175,9 @@ class OnlineLaplace:
         stats = FitStats(
             n_data=n_data or self.dataset_size,
             n_batches=self.steps,
-            n_positive=self.n_positive,
-            n_negative_active=self.n_negative_active,
-            n_negative_total=self.n_negative_total,
+            n_positive=self.selection.counts.positive,
+            n_negative_active=self.selection.counts.negative_active,
+            n_negative_total=self.selection.counts.negative_total,
             backend=f"online/{self.engine.name}",
         )
         return EmbeddingPosterior(emb.model, self.names, self.H.clone(), prior, mean=mean, config=config, stats=stats)

@@ -12,7 +12,7 @@ Conventions (DESIGN section 3):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
@@ -105,3 +105,41 @@ def subsample(pairs: PairSet, max_pairs: int | None, generator: torch.Generator 
         return pairs
     keep = torch.randperm(len(pairs), generator=generator)[:max_pairs].to(pairs.i.device)
     return pairs.select(keep)
+
+
+@dataclass
+class PairCounts:
+    """Running pair counts of a fit: positives, active negatives, all negatives."""
+
+    positive: int = 0
+    negative_active: int = 0
+    negative_total: int = 0
+
+
+@dataclass
+class PairSelection:
+    """How a fit turns a batch into curvature pairs (DESIGN section 3).
+
+    Attributes:
+        miner: ``"all"`` or a pytorch-metric-learning miner.
+        margin: the hinge margin on squared distances of normalised embeddings.
+        max_pairs: at most this many pairs (drawn at random) per batch.
+        generator: for that draw.
+        counts: updated by every call.
+    """
+
+    miner: Miner = "all"
+    margin: float = 0.7
+    max_pairs: int | None = None
+    generator: torch.Generator | None = None
+    counts: PairCounts = field(default_factory=PairCounts)
+
+    def __call__(self, labels: Tensor, f: Tensor) -> PairSet:
+        """The pairs of a batch with outputs ``f [B, D]`` that enter its curvature."""
+        z = torch.nn.functional.normalize(f, dim=-1)
+        pairs = make_pairs(labels, self.miner, z)
+        self.counts.negative_total += pairs.n_negative
+        pairs = subsample(active(pairs, z, self.margin), self.max_pairs, self.generator)
+        self.counts.positive += pairs.n_positive
+        self.counts.negative_active += pairs.n_negative
+        return pairs
