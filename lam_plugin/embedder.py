@@ -21,7 +21,7 @@ from .pairs import Miner, PairSelection
 from .parameters import Subset, flatten, resolve_subset
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
-from .wrapping import Batch, OutputKey, eval_mode, model_device, split_batch, to_device
+from .wrapping import Batch, OutputKey, batch_size, eval_mode, model_device, split_batch, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ class LaplaceEmbedder:
                 bar = tqdm(loader, desc=f"curvature ({engine.name})", disable=not self.progress, leave=False)
                 for batch in bar:
                     x, y = split_batch(batch)
+                    if y.shape[0] != batch_size(x):
+                        raise ValueError(f"a batch has {batch_size(x)} inputs but {y.shape[0]} labels")
                     x, y = to_device(x, device), y.to(device)
                     diag, out = engine.batch(x, self._hessian_fn(y, selection))
                     total = diag.double() if total is None else total + diag.double()
@@ -276,6 +278,8 @@ def _len_or_none(loader: Iterable[Any], default: int) -> int:
 
 
 def _first_batch(loader: Iterable[Any]) -> Any:
+    if iter(loader) is loader:  # type: ignore[comparison-overlap]
+        raise TypeError("loader must be re-iterable (a DataLoader or a list of batches), not a one-shot iterator")
     try:
         return next(iter(loader))
     except StopIteration:

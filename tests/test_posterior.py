@@ -264,3 +264,12 @@ def test_tempered_and_calibrated_posterior():
         assert score == pytest.approx(ece(samples, y))
     assert report.ece == min(report.scores.values())
     torch.testing.assert_close(calibrated.precision, post.precision / report.temperature)
+
+
+def test_loader_shape_errors():
+    model = NormMLP(10, 4)
+    lam = LaplaceEmbedder(model, progress=False)
+    with pytest.raises(TypeError, match="re-iterable"):
+        lam.fit(iter([(torch.randn(4, 10), torch.tensor([0, 0, 1, 1]))]))
+    with pytest.raises(ValueError, match="4 inputs but 3 labels"):
+        lam.fit([(torch.randn(4, 10), torch.tensor([0, 0, 1]))])
