@@ -1,0 +1,73 @@
+"""Training throughput on the paper's FashionMNIST CNN (images per second).
+
+Prints, from one run: images/s of plain contrastive training (``train_contrastive``,
+Adam) at batch 256 and at batch 64, images/s of the online-LAM step (``OnlineLaplace.step``:
+sampled last layer, loss, closed-form GGN at the sampled weights) at batch 64, and the
+ratio online-LAM / plain training at the same batch size. Medians over repeats.
+
+    python benchmarks/training.py [--images 4096] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _data(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    try:
+        from lam_plugin.data import load_fashionmnist
+
+        ds = load_fashionmnist(split="train").subset(torch.arange(n))
+        return ds.float(), ds.labels, "FashionMNIST"
+    except FileNotFoundError:
+        g = torch.Generator().manual_seed(0)
+        return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g), "random images"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    from lam_plugin import LaplaceEmbedder
+    from lam_plugin.models import fashionmnist_net
+    from lam_plugin.training import train_contrastive
+
+    x, y, source = _data(args.images)
+
+    def plain(batch: int) -> float:
+        model = fashionmnist_net(3)
+        t0 = time.perf_counter()
+        train_contrastive(model, x, y, epochs=1, batch_size=batch, progress=False)
+        return args.images / (time.perf_counter() - t0)
+
+    def online(batch: int) -> float:
+        model = fashionmnist_net(3)
+        trainer = LaplaceEmbedder(model, progress=False).online(x[:batch], dataset_size=args.images)
+        model.train()
+        t0 = time.perf_counter()
+        for start in range(0, args.images, batch):
+            trainer.step(x[start : start + batch], y[start : start + batch])
+        return args.images / (time.perf_counter() - t0)
+
+    rates = {
+        "plain, batch 256": statistics.median(plain(256) for _ in range(args.repeats)),
+        "plain, batch 64": statistics.median(plain(64) for _ in range(args.repeats)),
+        "online LAM step, batch 64": statistics.median(online(64) for _ in range(args.repeats)),
+    }
+    print(f"data: {source}, {args.images} images; torch {torch.__version__}, 2 threads; median of {args.repeats}")
+    for name, rate in rates.items():
+        print(f"  {name:<28}{rate:>10.0f} images/s")
+    ratio = rates["online LAM step, batch 64"] / rates["plain, batch 64"]
+    print(f"  online LAM / plain (batch 64) = {ratio:.3f} of the plain throughput")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
