@@ -158,6 +158,10 @@ DEFAULT_PRIOR_CANDIDATES: tuple[float | str, ...] = ("marglik", 1.0, 10.0, 100.0
 CACHE_VERSION = 1
 
 
+#: covariance multipliers tried when calibrating a posterior on validation ECE
+CALIBRATION_TEMPERATURES: tuple[float, ...] = tuple(10.0**e for e in range(-5, 4))
+
+
 class MethodUnavailableError(RuntimeError):
     """A requested method needs a part of lam_plugin that this installation lacks."""
 
@@ -423,6 +427,7 @@ class _Runner:
         self._nets: dict[str, nn.Module] = {}
         self.prior_values: dict[int, dict[str, float]] = {}
         self.curvature_stats: dict[int, dict[str, float | int]] = {}
+        self.temperatures: dict[int, dict[str, float]] = {}
 
     # -- cache -----------------------------------------------------------------------------
     def _path(self, method: str, seed: int, spec: Mapping[str, Any], suffix: str = "") -> Path:
@@ -658,11 +663,33 @@ class _Runner:
         self.trained.append(path.name)
         return posterior
 
+    def _calibrated(self, posterior: EmbeddingPosterior, seed: int) -> tuple[EmbeddingPosterior, float]:
+        """``posterior`` with its temperature chosen on validation ECE (unchanged without validation data).
+
+        The prior sets how the precision is shared between data and prior; the
+        temperature then sets the overall spread, which neither the curvature sum nor the
+        prior pins down (:mod:`lam_plugin.calibration`).
+        """
+        if len(self.data.val_y) < 2:
+            return posterior, 1.0
+        calibrated, report = calibrate_temperature(
+            posterior,
+            self.data.val_x,
+            self.data.val_y,
+            temperatures=CALIBRATION_TEMPERATURES,
+            n=min(self.config.n_samples, 30),
+            seed=seed,
+            batch_size=self.config.eval_batch_size,
+        )
+        return calibrated, report.temperature
+
     def lam_posthoc_candidates(self, seed: int) -> dict[str, EmbeddingPosterior]:
-        """One posterior per prior candidate, sharing the cached curvature."""
+        """One posterior per prior candidate, sharing the cached curvature, each with its
+        temperature calibrated on validation."""
         base = self.lam_posthoc_base(seed)
         out: dict[str, EmbeddingPosterior] = {}
         values: dict[str, float] = {}
+        temperatures: dict[str, float] = {}
         for candidate in self.config.candidates:
             if candidate == "marglik":
                 value = marglik_prior_precision(
@@ -672,10 +699,12 @@ class _Runner:
                 value = float(candidate)
             name = _prior_name(candidate)
             values[name] = value
-            out[name] = EmbeddingPosterior(
+            posterior = EmbeddingPosterior(
                 base.model, base.param_names, base.curvature, value, mean=base.mean, config=base.config, stats=base.stats
             )
+            out[name], temperatures[name] = self._calibrated(posterior, seed)
         self.prior_values[seed] = values
+        self.temperatures[seed] = temperatures
         curvature = base.curvature.float()
         self.curvature_stats[seed] = {
             "n_params": int(curvature.numel()),
@@ -726,19 +755,11 @@ class _Runner:
             os.replace(tmp, post_path)
             self.trained.append(post_path.name)
         net.eval()
-        info: dict[str, Any] = {"prior_precision": 1.0}
-        if len(self.data.val_y) > 1:
-            # the running curvature of online LAM sets the posterior's scale only up to the
-            # rescaling of its batch sums; the temperature is chosen on validation ECE
-            posterior, report = calibrate_temperature(
-                posterior, self.data.val_x, self.data.val_y, n=c.n_samples, seed=seed, batch_size=c.eval_batch_size
-            )
-            info.update(
-                temperature=report.temperature,
-                validation_ece=report.ece,
-                validation_ece_by_temperature={f"{t:g}": v for t, v in report.scores.items()},
-            )
-            logger.info("online LAM seed %d: temperature %g (validation ECE %.4f)", seed, report.temperature, report.ece)
+        # the running curvature of online LAM sets the posterior's scale only up to the
+        # rescaling of its batch sums: its temperature is chosen on validation ECE
+        posterior, temperature = self._calibrated(posterior, seed)
+        logger.info("online LAM seed %d: temperature %g", seed, temperature)
+        info: dict[str, Any] = {"prior_precision": 1.0, "temperature": temperature}
         return _Method("lam_online", _posterior_predict(posterior, c.n_samples, seed), info=info)
 
 
@@ -1191,6 +1212,7 @@ def reproduce_fashionmnist(
             "selection": selection,
             "candidates": [_prior_name(c) for c in config.candidates],
             "prior_values": {str(s): v for s, v in runner.prior_values.items()},
+            "temperatures": {str(s): v for s, v in runner.temperatures.items()},
             "validation": {str(s): v for s, v in validation.items()},
             "curvature": {str(s): v for s, v in runner.curvature_stats.items()},
         }
