@@ -27,16 +27,8 @@ from collections.abc import Callable
 
 import torch
 
-
-def _images(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    try:
-        from lam_plugin.data import load_fashionmnist
-
-        ds = load_fashionmnist(split="train").subset(torch.arange(n))
-        return ds.float(), ds.labels, "FashionMNIST"
-    except FileNotFoundError:
-        g = torch.Generator().manual_seed(0)
-        return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g), "random images"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import fashionmnist_or_random  # noqa: E402
 
 
 def _model() -> torch.nn.Module:
@@ -56,7 +48,7 @@ def _measure(kind: str, batches: int, repeats: int, queue: mp.Queue) -> None:
 
     model = _model()
     n = 10_000 if kind.startswith("last_layer") or kind == "forward" else 64 * batches
-    x, y, source = _images(n)
+    x, y, source = fashionmnist_or_random(n)
     loader = list(zip(x.split(64 if n < 10_000 else 1000), y.split(64 if n < 10_000 else 1000)))
     if kind == "sample":
         post = LaplaceEmbedder(model, progress=False).fit(loader[:1])

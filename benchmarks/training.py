@@ -11,22 +11,15 @@ ratio online-LAM / plain training at the same batch size. Medians over repeats.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 
 import torch
 
-
-def _data(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    try:
-        from lam_plugin.data import load_fashionmnist
-
-        ds = load_fashionmnist(split="train").subset(torch.arange(n))
-        return ds.float(), ds.labels, "FashionMNIST"
-    except FileNotFoundError:
-        g = torch.Generator().manual_seed(0)
-        return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g), "random images"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import fashionmnist_or_random  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from lam_plugin.models import fashionmnist_net
     from lam_plugin.training import train_contrastive
 
-    x, y, source = _data(args.images)
+    x, y, source = fashionmnist_or_random(args.images)
 
     def plain(batch: int) -> float:
         model = fashionmnist_net(3)
