@@ -273,3 +273,20 @@ def test_loader_shape_errors():
         lam.fit(iter([(torch.randn(4, 10), torch.tensor([0, 0, 1, 1]))]))
     with pytest.raises(ValueError, match="4 inputs but 3 labels"):
         lam.fit([(torch.randn(4, 10), torch.tensor([0, 0, 1]))])
+
+
+def test_load_refuses_other_format_version(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = NormMLP(10, 4)
+    post = LaplaceEmbedder(model, subset="all", progress=False).fit(_loader((10,)))
+    path = tmp_path / "p.safetensors"
+    post.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["format_version"] = "999"
+    save_file(tensors, str(tmp_path / "future.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="format version 999"):
+        EmbeddingPosterior.load(tmp_path / "future.safetensors", model)
