@@ -995,7 +995,11 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
         f"{c['max_pairs']} pairs per batch of {c['lam_batch_size']}, {c['n_samples']} weight samples per image "
         "(the same weight samples for every image). Post-hoc: the deterministic network of the same seed, "
         "curvature summed over one pass over the fit images. Online: `LaplaceEmbedder.fit_online` from the "
-        f"seed's initial weights for {c['epochs']} epochs (memory factor 0.999, H₀ = dataset size, prior 1)."
+        f"seed's initial weights for {c['epochs']} epochs (memory factor 0.999, H₀ = dataset size, prior 1). "
+        "Every LAM posterior then gets a temperature (a common multiplier of its covariance, "
+        "`EmbeddingPosterior.tempered`) chosen on the validation split by the lowest ECE over "
+        f"{', '.join(f'{t:g}' for t in CALIBRATION_TEMPERATURES)} (`lam_plugin.calibration`): neither the "
+        "curvature sum (online LAM rescales it by dataset_size² / pairs) nor the prior fixes the overall spread."
     )
     if lam is not None:
         chosen = lam["prior_precision"]
@@ -1016,13 +1020,16 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
             + ", ".join(f"seed {s}: {v['zero_fraction']:.0%}" for s, v in lam["curvature"].items())
             + ". Validation numbers (test data never used for this choice):",
             "",
-            "| Seed | Prior | val ECE ↓ | val AUSC ↑ | val mAP@1 ↑ | mean uncertainty |",
-            "|---|---|:---:|:---:|:---:|:---:|",
+            "| Seed | Prior | temperature | val ECE ↓ | val AUSC ↑ | val mAP@1 ↑ | mean uncertainty |",
+            "|---|---|:---:|:---:|:---:|:---:|:---:|",
         ]
+        temperatures = lam.get("temperatures", {})
         for seed, cands in lam["validation"].items():
             for name, v in cands.items():
+                tau = temperatures.get(seed, {}).get(name)
                 parts.append(
-                    f"| {seed} | {name} | {v['ece']:.3f} | {v['ausc']:.3f} | {v['map@1']:.3f} | {v['uncertainty_mean']:.4g} |"
+                    f"| {seed} | {name} | {'—' if tau is None else f'{tau:g}'} | {v['ece']:.3f} | {v['ausc']:.3f} "
+                    f"| {v['map@1']:.3f} | {v['uncertainty_mean']:.4g} |"
                 )
         parts.append("")
     if results.get("validation_map@1"):
