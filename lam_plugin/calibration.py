@@ -52,18 +52,31 @@ def calibrate_temperature(
 
     Args:
         x, labels: validation inputs and their labels (several items per label).
-        temperatures: candidate covariance multipliers (default ``10^-4 ... 10^4``).
+        temperatures: candidate covariance multipliers (default ``10^-4 ... 10^4``); when
+            the best lies on the edge of the grid, the search goes on beyond it by factors
+            of 10 for as long as the ECE improves.
         n: weight samples per candidate (the same seeded draws for every candidate).
         batch_size: items embedded at once.
     """
     if not temperatures:
         raise ValueError("temperatures must hold at least one candidate")
     scores: dict[float, float] = {}
-    for tau in temperatures:
+
+    def score(tau: float) -> float:
         g = torch.Generator().manual_seed(seed)
-        samples = posterior.tempered(float(tau)).sample(x, n=n, generator=g, batch_size=batch_size)
-        scores[float(tau)] = ece(samples, labels, bins=bins)
+        samples = posterior.tempered(tau).sample(x, n=n, generator=g, batch_size=batch_size)
+        scores[tau] = ece(samples, labels, bins=bins)
+        return scores[tau]
+
+    for tau in temperatures:
+        score(float(tau))
     # the lowest ECE; among equals, the temperature closest to 1 (the posterior as fitted)
     best = min(scores, key=lambda t: (round(scores[t], 12), abs(np.log(t))))
+    # a best value on the edge of the grid: keep going by factors of 10 while it improves
+    for edge, factor in ((max(scores), 10.0), (min(scores), 0.1)):
+        while best == edge and 1e-12 < edge * factor < 1e12:
+            edge *= factor
+            if score(edge) < scores[best]:
+                best = edge
     logger.info("calibrated temperature %.3g (validation ECE %.4f)", best, scores[best])
     return posterior.tempered(best), CalibrationReport(best, scores[best], scores)
