@@ -37,18 +37,6 @@ def select_output(out: Any, output_key: OutputKey) -> Tensor:
     return out
 
 
-class OutputSelector(nn.Module):
-    """``model`` followed by ``select_output``: a module whose output is the ``[B, D]`` embedding."""
-
-    def __init__(self, model: nn.Module, output_key: OutputKey) -> None:
-        super().__init__()
-        self.model = model
-        self.output_key = output_key
-
-    def forward(self, x: Batch) -> Tensor:
-        return select_output(call_model(self.model, x), self.output_key)
-
-
 def call_model(model: nn.Module, x: Batch) -> Any:
     """``model(x)`` for a tensor, ``model(**x)`` for a dict of tensors."""
     if isinstance(x, Mapping):
