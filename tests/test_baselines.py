@@ -249,6 +249,23 @@ def test_pfe_fit_leaves_user_model_untouched():
     assert_unchanged(model, snap)
 
 
+def test_pfe_feature_cache_gives_the_same_head():
+    """Features computed once (cached) and per batch train the same head, step for step."""
+    x, y = two_classes(n=120)
+    torch.manual_seed(0)
+    model = mlp_embedder(D_IN, D)
+    heads, histories = [], []
+    for cache_bytes in (4 * 2**30, 0):
+        pfe = PFE(model)
+        histories.append(pfe.fit(x, y, epochs=3, batch_size=40, lr=3e-3, seed=5, feature_cache_bytes=cache_bytes))
+        heads.append(pfe.head.state_dict())
+    torch.testing.assert_close(histories[0].batch_losses, histories[1].batch_losses)
+    for key in heads[0]:
+        torch.testing.assert_close(heads[0][key], heads[1][key])
+    with pytest.raises(ValueError, match="feature_cache_bytes"):
+        PFE(model).fit(x, y, feature_cache_bytes=-1)
+
+
 def test_pfe_sigma_tracks_ambiguity_and_distance(fitted_pfe):
     pfe, _, _ = fitted_pfe
     x, y = two_classes(seed=1)  # fresh draws of the same distribution

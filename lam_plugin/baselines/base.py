@@ -164,9 +164,8 @@ class VarianceHeadBaseline(UncertaintyBaseline):
 
     def _fit_batches(
         self,
-        images: Tensor,
-        labels: Tensor,
-        batch_loss: Callable[[Tensor, Tensor], Tensor | None],
+        n_examples: int,
+        batch_loss: Callable[[Tensor], Tensor | None],
         params: Iterable[Tensor],
         epochs: int,
         batch_size: int,
@@ -174,24 +173,22 @@ class VarianceHeadBaseline(UncertaintyBaseline):
         seed: int,
         progress: bool,
     ) -> TrainingHistory:
-        """Minimise ``batch_loss(x, y)`` over ``params`` with Adam, ``epochs`` passes of shuffled batches.
+        """Minimise ``batch_loss(idx)`` over ``params`` with Adam, ``epochs`` passes of shuffled batches.
 
-        Each epoch visits ``(images, labels)`` in an order drawn from a ``torch.Generator``
-        seeded with ``seed``; every batch is moved to the model's device before
-        ``batch_loss`` sees it. Batches whose loss is ``None`` are skipped; an epoch
-        without any step records ``nan``. Module modes and the global RNG are left to the
-        caller's ``fit``.
+        Each epoch visits the ``n_examples`` examples in an order drawn from a
+        ``torch.Generator`` seeded with ``seed``; ``batch_loss`` gets the ``[b]`` CPU
+        indices of one batch and gathers what it needs itself (inputs, or features computed
+        once). Batches whose loss is ``None`` are skipped; an epoch without any step
+        records ``nan``. Module modes and the global RNG are left to the caller's ``fit``.
         """
-        device = model_device(self.model)
         opt = torch.optim.Adam(params, lr=lr)
         generator = torch.Generator().manual_seed(seed)
         history = TrainingHistory()
         for _ in tqdm(range(epochs), desc=self.method_name, disable=not progress):
-            order = torch.randperm(images.shape[0], generator=generator).to(images.device)
+            order = torch.randperm(n_examples, generator=generator)
             total, steps = 0.0, 0
-            for start in range(0, images.shape[0], batch_size):
-                idx = order[start : start + batch_size]
-                loss = batch_loss(images[idx].to(device), labels[idx].to(device))
+            for start in range(0, n_examples, batch_size):
+                loss = batch_loss(order[start : start + batch_size])
                 if loss is None:
                     continue
                 opt.zero_grad(set_to_none=True)
@@ -202,4 +199,3 @@ class VarianceHeadBaseline(UncertaintyBaseline):
                 steps += 1
             history.epoch_losses.append(total / steps if steps else float("nan"))
         return history
-

@@ -136,7 +136,8 @@ class HIB(VarianceHeadBaseline):
             if train_embedder:
                 params += [p for p in self.model.parameters() if p.requires_grad]
 
-            def batch_loss(x: Tensor, y: Tensor) -> Tensor | None:
+            def batch_loss(idx: Tensor) -> Tensor | None:
+                x, y = images[idx].to(device), labels[idx].to(device)
                 with contextlib.nullcontext() if train_embedder else torch.no_grad():
                     mu = self.model(x).flatten(1)
                     feats = self.feature_fn(x).flatten(1)
@@ -144,6 +145,6 @@ class HIB(VarianceHeadBaseline):
 
             self.model.train(train_embedder)
             head.train()
-            history = self._fit_batches(images, labels, batch_loss, params, epochs, batch_size, lr, seed, progress)
+            history = self._fit_batches(len(labels), batch_loss, params, epochs, batch_size, lr, seed, progress)
             head.eval()
         return history

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
 
@@ -11,6 +13,8 @@ from lam_plugin.training import TrainingHistory, _check_data, model_device, seed
 from lam_plugin.wrapping import eval_mode
 
 __all__ = ["PFE", "mls_loss"]
+
+logger = logging.getLogger(__name__)
 
 
 def mls_loss(mu: Tensor, log_var: Tensor, labels: Tensor) -> Tensor | None:
@@ -79,28 +83,56 @@ class PFE(VarianceHeadBaseline):
         lr: float = 1e-3,
         seed: int = 0,
         progress: bool = False,
+        feature_cache_bytes: int = 4 * 2**30,
     ) -> TrainingHistory:
         """Fit the variance head with the MLS loss; the embedder stays frozen.
 
         Batches are drawn by permuting indices with a ``torch.Generator`` seeded with
         ``seed`` (the default head is also initialised under that seed); batches without
         a positive pair are skipped.
+
+        The frozen model gives the same ``mu`` and features in every epoch, so they are
+        computed once, in batches, and kept on the model's device when
+        ``N * (F + D) * 4`` bytes fit in ``feature_cache_bytes`` (default 4 GiB): the
+        model then runs once over the data instead of twice per epoch. Above that, or
+        with ``feature_cache_bytes=0``, they are recomputed for every batch. Both give the
+        same head.
         """
         _check_data(images, labels)
+        if feature_cache_bytes < 0:
+            raise ValueError(f"feature_cache_bytes must be >= 0, got {feature_cache_bytes}")
         device = model_device(self.model)
         with seeded(seed, device):
             head = self._prepare_head(images, device)
+            frozen = self._frozen_all(images, batch_size, feature_cache_bytes)
+            y_all = labels.to(device)
 
-            def batch_loss(x: Tensor, y: Tensor) -> Tensor | None:
-                mu, feats = self._frozen(x)
-                return mls_loss(mu, head(feats), y)
+            def batch_loss(idx: Tensor) -> Tensor | None:
+                if frozen is not None:
+                    mu, feats = frozen[0][idx.to(device)], frozen[1][idx.to(device)]
+                else:
+                    mu, feats = self._frozen(images[idx])
+                return mls_loss(mu, head(feats), y_all[idx.to(device)])
 
             head.train()
             history = self._fit_batches(
-                images, labels, batch_loss, head.parameters(), epochs, batch_size, lr, seed, progress
+                len(labels), batch_loss, head.parameters(), epochs, batch_size, lr, seed, progress
             )
             head.eval()
         return history
+
+    def _frozen_all(self, images: Tensor, batch_size: int, max_bytes: int) -> tuple[Tensor, Tensor] | None:
+        """``mu`` ``[N, D]`` and features ``[N, F]`` of all ``images``, or ``None`` when over ``max_bytes``."""
+        mu, feats = self._frozen(images[:1])
+        needed = images.shape[0] * (mu.shape[1] + feats.shape[1]) * feats.element_size()
+        if needed > max_bytes:
+            logger.info(
+                "%s: features of %d images need %.1f GiB > feature_cache_bytes; recomputing them per batch",
+                self.method_name, images.shape[0], needed / 2**30,
+            )
+            return None
+        parts = [self._frozen(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+        return torch.cat([m for m, _ in parts]), torch.cat([f for _, f in parts])
 
     @torch.no_grad()
     def evaluate_loss(self, images: Tensor, labels: Tensor) -> float:
