@@ -184,6 +184,18 @@ class EmbeddingPosterior:
         at a time, default all). ``batch_size`` embeds ``x`` in pieces of that many items,
         all with the same ``n`` weight samples.
         """
+        out = self._sample_outputs(x, n, generator, chunk_size, batch_size)
+        return torch.nn.functional.normalize(out, dim=-1) if self.config.normalize else out
+
+    def _sample_outputs(
+        self,
+        x: Batch,
+        n: int,
+        generator: torch.Generator | None,
+        chunk_size: int | None,
+        batch_size: int | None,
+    ) -> Tensor:
+        """``[n, B, D]`` model outputs of ``x`` under ``n`` weight samples, before any normalisation."""
         weights = self.sample_weights(n, generator)
         x = to_device(x, model_device(self.model))
         size = batch_size_of(x)
@@ -191,10 +203,9 @@ class EmbeddingPosterior:
         if step < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         with eval_mode(self.model):
-            out = torch.cat(
+            return torch.cat(
                 [self._embed(slice_batch(x, i, i + step), weights, chunk_size) for i in range(0, size, step)], dim=1
             )
-        return torch.nn.functional.normalize(out, dim=-1) if self.config.normalize else out
 
     def _embed(self, x: Batch, weights: Tensor, chunk_size: int | None) -> Tensor:
         """``[n, B, D]`` model outputs of ``x`` under the weight samples ``[n, P]``."""
@@ -252,12 +263,21 @@ class EmbeddingPosterior:
         return_samples: bool = False,
         batch_size: int | None = None,
     ) -> Prediction:
-        """Mean (unit norm), per-dimension std and ``uncertainty = sum_d std`` of ``n`` samples."""
+        """Mean (unit norm), per-dimension std and ``uncertainty = sum_d std`` of ``n`` samples.
+
+        The prediction also carries ``output_var``, the ``[B, D]`` sample variance of the
+        model output before the posterior's L2 normalisation (``normalize=True``, the
+        ``arccos`` geometry); for a model that normalises itself it is the variance of the
+        embedding. Its sum over ``D`` is a second out-of-distribution score
+        (:attr:`Prediction.output_uncertainty`) that, unlike ``std``, keeps the spread along
+        the output's direction.
+        """
         if n < 2:
             raise ValueError(f"predict needs n >= 2 samples for a standard deviation, got n={n}")
-        return Prediction.from_samples(
-            self.sample(x, n=n, generator=generator, batch_size=batch_size), keep_samples=return_samples
-        )
+        out = self._sample_outputs(x, n, generator, None, batch_size)
+        samples = torch.nn.functional.normalize(out, dim=-1) if self.config.normalize else out
+        pred = Prediction.from_samples(samples, keep_samples=return_samples)
+        return replace(pred, output_var=out.var(dim=0))
 
     # -- diagnostics --------------------------------------------------------------------
     def summary(self, data: Iterable[Any] | Tensor | None = None, n: int = 30, max_batches: int = 20) -> PosteriorSummary:

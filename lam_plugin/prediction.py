@@ -16,16 +16,30 @@ class Prediction:
         mean: ``[B, D]`` unit-norm mean embedding (the normalised mean of the samples).
         std: ``[B, D]`` per-dimension standard deviation of the samples.
         samples: ``[n, B, D]`` the unit-norm samples, when they were asked for.
+        output_var: ``[B, D]`` variance of the model output before the L2 normalisation,
+            when the method exposes it (:meth:`EmbeddingPosterior.predict` does).
     """
 
     mean: Tensor
     std: Tensor
     samples: Tensor | None = None
+    output_var: Tensor | None = None
 
     @property
     def uncertainty(self) -> Tensor:
         """``[B]`` the paper's out-of-distribution score, ``sum_d std[:, d]``."""
         return self.std.sum(dim=-1)
+
+    @property
+    def output_uncertainty(self) -> Tensor | None:
+        """``[B]`` ``sum_d output_var[:, d]``: the trace of the output's covariance before
+        normalisation (``None`` when the method gives no ``output_var``).
+
+        The normalisation divides the spread of an output by its length and removes its
+        radial part; this score keeps both, so an input whose features excite
+        weakly-determined weights scores high even when its output is long.
+        """
+        return None if self.output_var is None else self.output_var.sum(dim=-1)
 
     @classmethod
     def from_samples(cls, samples: Tensor, keep_samples: bool = False) -> "Prediction":
@@ -44,6 +58,7 @@ class Prediction:
             mean=self.mean.to(device),
             std=self.std.to(device),
             samples=None if self.samples is None else self.samples.to(device),
+            output_var=None if self.output_var is None else self.output_var.to(device),
         )
 
     def __len__(self) -> int:

@@ -100,6 +100,10 @@ ALL_METHODS: tuple[str, ...] = ("deterministic", "deep_ensemble", "pfe", "hib", 
 METRICS: tuple[str, ...] = ("map@1", "map@5", "map@10", "auroc", "auprc", "ausc", "ece")
 #: Metrics that need an uncertainty (undefined for the deterministic embedder).
 UNCERTAINTY_METRICS: tuple[str, ...] = ("auroc", "auprc", "ausc", "ece")
+#: OoD detection scored by the trace of the output's covariance before the L2
+#: normalisation (``Prediction.output_uncertainty``); not the paper's protocol, reported
+#: beside it for the methods that expose it (LAM).
+SUPPLEMENTARY_METRICS: tuple[str, ...] = ("auroc_output_var", "auprc_output_var")
 
 METHOD_LABELS: Mapping[str, str] = {
     "deterministic": "Deterministic",
@@ -796,17 +800,22 @@ def _posterior_predict(posterior: EmbeddingPosterior, n: int, seed: int) -> Call
 def _predict_all(
     method: _Method, x: Tensor, keep_samples: bool, chunk: int, desc: str, progress: bool
 ) -> Prediction:
-    means, stds, samples = [], [], []
+    means, stds, samples, output_vars = [], [], [], []
     for start in tqdm(range(0, x.shape[0], chunk), desc=desc, leave=False, disable=not progress):
         pred = method.predict(x[start : start + chunk], keep_samples)
         means.append(pred.mean.detach().cpu())
         stds.append(pred.std.detach().cpu())
+        if pred.output_var is not None:
+            output_vars.append(pred.output_var.detach().cpu())
         if keep_samples:
             if pred.samples is None:
                 raise RuntimeError(f"{method.name} returned no samples")
             samples.append(pred.samples.detach().cpu())
     return Prediction(
-        mean=torch.cat(means), std=torch.cat(stds), samples=torch.cat(samples, dim=1) if keep_samples else None
+        mean=torch.cat(means),
+        std=torch.cat(stds),
+        samples=torch.cat(samples, dim=1) if keep_samples else None,
+        output_var=torch.cat(output_vars) if len(output_vars) == len(means) else None,
     )
 
 
@@ -842,6 +851,10 @@ def _evaluate(
         row["uncertainty_id_mean"] = float(unc_id.mean())
         row["uncertainty_ood_mean"] = float(unc_ood.mean())
         row["n_samples"] = int(pred.samples.shape[0]) if pred.samples is not None else None
+        out_id, out_ood = pred.output_uncertainty, pred_ood.output_uncertainty
+        if out_id is not None and out_ood is not None:  # supplementary: the pre-normalisation score
+            row["auroc_output_var"] = M.auroc(out_id, out_ood)
+            row["auprc_output_var"] = M.auprc(out_id, out_ood)
         if want_curves:
             curves = _Curves(
                 roc=M.roc_curve(unc_id, unc_ood),
@@ -953,6 +966,7 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
         "The poster's text lost the ECE column; its one surviving value (0.02 ± 0.00, printed below "
         "\"LAM (online)\") is shown for that row. Paper rows without ± (Deep Ensemble) are single numbers.",
         "",
+        *_supplementary_markdown(results),
         "## Protocol and choices",
         "",
         f"- **Data.** In-distribution: FashionMNIST (`{results['data']['names']['train']}`, "
@@ -1056,6 +1070,30 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
         "",
     ]
     return "\n".join(parts)
+
+
+def _supplementary_markdown(results: Mapping[str, Any]) -> list[str]:
+    """The table of the pre-normalisation OoD score, next to the protocol's score."""
+    supplementary = results.get("supplementary") or {}
+    if not supplementary:
+        return []
+    parts = [
+        "## Supplementary: OoD detection scored before the normalisation",
+        "",
+        "Not the paper's protocol. Score = Σ_d Var(u_d), the trace of the covariance of the network output u "
+        "before the L2 normalisation (`Prediction.output_uncertainty`), from the same weight samples; the "
+        "protocol's score Σ_d std of the normalised samples is repeated for comparison.",
+        "",
+        "| Method | AUROC (Σ Var u) | AUPRC (Σ Var u) | AUROC (protocol) | AUPRC (protocol) |",
+        "|---|:---:|:---:|:---:|:---:|",
+    ]
+    for name, row in supplementary.items():
+        main = results["methods"][name]
+        cells = [row["auroc_output_var"], row["auprc_output_var"], main["auroc"], main["auprc"]]
+        parts.append(
+            f"| {METHOD_LABELS.get(name, name)} | " + " | ".join(_fmt(v["mean"], v["std"], 2) for v in cells) + " |"
+        )
+    return [*parts, ""]
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
@@ -1252,6 +1290,12 @@ def reproduce_fashionmnist(
         name: {metric: _aggregate([per_seed[name][str(s)][metric] for s in config.seeds]) for metric in METRICS}
         for name in methods
     }
+    supplementary = {
+        name: {metric: _aggregate([per_seed[name][str(s)].get(metric) for s in config.seeds])
+               for metric in SUPPLEMENTARY_METRICS}
+        for name in methods
+        if all(per_seed[name][str(s)].get(SUPPLEMENTARY_METRICS[0]) is not None for s in config.seeds)
+    }
     table = results_table(summary)
     chance = len(tensors.ood_x) / (len(tensors.ood_x) + len(tensors.test_y))
     plot_files = _plots(curves, {m: per_seed[m][str(first)] for m in curves}, out_dir, first, chance)
@@ -1260,6 +1304,7 @@ def reproduce_fashionmnist(
         "dataset": "fashionmnist",
         "seeds": list(config.seeds),
         "methods": summary,
+        "supplementary": supplementary,
         "quick": config.quick,
         "ood_dataset": "mnist",
         "data": {"sizes": tensors.sizes, "names": tensors.names, "fingerprint": tensors.fingerprint},

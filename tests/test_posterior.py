@@ -107,6 +107,29 @@ def test_predict_fields():
         post.predict(torch.randn(2, 10), n=1)
 
 
+def test_output_var_is_the_pre_normalisation_variance():
+    """Last layer, arccos: output_var ~ the closed form Var(u_d) = sum_k x_k^2 s2_dk + s2_bd,
+    and std/mean are those of the normalised samples drawn with the same weights."""
+    torch.manual_seed(0)
+    model = paper_cnn(normalize=False)
+    post = LaplaceEmbedder(model, subset="last_layer", prior_precision=10.0, progress=False).fit(_loader((1, 28, 28)))
+    x = torch.randn(5, 1, 28, 28)
+    pred = post.predict(x, n=2000, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats = model[:-1](x).flatten(1)
+    var = post.std.pow(2)
+    w_var, b_var = var[:-3].view(3, -1), var[-3:]
+    closed = feats.pow(2) @ w_var.T + b_var
+    torch.testing.assert_close(pred.output_var, closed, rtol=0.15, atol=0)  # MC error ~ sqrt(2/2000) = 3 %
+    torch.testing.assert_close(pred.output_uncertainty, pred.output_var.sum(-1))
+    again = post.predict(x, n=2000, generator=torch.Generator().manual_seed(1))
+    samples = post.sample(x, n=2000, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again.std, samples.std(dim=0))
+    assert not torch.allclose(pred.output_var, pred.std.pow(2), rtol=0.5)  # the normalisation matters here
+    assert Prediction(mean=pred.mean, std=pred.std).output_uncertainty is None
+    assert pred.to("cpu").output_var is not None
+
+
 def test_samples_shrink_towards_mean_as_prior_grows():
     torch.manual_seed(0)
     model = paper_cnn(normalize=False)

@@ -99,6 +99,11 @@ def test_results_json_schema(first_run):
     assert 0.0 <= lam["curvature"]["1"]["zero_fraction"] <= 1.0
     assert results["per_seed"]["deep_ensemble"]["1"]["info_member_seeds"] == [1, 2]
     assert results["per_seed"]["lam_posthoc"]["1"]["n_samples"] == 8
+    lam_methods = {m for m in ("lam_posthoc", "lam_online") if m in config.methods}
+    assert set(results["supplementary"]) == lam_methods  # only LAM exposes the pre-normalisation variance
+    for name in lam_methods:
+        for metric in R.SUPPLEMENTARY_METRICS:
+            assert 0.0 <= results["supplementary"][name][metric]["mean"] <= 1.0
 
 
 def test_results_markdown_table(first_run):
@@ -116,6 +121,7 @@ def test_results_markdown_table(first_run):
     cells = [c.strip() for c in lam.strip("|").split("|")][2:]
     assert len(cells) == 7 and all(" ± " in c for c in cells)
     assert "Post-hoc prior precision" in text and "val ECE" in text
+    assert "| Method | AUROC (Σ Var u) | AUPRC (Σ Var u) | AUROC (protocol) | AUPRC (protocol) |" in text
 
 
 def test_plots_are_png(first_run):
