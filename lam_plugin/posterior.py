@@ -275,9 +275,7 @@ class EmbeddingPosterior:
         if n < 2:
             raise ValueError(f"predict needs n >= 2 samples for a standard deviation, got n={n}")
         out = self._sample_outputs(x, n, generator, None, batch_size)
-        samples = torch.nn.functional.normalize(out, dim=-1) if self.config.normalize else out
-        pred = Prediction.from_samples(samples, keep_samples=return_samples)
-        return replace(pred, output_var=out.var(dim=0))
+        return Prediction.from_outputs(out, keep_samples=return_samples, normalize=self.config.normalize)
 
     # -- diagnostics --------------------------------------------------------------------
     def summary(self, data: Iterable[Any] | Tensor | None = None, n: int = 30, max_batches: int = 20) -> PosteriorSummary:

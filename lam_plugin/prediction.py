@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -51,6 +51,15 @@ class Prediction:
         mean = torch.nn.functional.normalize(samples.mean(dim=0), dim=-1)
         std = samples.std(dim=0)
         return cls(mean=mean, std=std, samples=samples if keep_samples else None)
+
+    @classmethod
+    def from_outputs(cls, outputs: Tensor, keep_samples: bool = False, normalize: bool = True) -> "Prediction":
+        """Summarise ``[n, B, D]`` model outputs: the samples are the outputs L2-normalised
+        (as given when ``normalize`` is false), and ``output_var`` is the variance of the
+        outputs themselves."""
+        samples = torch.nn.functional.normalize(outputs, dim=-1) if normalize else outputs
+        pred = cls.from_samples(samples, keep_samples=keep_samples)
+        return replace(pred, output_var=outputs.var(dim=0))
 
     def to(self, device: torch.device | str) -> "Prediction":
         """A copy on ``device``."""

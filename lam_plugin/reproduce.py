@@ -102,7 +102,7 @@ METRICS: tuple[str, ...] = ("map@1", "map@5", "map@10", "auroc", "auprc", "ausc"
 UNCERTAINTY_METRICS: tuple[str, ...] = ("auroc", "auprc", "ausc", "ece")
 #: OoD detection scored by the trace of the output's covariance before the L2
 #: normalisation (``Prediction.output_uncertainty``); not the paper's protocol, reported
-#: beside it for the methods that expose it (LAM).
+#: beside it for every method with an uncertainty.
 SUPPLEMENTARY_METRICS: tuple[str, ...] = ("auroc_output_var", "auprc_output_var")
 
 METHOD_LABELS: Mapping[str, str] = {
@@ -1081,8 +1081,9 @@ def _supplementary_markdown(results: Mapping[str, Any]) -> list[str]:
         "## Supplementary: OoD detection scored before the normalisation",
         "",
         "Not the paper's protocol. Score = Σ_d Var(u_d), the trace of the covariance of the network output u "
-        "before the L2 normalisation (`Prediction.output_uncertainty`), from the same weight samples; the "
-        "protocol's score Σ_d std of the normalised samples is repeated for comparison.",
+        "before the L2 normalisation (`Prediction.output_uncertainty`), from the same samples (LAM: weight "
+        "samples; MC dropout: passes; deep ensemble: members; PFE: its σ², exact); the protocol's score Σ_d std "
+        "of the normalised samples is repeated for comparison.",
         "",
         "| Method | AUROC (Σ Var u) | AUPRC (Σ Var u) | AUROC (protocol) | AUPRC (protocol) |",
         "|---|:---:|:---:|:---:|:---:|",

@@ -111,6 +111,15 @@ def test_common_interface(name, fitted_pfe):
     unit(pred.samples)
     assert pred.uncertainty.shape == (6,)
     assert method.predict(x, n=5).samples is None
+    assert pred.output_var is not None and pred.output_var.shape == (6, D)
+    assert pred.output_uncertainty.shape == (6,) and torch.all(pred.output_var >= 0)
+    if name == "ensemble":  # the variance over members of their raw outputs (before normalisation)
+        raw = torch.stack([copy.deepcopy(m).eval()(x).detach() for m in method.models])
+        torch.testing.assert_close(pred.output_var, raw.var(dim=0))
+    elif name == "pfe":  # closed form: the predicted sigma^2
+        torch.testing.assert_close(pred.output_var, pred.std.pow(2))
+    elif name == "deterministic":
+        assert torch.all(pred.output_var == 0)
 
     s = method.sample(x, 5)
     expected_n = 3 if name == "ensemble" else 5
@@ -145,8 +154,11 @@ def test_mc_dropout_is_stochastic_and_restores_modes():
     model.train()
     model(x)  # give BatchNorm non-trivial running statistics
     snap = snapshot(model)
-    pred = MCDropout(model, n=50).predict(x)
+    pred = MCDropout(model, n=50, seed=3).predict(x)
     assert torch.all(pred.uncertainty > 0)
+    raw = MCDropout(model, n=50, seed=3).sample_outputs(x)
+    torch.testing.assert_close(pred.output_var, raw.var(dim=0))
+    torch.testing.assert_close(pred.std, nn.functional.normalize(raw, dim=-1).std(dim=0))
     assert (pred.std > 0).float().mean() > 0.9
     assert_unchanged(model, snap)  # BatchNorm stats untouched: it ran in eval mode
 

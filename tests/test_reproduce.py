@@ -99,9 +99,9 @@ def test_results_json_schema(first_run):
     assert 0.0 <= lam["curvature"]["1"]["zero_fraction"] <= 1.0
     assert results["per_seed"]["deep_ensemble"]["1"]["info_member_seeds"] == [1, 2]
     assert results["per_seed"]["lam_posthoc"]["1"]["n_samples"] == 8
-    lam_methods = {m for m in ("lam_posthoc", "lam_online") if m in config.methods}
-    assert set(results["supplementary"]) == lam_methods  # only LAM exposes the pre-normalisation variance
-    for name in lam_methods:
+    uncertain = {m for m in config.methods if m != "deterministic"}
+    assert set(results["supplementary"]) == uncertain
+    for name in uncertain:
         for metric in R.SUPPLEMENTARY_METRICS:
             assert 0.0 <= results["supplementary"][name][metric]["mean"] <= 1.0
 

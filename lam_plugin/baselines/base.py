@@ -18,6 +18,7 @@ __all__ = [
     "VarianceHeadBaseline",
     "default_feature_fn",
     "normalized_forward",
+    "eval_forward",
     "variance_head",
     "positive_pairs",
 ]
@@ -26,21 +27,28 @@ __all__ = [
 class UncertaintyBaseline(ABC):
     """A method that turns inputs into a distribution over unit-norm embeddings.
 
-    Subclasses implement :meth:`sample`; :meth:`predict` summarises ``n`` samples with
-    :meth:`Prediction.from_samples` unless a subclass has a closed form.
+    Subclasses implement :meth:`sample_outputs`, the model outputs before the L2
+    normalisation; :meth:`sample` normalises them and :meth:`predict` summarises them with
+    :meth:`Prediction.from_outputs` (so ``output_var`` is filled) unless a subclass has a
+    closed form.
     """
 
     #: number of samples used when ``n`` is not given.
     default_n: int = 100
 
     @abstractmethod
+    def sample_outputs(self, x: Tensor, n: int | None = None) -> Tensor:
+        """``[n, B, D]`` model outputs for the ``B`` inputs ``x``, before the L2 normalisation."""
+
+    @torch.no_grad()
     def sample(self, x: Tensor, n: int | None = None) -> Tensor:
         """``[n, B, D]`` unit-norm embedding samples for the ``B`` inputs ``x``."""
+        return torch.nn.functional.normalize(self.sample_outputs(x, n), dim=-1)
 
     @torch.no_grad()
     def predict(self, x: Tensor, n: int | None = None, return_samples: bool = False) -> Prediction:
-        """Mean, per-dimension std (and optionally the samples) of the embeddings of ``x``."""
-        return Prediction.from_samples(self.sample(x, n), keep_samples=return_samples)
+        """Mean, per-dimension std, ``output_var`` (and optionally the samples) of the embeddings of ``x``."""
+        return Prediction.from_outputs(self.sample_outputs(x, n), keep_samples=return_samples)
 
     def __call__(self, x: Tensor, n: int | None = None, return_samples: bool = False) -> Prediction:
         return self.predict(x, n=n, return_samples=return_samples)
@@ -53,11 +61,15 @@ class UncertaintyBaseline(ABC):
 
 
 @torch.no_grad()
+def eval_forward(model: nn.Module, x: Tensor) -> Tensor:
+    """``[B, D]`` outputs of ``model`` on ``x`` in eval mode (modes restored), flattened."""
+    with eval_mode(model):
+        return model(x.to(model_device(model))).flatten(1)
+
+
 def normalized_forward(model: nn.Module, x: Tensor) -> Tensor:
     """``[B, D]`` unit-norm embeddings of ``x`` by ``model`` in eval mode (modes restored)."""
-    with eval_mode(model):
-        out = model(x.to(model_device(model)))
-    return torch.nn.functional.normalize(out.flatten(1), dim=-1)
+    return torch.nn.functional.normalize(eval_forward(model, x), dim=-1)
 
 
 def default_feature_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -152,13 +164,13 @@ class VarianceHeadBaseline(UncertaintyBaseline):
         return self.head.to(device)
 
     def _draw(self, mu: Tensor, sigma: Tensor, n: int) -> Tensor:
-        """``[n, B, D]`` samples ``normalise(mu + sigma * eps)``, the noise seeded with :attr:`seed`."""
+        """``[n, B, D]`` samples ``mu + sigma * eps`` (before normalisation), the noise seeded with :attr:`seed`."""
         with seeded(self.seed, mu.device):
             eps = torch.randn((n, *mu.shape), device=mu.device, dtype=mu.dtype)
-        return nn.functional.normalize(mu + sigma * eps, dim=-1)
+        return mu + sigma * eps
 
     @torch.no_grad()
-    def sample(self, x: Tensor, n: int | None = None) -> Tensor:
+    def sample_outputs(self, x: Tensor, n: int | None = None) -> Tensor:
         mu, log_var = self.mean_log_var(x)
         return self._draw(mu, (0.5 * log_var).exp(), self._n(n))
 

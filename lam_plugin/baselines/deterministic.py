@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lam_plugin.baselines.base import UncertaintyBaseline, normalized_forward
+from lam_plugin.baselines.base import UncertaintyBaseline, eval_forward, normalized_forward
 from lam_plugin.prediction import Prediction
 
 __all__ = ["DeterministicEmbedder"]
@@ -26,13 +26,11 @@ class DeterministicEmbedder(UncertaintyBaseline):
         self.model = model
 
     @torch.no_grad()
-    def sample(self, x: Tensor, n: int | None = None) -> Tensor:
-        n = self._n(n)
-        z = normalized_forward(self.model, x)
-        return z.unsqueeze(0).repeat(n, 1, 1)
+    def sample_outputs(self, x: Tensor, n: int | None = None) -> Tensor:
+        return eval_forward(self.model, x).unsqueeze(0).repeat(self._n(n), 1, 1)
 
     @torch.no_grad()
     def predict(self, x: Tensor, n: int | None = None, return_samples: bool = False) -> Prediction:
         z = normalized_forward(self.model, x)
         samples = z.unsqueeze(0).repeat(self._n(n), 1, 1) if return_samples else None
-        return Prediction(mean=z, std=torch.zeros_like(z), samples=samples)
+        return Prediction(mean=z, std=torch.zeros_like(z), samples=samples, output_var=torch.zeros_like(z))

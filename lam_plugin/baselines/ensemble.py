@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from lam_plugin.baselines.base import UncertaintyBaseline, normalized_forward
+from lam_plugin.baselines.base import UncertaintyBaseline, eval_forward
 
 __all__ = ["DeepEnsemble"]
 
@@ -32,5 +32,5 @@ class DeepEnsemble(UncertaintyBaseline):
         return len(self.models)
 
     @torch.no_grad()
-    def sample(self, x: Tensor, n: int | None = None) -> Tensor:
-        return torch.stack([normalized_forward(m, x) for m in self.models])
+    def sample_outputs(self, x: Tensor, n: int | None = None) -> Tensor:
+        return torch.stack([eval_forward(m, x) for m in self.models])

@@ -43,7 +43,7 @@ class MCDropout(UncertaintyBaseline):
         self.seed = seed
 
     @torch.no_grad()
-    def sample(self, x: Tensor, n: int | None = None) -> Tensor:
+    def sample_outputs(self, x: Tensor, n: int | None = None) -> Tensor:
         n = self._n(n)
         device = model_device(self.model)
         x = x.to(device)
@@ -60,4 +60,4 @@ class MCDropout(UncertaintyBaseline):
                 out = self.model(xk).flatten(1)
                 chunks.append(out.view(k, b, -1))
                 done += k
-        return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
+        return torch.cat(chunks)

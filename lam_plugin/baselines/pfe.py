@@ -148,5 +148,5 @@ class PFE(VarianceHeadBaseline):
     def predict(self, x: Tensor, n: int | None = None, return_samples: bool = False) -> Prediction:
         mu, log_var = self.mean_log_var(x)
         sigma = (0.5 * log_var).exp()
-        samples = self._draw(mu, sigma, self._n(n)) if return_samples else None
-        return Prediction(mean=mu, std=sigma, samples=samples)
+        samples = nn.functional.normalize(self._draw(mu, sigma, self._n(n)), dim=-1) if return_samples else None
+        return Prediction(mean=mu, std=sigma, samples=samples, output_var=sigma.pow(2))
