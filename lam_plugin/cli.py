@@ -53,6 +53,13 @@ def _prior(value: str) -> float | str:
     return number
 
 
+def _candidate(value: str) -> float | str:
+    """A post-hoc prior candidate: 'marglik' or a positive number ('auto' is not a candidate)."""
+    if value == "auto":
+        raise argparse.ArgumentTypeError("'auto' chooses among the candidates; it cannot be one")
+    return _prior(value)
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -105,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="post-hoc LAM prior: auto (chosen on validation, default), marglik, or a number",
     )
+    rep.add_argument(
+        "--prior-candidates",
+        type=_candidate,
+        nargs="+",
+        default=None,
+        metavar="PRIOR",
+        help="post-hoc LAM priors evaluated on validation, each with its own calibrated temperature "
+        "(default: marglik 1 10 ... 1e6)",
+    )
     rep.add_argument("--data-root", default=None, help="folder with the FashionMNIST IDX files (searched first)")
     rep.set_defaults(handler=_cmd_reproduce)
 
@@ -128,6 +144,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         test_limit=args.test_limit,
         ood_limit=args.ood_limit,
         prior_precision=args.prior_precision,
+        prior_candidates=tuple(args.prior_candidates) if args.prior_candidates else None,
     )
 
 

@@ -240,12 +240,18 @@ def test_cli_parsing():
 
     full = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--prior-precision", "0.5"]))
     assert full == R.ReproduceConfig(prior_precision=0.5)
+    one = cli.config_from_args(
+        parser.parse_args(["reproduce", "fashionmnist", "--prior-precision", "marglik", "--prior-candidates", "marglik", "3"])
+    )
+    assert one.prior_candidates == ("marglik", 3.0) and one.candidates == ("marglik", 3.0)
 
     for bad in (
         ["reproduce", "cifar10"],
         ["reproduce", "fashionmnist", "--methods", "nope"],
         ["reproduce", "fashionmnist", "--device", "tpu"],
         ["reproduce", "fashionmnist", "--prior-precision", "-1"],
+        ["reproduce", "fashionmnist", "--prior-candidates", "auto"],
+        ["reproduce", "fashionmnist", "--prior-candidates", "0"],
         [],
     ):
         with pytest.raises(SystemExit):
