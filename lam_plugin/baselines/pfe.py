@@ -108,11 +108,12 @@ class PFE(VarianceHeadBaseline):
             y_all = labels.to(device)
 
             def batch_loss(idx: Tensor) -> Tensor | None:
+                on_device = idx.to(device)
                 if frozen is not None:
-                    mu, feats = frozen[0][idx.to(device)], frozen[1][idx.to(device)]
+                    mu, feats = frozen[0][on_device], frozen[1][on_device]
                 else:
                     mu, feats = self._frozen(images[idx])
-                return mls_loss(mu, head(feats), y_all[idx.to(device)])
+                return mls_loss(mu, head(feats), y_all[on_device])
 
             head.train()
             history = self._fit_batches(
