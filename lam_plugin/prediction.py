@@ -17,7 +17,8 @@ class Prediction:
         std: ``[B, D]`` per-dimension standard deviation of the samples.
         samples: ``[n, B, D]`` the unit-norm samples, when they were asked for.
         output_var: ``[B, D]`` variance of the model output before the L2 normalisation,
-            when the method exposes it (:meth:`EmbeddingPosterior.predict` does).
+            when the method exposes it (:meth:`EmbeddingPosterior.predict` and
+            every baseline's ``predict`` do).
     """
 
     mean: Tensor
