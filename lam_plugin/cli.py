@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="post-hoc LAM priors evaluated on validation, each with its own calibrated temperature "
         "(default: marglik 1 10 ... 1e6)",
     )
+    rep.add_argument(
+        "--online-curvature",
+        choices=["pairs", "triplets"],
+        default=None,
+        help="online LAM's running curvature: all pairs rescaled by N^2/pairs (default) or the "
+        "margin-violating triplets rescaled by N/batch (the paper's code)",
+    )
     rep.add_argument("--data-root", default=None, help="folder with the FashionMNIST IDX files (searched first)")
     rep.set_defaults(handler=_cmd_reproduce)
 
@@ -145,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         ood_limit=args.ood_limit,
         prior_precision=args.prior_precision,
         prior_candidates=tuple(args.prior_candidates) if args.prior_candidates else None,
+        online_curvature=args.online_curvature,
     )
 
 

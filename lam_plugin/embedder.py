@@ -216,8 +216,14 @@ class LaplaceEmbedder:
         memory_factor: float = 0.999,
         n_samples: int = 1,
         max_pairs: int | None = 5000,
+        curvature: Literal["pairs", "triplets"] = "pairs",
     ) -> EmbeddingPosterior:
         """Train the model with online LAM (DESIGN section 5) and return its posterior.
+
+        ``curvature`` chooses the pairs of the running curvature and its rescaling:
+        ``"pairs"`` (all pairs, ``dataset_size**2 / n_pairs``) or ``"triplets"`` (the
+        margin-violating triplets, ``dataset_size / batch_size``, as the paper's code);
+        see :mod:`lam_plugin.online`.
 
         Unlike :meth:`fit`, this trains the model's weights in place (it is a training
         loop); every module's train/eval flag is restored afterwards.
@@ -234,6 +240,7 @@ class LaplaceEmbedder:
             memory_factor=memory_factor,
             n_samples=n_samples,
             max_pairs=max_pairs,
+            curvature=curvature,
         )
         flags = {m: m.training for m in self.model.modules()}
         self.model.train()

@@ -8,9 +8,22 @@ Each step (DESIGN section 5), with ``mu`` the current weights of the Laplace sub
    ``ContrastiveLoss(pos_margin=0, neg_margin=margin)`` on the embedder's miner tuples.
    Because ``d theta_s / d mu = I``, back-propagating through ``theta_s`` applies the
    gradient at the sampled weights to ``mu`` (and the backbone is trained as usual).
-3. Without gradient, the contrastive GGN diagonal ``h_s`` at ``theta_s`` over all pairs
-   of the batch (at most ``max_pairs``, negatives only while their hinge is active),
-   rescaled by ``dataset_size**2 / n_pairs``.
+3. Without gradient, the contrastive GGN diagonal ``h_s`` at ``theta_s`` over the
+   Hessian pairs of the batch (at most ``max_pairs``, negatives only while their hinge
+   is active), rescaled to the data set. Two conventions (``curvature``):
+
+   * ``"pairs"`` (DESIGN section 5, the default): all pairs of the batch, rescaled by
+     ``dataset_size**2 / n_pairs``, an estimate of the curvature summed over every pair
+     of the data set.
+   * ``"triplets"`` (what the paper's code does): the pairs of the triplets
+     ``(a, p, n)`` that violate the margin (``d_an - d_ap <= margin``, pytorch-metric-
+     learning's ``TripletMarginMiner(type_of_triplets="all")``), rescaled by
+     ``dataset_size / batch_size`` (its ``DiagLaplace.scale``): one step then adds
+     about one epoch's worth of batch sums, as the post-hoc fit does. This running
+     curvature is ``dataset_size * batch_size / n_pairs`` (about 1,700 on
+     FashionMNIST) times smaller, so the weight noise of training is about 40 times
+     larger. Unlike the paper's code, negatives still count only while their hinge is
+     active (an inactive hinge has zero curvature).
 4. ``H <- memory_factor * H + relu(mean_s h_s)``, starting from ``H_0 = dataset_size``.
 
 The optimiser is RMSprop with weight decay and an exponential learning-rate decay per
@@ -21,16 +34,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pytorch_metric_learning.losses import ContrastiveLoss
+from pytorch_metric_learning.miners import TripletMarginMiner
 from torch import Tensor
 
 from .curvature.functorch import FunctorchBackend, functional_forward
 from .curvature.last_layer import LastLayerCurvature, capture_io, probe_last_layer
 from .geometry import output_hessian
-from .pairs import PairSelection
+from .pairs import Miner, PairSelection
 from .parameters import resolve_subset, unflatten
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
@@ -53,8 +67,12 @@ class OnlineLaplace:
         memory_factor: ``m`` in ``H <- m H + relu(h)``.
         n_samples: weight samples per step.
         max_pairs: at most this many pairs per batch enter the curvature.
+        curvature: which pairs enter the running curvature and how a batch is rescaled
+            to the data set: ``"pairs"`` or ``"triplets"`` (module docstring).
         generator: for the weight samples and the pair subsampling.
     """
+
+    CURVATURES = ("pairs", "triplets")
 
     def __init__(
         self,
@@ -68,6 +86,7 @@ class OnlineLaplace:
         memory_factor: float = 0.999,
         n_samples: int = 1,
         max_pairs: int | None = 5000,
+        curvature: Literal["pairs", "triplets"] = "pairs",
         generator: torch.Generator | None = None,
     ) -> None:
         if dataset_size < 1:
@@ -76,6 +95,8 @@ class OnlineLaplace:
             raise ValueError(f"memory_factor must be in (0, 1], got {memory_factor}")
         if n_samples < 1:
             raise ValueError(f"n_samples must be positive, got {n_samples}")
+        if curvature not in self.CURVATURES:
+            raise ValueError(f"curvature must be one of {self.CURVATURES}, got {curvature!r}")
         self.embedder = embedder
         model = embedder.model
         self.layer: str | None = None
@@ -100,8 +121,12 @@ class OnlineLaplace:
         else:
             self.engine = FunctorchBackend(model, embedder.output_key, self.names, embedder.chunk_size)
         self.steps = 0
-        # the Hessian pairs: all pairs of the batch, whatever miner the loss uses
-        self.selection = PairSelection("all", embedder.margin, max_pairs, self.generator)
+        self.curvature = curvature
+        # the Hessian pairs, whatever miner the loss uses
+        hessian_miner: Miner = "all"
+        if curvature == "triplets":
+            hessian_miner = TripletMarginMiner(margin=embedder.margin, type_of_triplets="all")
+        self.selection = PairSelection(hessian_miner, embedder.margin, max_pairs, self.generator)
 
     @property
     def prior(self) -> float:
@@ -138,7 +163,7 @@ class OnlineLaplace:
                 else:
                     fixed = {n: t.detach() for n, t in sampled.items()}
                     h, _ = self.engine.batch(x, lambda _f: g, params=fixed)
-                curvatures.append(h * (self.dataset_size**2 / len(pairs)))
+                curvatures.append(h * self._batch_to_data(len(pairs), len(y)))
         loss = torch.stack(losses).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -149,6 +174,12 @@ class OnlineLaplace:
                 self.H.add_(torch.stack(curvatures).mean(0).clamp_min(0))
         self.steps += 1
         return float(loss.detach())
+
+    def _batch_to_data(self, n_pairs: int, batch_size: int) -> float:
+        """The factor that rescales one batch's curvature sum to the data set."""
+        if self.curvature == "triplets":
+            return self.dataset_size / batch_size
+        return self.dataset_size**2 / n_pairs
 
     def end_epoch(self) -> None:
         """Decay the learning rate (call once per epoch)."""
@@ -170,7 +201,12 @@ class OnlineLaplace:
             normalize=emb.normalize,
             layer=self.layer if self.head is not None else None,
             head=self.head,
-            extra={"online": True, "memory_factor": self.memory_factor, "steps": self.steps},
+            extra={
+                "online": True,
+                "memory_factor": self.memory_factor,
+                "steps": self.steps,
+                "curvature": self.curvature,
+            },
         )
         stats = FitStats(
             n_data=n_data or self.dataset_size,

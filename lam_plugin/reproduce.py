@@ -96,6 +96,8 @@ __all__ = [
 DEFAULT_METHODS: tuple[str, ...] = ("deterministic", "deep_ensemble", "pfe", "mc_dropout", "lam_posthoc", "lam_online")
 #: Every method this module knows, in the paper's row order (``hib`` is opt-in).
 ALL_METHODS: tuple[str, ...] = ("deterministic", "deep_ensemble", "pfe", "hib", "mc_dropout", "lam_posthoc", "lam_online")
+#: the running-curvature conventions of online LAM (``OnlineLaplace``'s ``curvature``)
+ONLINE_CURVATURES: tuple[str, ...] = ("pairs", "triplets")
 #: The metrics of the paper's table, in its column order.
 METRICS: tuple[str, ...] = ("map@1", "map@5", "map@10", "auroc", "auprc", "ausc", "ece")
 #: Metrics that need an uncertainty (undefined for the deterministic embedder).
@@ -186,6 +188,8 @@ class ReproduceConfig:
             and ensemble networks (and the PFE/HIB heads, with ``lr``).
         lam_batch_size: batch size of the post-hoc curvature fit and of online LAM.
         online_lr: RMSprop learning rate of online LAM.
+        online_curvature: the running curvature of online LAM: ``"pairs"`` (DESIGN
+            section 5) or ``"triplets"`` (the paper's code); see :mod:`lam_plugin.online`.
         max_pairs: at most this many pairs per batch enter the curvature.
         n_samples: samples per test input (weight samples, dropout passes, PFE/HIB draws).
         dropout: MC-dropout rate.
@@ -212,6 +216,7 @@ class ReproduceConfig:
     batch_size: int = 256
     lam_batch_size: int = 64
     online_lr: float = 1e-3
+    online_curvature: str = "pairs"
     max_pairs: int = 5000
     n_samples: int = 100
     dropout: float = 0.05
@@ -245,6 +250,8 @@ class ReproduceConfig:
         for name in ("embedding_dim", "epochs", "batch_size", "lam_batch_size", "max_pairs", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.online_curvature not in ONLINE_CURVATURES:
+            raise ValueError(f"online_curvature must be one of {ONLINE_CURVATURES}, got {self.online_curvature!r}")
         if self.n_samples < 2:
             raise ValueError(f"n_samples must be at least 2 (a standard deviation needs two), got {self.n_samples}")
         if self.ensemble_size < 2:
@@ -400,7 +407,12 @@ def _short_hash(spec: Mapping[str, Any]) -> str:
 
 def _online_kwargs(config: ReproduceConfig, progress: bool) -> dict[str, Any]:
     """Arguments for ``fit_online`` that its signature accepts (it is allowed to evolve)."""
-    wanted: dict[str, Any] = {"lr": config.online_lr, "max_pairs": config.max_pairs, "progress": progress}
+    wanted: dict[str, Any] = {
+        "lr": config.online_lr,
+        "max_pairs": config.max_pairs,
+        "curvature": config.online_curvature,
+        "progress": progress,
+    }
     params = inspect.signature(LaplaceEmbedder.fit_online).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return wanted
@@ -739,8 +751,12 @@ class _Runner:
             "approx": "fix",
             "geometry": "arccos",
             "prior_precision": 1.0,
-            "fit_online_kwargs": sorted(kwargs),
+            # the key of the curvature option enters only with a value other than the
+            # default, so that the caches of earlier "pairs" runs stay valid
+            "fit_online_kwargs": sorted(k for k in kwargs if k != "curvature"),
         }
+        if c.online_curvature != "pairs":
+            spec["curvature"] = c.online_curvature
         path = self._path("lam_online", seed, spec)
         post_path = self._path("lam_online", seed, spec, suffix=".posterior")
         posterior: EmbeddingPosterior | None = None

@@ -187,6 +187,8 @@ def test_config_validation():
         R.ReproduceConfig(val_fraction=0.0)
     with pytest.raises(ValueError, match="prior"):
         R.ReproduceConfig(prior_precision=-1.0)
+    with pytest.raises(ValueError, match="online_curvature"):
+        R.ReproduceConfig(online_curvature="quadruplets")
     quick = R.ReproduceConfig.quick_run()
     assert quick.quick and quick.seeds == (1,) and set(quick.methods) == set(R.DEFAULT_METHODS)
     assert R.ReproduceConfig().seeds == (1, 2, 3, 4, 5) and "hib" not in R.DEFAULT_METHODS
@@ -244,6 +246,8 @@ def test_cli_parsing():
         parser.parse_args(["reproduce", "fashionmnist", "--prior-precision", "marglik", "--prior-candidates", "marglik", "3"])
     )
     assert one.prior_candidates == ("marglik", 3.0) and one.candidates == ("marglik", 3.0)
+    paper = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-curvature", "triplets"]))
+    assert paper.online_curvature == "triplets" and R.ReproduceConfig().online_curvature == "pairs"
 
     for bad in (
         ["reproduce", "cifar10"],
@@ -252,6 +256,7 @@ def test_cli_parsing():
         ["reproduce", "fashionmnist", "--prior-precision", "-1"],
         ["reproduce", "fashionmnist", "--prior-candidates", "auto"],
         ["reproduce", "fashionmnist", "--prior-candidates", "0"],
+        ["reproduce", "fashionmnist", "--online-curvature", "quadruplets"],
         [],
     ):
         with pytest.raises(SystemExit):
