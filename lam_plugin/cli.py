@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--online-curvature",
         choices=["pairs", "triplets"],
         default=None,
-        help="online LAM's running curvature: all pairs rescaled by N^2/pairs (default) or the "
-        "margin-violating triplets rescaled by N/batch (the paper's code)",
+        help="online LAM's running curvature: the margin-violating triplets rescaled by N/batch "
+        "(the paper's code, default) or all pairs rescaled by N^2/pairs (DESIGN section 5)",
     )
     rep.add_argument("--data-root", default=None, help="folder with the FashionMNIST IDX files (searched first)")
     rep.set_defaults(handler=_cmd_reproduce)

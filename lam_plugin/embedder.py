@@ -16,6 +16,7 @@ from .curvature.base import CurvatureBackend, HessianFn, UnsupportedModelError
 from .curvature.functorch import FunctorchBackend
 from .curvature.last_layer import LastLayerCurvature, probe_last_layer
 from .geometry import APPROXES, GEOMETRIES, OutputHessian, output_hessian
+from .numerics import flush_denormals
 from .online import OnlineLaplace, dataset_size_of, first_input
 from .pairs import Miner, PairSelection
 from .parameters import Subset, flatten, resolve_subset
@@ -112,6 +113,7 @@ class LaplaceEmbedder:
         self.posterior: EmbeddingPosterior | None = None
 
     # -- fitting ------------------------------------------------------------------------
+    @flush_denormals()
     def fit(self, loader: Iterable[Any]) -> EmbeddingPosterior:
         """Fit the posterior on ``loader`` (yielding ``(x, y)`` batches) and return it.
 

@@ -44,6 +44,7 @@ from torch import Tensor
 from .curvature.functorch import FunctorchBackend, functional_forward
 from .curvature.last_layer import LastLayerCurvature, capture_io, probe_last_layer
 from .geometry import output_hessian
+from .numerics import flush_denormals
 from .pairs import Miner, PairSelection
 from .parameters import resolve_subset, unflatten
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
@@ -133,6 +134,7 @@ class OnlineLaplace:
         p = self.embedder.prior_precision
         return 1.0 if isinstance(p, str) else float(p)
 
+    @flush_denormals()
     def step(self, x: Batch, y: Tensor) -> float:
         """One optimisation step on the batch ``(x, y)``; returns the loss."""
         emb = self.embedder

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lam_plugin import wrapping
+from lam_plugin.numerics import flush_denormals
 from lam_plugin.wrapping import eval_mode
 
 __all__ = ["TrainingHistory", "train_contrastive", "embed", "preserve_modes", "model_device", "seeded"]
@@ -112,6 +113,7 @@ def _check_data(images: Tensor, labels: Tensor) -> None:
         raise ValueError("at least 2 training examples are needed")
 
 
+@flush_denormals()
 def train_contrastive(
     model: nn.Module,
     images: Tensor,

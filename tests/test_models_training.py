@@ -174,3 +174,25 @@ def test_embed_images():
     net = fashionmnist_net(embedding_dim=3)
     z = embed(net, torch.randn(5, 1, 28, 28), batch_size=2)
     assert z.shape == (5, 3) and not z.requires_grad
+
+
+def test_flush_denormals_restores_the_previous_setting():
+    from lam_plugin.numerics import denormals_flushed_now, flush_denormals
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormal floats")
+    assert not denormals_flushed_now()
+    with flush_denormals():
+        assert denormals_flushed_now()
+        assert torch.tensor([1e-39]).mul(1.0).item() == 0.0
+        with flush_denormals():  # nested: stays on, and the outer block still has it after
+            pass
+        assert denormals_flushed_now()
+    assert not denormals_flushed_now()
+    torch.set_flush_denormal(True)  # a caller's own choice survives too
+    try:
+        with flush_denormals():
+            pass
+        assert denormals_flushed_now()
+    finally:
+        torch.set_flush_denormal(False)

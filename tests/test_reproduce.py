@@ -247,7 +247,9 @@ def test_cli_parsing():
     )
     assert one.prior_candidates == ("marglik", 3.0) and one.candidates == ("marglik", 3.0)
     paper = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-curvature", "triplets"]))
-    assert paper.online_curvature == "triplets" and R.ReproduceConfig().online_curvature == "pairs"
+    assert paper.online_curvature == "triplets" == R.ReproduceConfig().online_curvature
+    design = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-curvature", "pairs"]))
+    assert design.online_curvature == "pairs"
 
     for bad in (
         ["reproduce", "cifar10"],

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lam_plugin.numerics import flush_denormals
 from lam_plugin.prediction import Prediction
 from lam_plugin.training import TrainingHistory, model_device, seeded
 from lam_plugin.wrapping import eval_mode
@@ -174,6 +175,7 @@ class VarianceHeadBaseline(UncertaintyBaseline):
         mu, log_var = self.mean_log_var(x)
         return self._draw(mu, (0.5 * log_var).exp(), self._n(n))
 
+    @flush_denormals()
     def _fit_batches(
         self,
         n_examples: int,
