@@ -1,8 +1,8 @@
 """Floating-point settings that matter for speed on the CPU.
 
-Trained networks carry subnormal ("denormal") floats, below about 1.2e-38 in float32:
-activations and weights that training drives towards zero. x86 CPUs handle them in
-microcode, many times slower than normal floats. On the paper's FashionMNIST CNN, one
+With trained weights, the training step of a network meets subnormal ("denormal")
+floats, below about 1.2e-38 in float32, which x86 CPUs handle in microcode, many times
+slower than normal floats. On the paper's FashionMNIST CNN, one
 online-LAM step with trained weights took 0.25 s with them and 0.08 s flushed to zero
 (one thread). Flushing changes results only below 1.2e-38.
 """

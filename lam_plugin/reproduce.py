@@ -68,6 +68,7 @@ from .data import ImageDataset, load_fashionmnist, load_mnist
 from .embedder import LaplaceEmbedder
 from .models import fashionmnist_net
 from .numerics import flush_denormals
+from .online import OnlineLaplace
 from .posterior import EmbeddingPosterior
 from .prediction import Prediction
 from .calibration import calibrate_temperature
@@ -97,8 +98,6 @@ __all__ = [
 DEFAULT_METHODS: tuple[str, ...] = ("deterministic", "deep_ensemble", "pfe", "mc_dropout", "lam_posthoc", "lam_online")
 #: Every method this module knows, in the paper's row order (``hib`` is opt-in).
 ALL_METHODS: tuple[str, ...] = ("deterministic", "deep_ensemble", "pfe", "hib", "mc_dropout", "lam_posthoc", "lam_online")
-#: the running-curvature conventions of online LAM (``OnlineLaplace``'s ``curvature``)
-ONLINE_CURVATURES: tuple[str, ...] = ("pairs", "triplets")
 #: The metrics of the paper's table, in its column order.
 METRICS: tuple[str, ...] = ("map@1", "map@5", "map@10", "auroc", "auprc", "ausc", "ece")
 #: Metrics that need an uncertainty (undefined for the deterministic embedder).
@@ -253,8 +252,10 @@ class ReproduceConfig:
         for name in ("embedding_dim", "epochs", "batch_size", "lam_batch_size", "max_pairs", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.online_curvature not in ONLINE_CURVATURES:
-            raise ValueError(f"online_curvature must be one of {ONLINE_CURVATURES}, got {self.online_curvature!r}")
+        if self.online_curvature not in OnlineLaplace.CURVATURES:
+            raise ValueError(
+                f"online_curvature must be one of {OnlineLaplace.CURVATURES}, got {self.online_curvature!r}"
+            )
         if self.n_samples < 2:
             raise ValueError(f"n_samples must be at least 2 (a standard deviation needs two), got {self.n_samples}")
         if self.ensemble_size < 2:
