@@ -491,8 +491,8 @@ class _Runner:
         with seeded(seed):
             net = fashionmnist_net(self.config.embedding_dim, normalize=False, dropout=dropout)
         # channels_last convolution weights: 1.03x (batch 256) to 1.47x (batch 64) the
-        # training throughput of this network on CPU (docs/benchmarks.md); the values and the cache files (saved
-        # contiguous) are the same as in the default layout.
+        # training throughput of this network on CPU (docs/benchmarks.md); the values and
+        # the cache files (saved contiguous) are the same as in the default layout.
         return net.to(self.device, memory_format=torch.channels_last)
 
     def net_spec(self, dropout: float) -> dict[str, Any]:
