@@ -128,6 +128,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="online LAM's running curvature: the margin-violating triplets rescaled by N/batch "
         "(the paper's code, default) or all pairs rescaled by N^2/pairs (DESIGN section 5)",
     )
+    rep.add_argument(
+        "--online-loss-miner",
+        choices=["all", "triplets"],
+        default=None,
+        help="pairs of online LAM's contrastive loss: every pair of the batch, or the pairs of the "
+        "margin-violating triplets (the paper's code)",
+    )
+    rep.add_argument(
+        "--online-relu",
+        choices=["per_step", "on_use"],
+        default=None,
+        help="relu of online LAM's running curvature on every step's term (DESIGN) or only where "
+        "the signed running sum is used (the paper's code)",
+    )
+    rep.add_argument(
+        "--online-hinge",
+        choices=["on", "off"],
+        default=None,
+        help="count a negative Hessian pair only while its hinge is active (on, DESIGN) or every "
+        "mined negative (off, the paper's code)",
+    )
+    rep.add_argument(
+        "--online-max-pairs",
+        type=int,
+        default=None,
+        help="online LAM's Hessian pairs per batch (default: 5000; the paper's code draws 5000 "
+        "triplets, i.e. 10000 pairs)",
+    )
     rep.add_argument("--data-root", default=None, help="folder with the FashionMNIST IDX files (searched first)")
     rep.set_defaults(handler=_cmd_reproduce)
 
@@ -153,6 +181,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
         prior_precision=args.prior_precision,
         prior_candidates=tuple(args.prior_candidates) if args.prior_candidates else None,
         online_curvature=args.online_curvature,
+        online_loss_miner=args.online_loss_miner,
+        online_relu=args.online_relu,
+        online_hinge=None if args.online_hinge is None else args.online_hinge == "on",
+        online_max_pairs=args.online_max_pairs,
     )
 
 

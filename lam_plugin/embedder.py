@@ -43,6 +43,8 @@ class LaplaceEmbedder:
             (DESIGN section 3).
         margin: the contrastive margin ``m``; a negative pair counts while
             ``||z_i - z_j||^2 < m``.
+        hinge: that hinge test (DESIGN section 3, the default). ``False`` counts every
+            mined negative whatever its distance, as the paper's code does.
         miner: ``"all"`` (every unordered pair of a batch) or a pytorch-metric-learning miner.
         prior_precision: a positive float (or ``[P]`` tensor), or ``"marglik"``.
         backend: ``"backpack"``, ``"torch.func"`` or ``"auto"`` (BackPACK where it supports
@@ -66,6 +68,7 @@ class LaplaceEmbedder:
         approx: str = "fix",
         geometry: str = "arccos",
         margin: float = 0.7,
+        hinge: bool = True,
         miner: Miner = "all",
         prior_precision: PriorPrecision = 1.0,
         backend: BackendName = "auto",
@@ -93,6 +96,8 @@ class LaplaceEmbedder:
             raise ValueError(f"max_pairs must be a positive int or None, got {max_pairs!r}")
         if isinstance(prior_precision, str) and prior_precision != "marglik":
             raise ValueError(f"prior_precision must be a positive number or 'marglik', got {prior_precision!r}")
+        if not isinstance(hinge, bool):
+            raise TypeError(f"hinge must be a bool, got {type(hinge).__name__}")
         if isinstance(miner, str) and miner != "all":
             raise ValueError(f"miner must be 'all' or a pytorch-metric-learning miner, got {miner!r}")
         self.model = model
@@ -100,6 +105,7 @@ class LaplaceEmbedder:
         self.approx = approx
         self.geometry = geometry
         self.margin = float(margin)
+        self.hinge = hinge
         self.miner = miner
         self.prior_precision = prior_precision
         self.backend = backend
@@ -123,7 +129,9 @@ class LaplaceEmbedder:
         first = _first_batch(loader)
         device = model_device(self.model)
         x0 = to_device(split_batch(first)[0], device)
-        selection = PairSelection(self.miner, self.margin, self.max_pairs, torch.Generator().manual_seed(self.seed))
+        selection = PairSelection(
+            self.miner, self.margin, self.max_pairs, torch.Generator().manual_seed(self.seed), self.hinge
+        )
         total: Tensor | None = None
         n_data = n_batches = 0
         out_dim = 0
@@ -219,13 +227,16 @@ class LaplaceEmbedder:
         n_samples: int = 1,
         max_pairs: int | None = 5000,
         curvature: Literal["pairs", "triplets"] = "pairs",
+        relu: Literal["per_step", "on_use"] = "per_step",
     ) -> EmbeddingPosterior:
         """Train the model with online LAM (DESIGN section 5) and return its posterior.
 
         ``curvature`` chooses the pairs of the running curvature and its rescaling:
         ``"pairs"`` (all pairs, ``dataset_size**2 / n_pairs``) or ``"triplets"`` (the
         margin-violating triplets, ``dataset_size / batch_size``, as the paper's code);
-        see :mod:`lam_plugin.online`.
+        see :mod:`lam_plugin.online`. ``relu`` applies the ``relu`` to every step's
+        curvature (DESIGN) or only where the signed running sum is used (``"on_use"``,
+        the paper's code); see :class:`~lam_plugin.online.OnlineLaplace`.
 
         Unlike :meth:`fit`, this trains the model's weights in place (it is a training
         loop); every module's train/eval flag is restored afterwards.
@@ -243,6 +254,7 @@ class LaplaceEmbedder:
             n_samples=n_samples,
             max_pairs=max_pairs,
             curvature=curvature,
+            relu=relu,
         )
         flags = {m: m.training for m in self.model.modules()}
         self.model.train()

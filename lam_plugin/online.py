@@ -22,9 +22,15 @@ Each step (DESIGN section 5), with ``mu`` the current weights of the Laplace sub
      about one epoch's worth of batch sums, as the post-hoc fit does. This running
      curvature is ``dataset_size * batch_size / n_pairs`` (about 1,700 on
      FashionMNIST) times smaller, so the weight noise of training is about 40 times
-     larger. Unlike the paper's code, negatives still count only while their hinge is
-     active (an inactive hinge has zero curvature).
-4. ``H <- memory_factor * H + relu(mean_s h_s)``, starting from ``H_0 = dataset_size``.
+     larger. Negatives count only while their hinge is active (an inactive hinge has
+     zero curvature) unless the embedder has ``hinge=False``, which counts every mined
+     negative, as the paper's code does.
+4. ``H <- memory_factor * H + relu(mean_s h_s)``, starting from ``H_0 = dataset_size``
+   (``relu="per_step"``, DESIGN section 5). With ``relu="on_use"`` (the paper's code)
+   the signed batch curvature is accumulated, ``H <- memory_factor * H + mean_s h_s``,
+   and the ``relu`` is applied only where ``H`` is used: to draw the weights and in
+   the returned posterior. Negative batch terms then cancel earlier positive ones, so
+   weights whose positive and negative curvature balance keep the prior's variance.
 
 The optimiser is RMSprop with weight decay and an exponential learning-rate decay per
 epoch, as in the paper.
@@ -66,6 +72,8 @@ class OnlineLaplace:
         lr, weight_decay: RMSprop settings; ``lr_decay`` multiplies the learning rate at
             each :meth:`end_epoch`.
         memory_factor: ``m`` in ``H <- m H + relu(h)``.
+        relu: ``"per_step"`` (``relu`` of each step's curvature, DESIGN) or ``"on_use"``
+            (signed running sum, ``relu`` where it is used, the paper's code).
         n_samples: weight samples per step.
         max_pairs: at most this many pairs per batch enter the curvature.
         curvature: which pairs enter the running curvature and how a batch is rescaled
@@ -74,6 +82,7 @@ class OnlineLaplace:
     """
 
     CURVATURES = ("pairs", "triplets")
+    RELUS = ("per_step", "on_use")
 
     def __init__(
         self,
@@ -88,6 +97,7 @@ class OnlineLaplace:
         n_samples: int = 1,
         max_pairs: int | None = 5000,
         curvature: Literal["pairs", "triplets"] = "pairs",
+        relu: Literal["per_step", "on_use"] = "per_step",
         generator: torch.Generator | None = None,
     ) -> None:
         if dataset_size < 1:
@@ -98,6 +108,8 @@ class OnlineLaplace:
             raise ValueError(f"n_samples must be positive, got {n_samples}")
         if curvature not in self.CURVATURES:
             raise ValueError(f"curvature must be one of {self.CURVATURES}, got {curvature!r}")
+        if relu not in self.RELUS:
+            raise ValueError(f"relu must be one of {self.RELUS}, got {relu!r}")
         self.embedder = embedder
         model = embedder.model
         self.layer: str | None = None
@@ -123,11 +135,12 @@ class OnlineLaplace:
             self.engine = FunctorchBackend(model, embedder.output_key, self.names, embedder.chunk_size)
         self.steps = 0
         self.curvature = curvature
+        self.relu = relu
         # the Hessian pairs, whatever miner the loss uses
         hessian_miner: Miner = "all"
         if curvature == "triplets":
             hessian_miner = TripletMarginMiner(margin=embedder.margin, type_of_triplets="all")
-        self.selection = PairSelection(hessian_miner, embedder.margin, max_pairs, self.generator)
+        self.selection = PairSelection(hessian_miner, embedder.margin, max_pairs, self.generator, embedder.hinge)
 
     @property
     def prior(self) -> float:
@@ -173,7 +186,8 @@ class OnlineLaplace:
         with torch.no_grad():
             self.H.mul_(self.memory_factor)
             if curvatures:
-                self.H.add_(torch.stack(curvatures).mean(0).clamp_min(0))
+                h = torch.stack(curvatures).mean(0)
+                self.H.add_(h.clamp_min(0) if self.relu == "per_step" else h)
         self.steps += 1
         return float(loss.detach())
 
@@ -191,9 +205,10 @@ class OnlineLaplace:
         """The posterior at the current weights with the running curvature ``H``."""
         emb = self.embedder
         mean = torch.cat([dict(emb.model.named_parameters())[n].detach().reshape(-1) for n in self.names])
+        curvature = self.H.clamp_min(0)
         prior: float = self.prior
         if emb.prior_precision == "marglik":
-            prior = marglik_prior_precision(self.H, mean, n_data or self.dataset_size, 1)
+            prior = marglik_prior_precision(curvature, mean, n_data or self.dataset_size, 1)
         config = PosteriorConfig(
             geometry=emb.geometry,
             approx=emb.approx,
@@ -208,6 +223,8 @@ class OnlineLaplace:
                 "memory_factor": self.memory_factor,
                 "steps": self.steps,
                 "curvature": self.curvature,
+                "relu": self.relu,
+                "hinge": self.selection.hinge,
             },
         )
         stats = FitStats(
@@ -218,7 +235,7 @@ class OnlineLaplace:
             n_negative_total=self.selection.counts.negative_total,
             backend=f"online/{self.engine.name}",
         )
-        return EmbeddingPosterior(emb.model, self.names, self.H.clone(), prior, mean=mean, config=config, stats=stats)
+        return EmbeddingPosterior(emb.model, self.names, curvature, prior, mean=mean, config=config, stats=stats)
 
 
 def dataset_size_of(loader: Iterable[Any]) -> int:

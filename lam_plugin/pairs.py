@@ -124,6 +124,8 @@ class PairSelection:
         miner: ``"all"`` or a pytorch-metric-learning miner.
         margin: the hinge margin on squared distances of normalised embeddings.
         max_pairs: at most this many pairs (drawn at random) per batch.
+        hinge: count a negative only while its hinge is active (DESIGN section 3); with
+            ``False`` every mined negative counts, as in the paper's online code.
         generator: for that draw.
         counts: updated by every call.
     """
@@ -132,6 +134,7 @@ class PairSelection:
     margin: float = 0.7
     max_pairs: int | None = None
     generator: torch.Generator | None = None
+    hinge: bool = True
     counts: PairCounts = field(default_factory=PairCounts)
 
     def __call__(self, labels: Tensor, f: Tensor) -> PairSet:
@@ -139,7 +142,9 @@ class PairSelection:
         z = torch.nn.functional.normalize(f, dim=-1)
         pairs = make_pairs(labels, self.miner, z)
         self.counts.negative_total += pairs.n_negative
-        pairs = subsample(active(pairs, z, self.margin), self.max_pairs, self.generator)
+        if self.hinge:
+            pairs = active(pairs, z, self.margin)
+        pairs = subsample(pairs, self.max_pairs, self.generator)
         self.counts.positive += pairs.n_positive
         self.counts.negative_active += pairs.n_negative
         return pairs

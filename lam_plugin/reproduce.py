@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from pytorch_metric_learning.miners import TripletMarginMiner
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
@@ -95,6 +96,12 @@ __all__ = [
 ]
 
 #: Methods run by default, in the paper's row order.
+#: the pairs of online LAM's loss: every pair of a batch, or the margin-violating triplets'
+#: pairs (the paper's code)
+ONLINE_LOSS_MINERS: tuple[str, ...] = ("all", "triplets")
+#: online-LAM options added after the first cached runs, with the value those runs had
+ONLINE_LATER_DEFAULTS: dict[str, Any] = {"curvature": "pairs", "relu": "per_step", "hinge": True, "loss_miner": "all"}
+
 DEFAULT_METHODS: tuple[str, ...] = ("deterministic", "deep_ensemble", "pfe", "mc_dropout", "lam_posthoc", "lam_online")
 #: Every method this module knows, in the paper's row order (``hib`` is opt-in).
 ALL_METHODS: tuple[str, ...] = ("deterministic", "deep_ensemble", "pfe", "hib", "mc_dropout", "lam_posthoc", "lam_online")
@@ -192,6 +199,16 @@ class ReproduceConfig:
             paper's code, the default here) or ``"pairs"`` (DESIGN section 5, the
             default of ``fit_online``); see :mod:`lam_plugin.online`. On seed 1,
             "triplets" gave AUROC 0.95 against 0.92 (docs/results/README.md).
+        online_loss_miner: the pairs of online LAM's contrastive loss: ``"all"`` (every
+            pair of the batch) or ``"triplets"`` (the pairs of the margin-violating
+            triplets, pytorch-metric-learning's ``TripletMarginMiner(type_of_triplets=
+            "all")``, as the paper's code).
+        online_relu: ``"per_step"`` (DESIGN) or ``"on_use"`` (the paper's code): where
+            the ``relu`` of online LAM's running curvature is applied.
+        online_hinge: count a negative Hessian pair only while its hinge is active
+            (DESIGN); ``False`` counts every mined negative (the paper's code).
+        online_max_pairs: online LAM's Hessian pairs per batch (default ``max_pairs``);
+            the paper's code draws 5,000 triplets, that is 10,000 pairs.
         max_pairs: at most this many pairs per batch enter the curvature.
         n_samples: samples per test input (weight samples, dropout passes, PFE/HIB draws).
         dropout: MC-dropout rate.
@@ -219,6 +236,10 @@ class ReproduceConfig:
     lam_batch_size: int = 64
     online_lr: float = 1e-3
     online_curvature: str = "triplets"
+    online_loss_miner: str = "all"
+    online_relu: str = "per_step"
+    online_hinge: bool = True
+    online_max_pairs: int | None = None
     max_pairs: int = 5000
     n_samples: int = 100
     dropout: float = 0.05
@@ -256,6 +277,12 @@ class ReproduceConfig:
             raise ValueError(
                 f"online_curvature must be one of {OnlineLaplace.CURVATURES}, got {self.online_curvature!r}"
             )
+        if self.online_loss_miner not in ONLINE_LOSS_MINERS:
+            raise ValueError(f"online_loss_miner must be one of {ONLINE_LOSS_MINERS}, got {self.online_loss_miner!r}")
+        if self.online_relu not in OnlineLaplace.RELUS:
+            raise ValueError(f"online_relu must be one of {OnlineLaplace.RELUS}, got {self.online_relu!r}")
+        if self.online_max_pairs is not None and int(self.online_max_pairs) < 1:
+            raise ValueError(f"online_max_pairs must be positive, got {self.online_max_pairs}")
         if self.n_samples < 2:
             raise ValueError(f"n_samples must be at least 2 (a standard deviation needs two), got {self.n_samples}")
         if self.ensemble_size < 2:
@@ -413,8 +440,9 @@ def _online_kwargs(config: ReproduceConfig, progress: bool) -> dict[str, Any]:
     """Arguments for ``fit_online`` that its signature accepts (it is allowed to evolve)."""
     wanted: dict[str, Any] = {
         "lr": config.online_lr,
-        "max_pairs": config.max_pairs,
+        "max_pairs": config.online_max_pairs or config.max_pairs,
         "curvature": config.online_curvature,
+        "relu": config.online_relu,
         "progress": progress,
     }
     params = inspect.signature(LaplaceEmbedder.fit_online).parameters
@@ -750,17 +778,22 @@ class _Runner:
             "lr": c.online_lr,
             "optimizer": "rmsprop (fit_online)",
             "batch_size": c.lam_batch_size,
-            "max_pairs": c.max_pairs,
+            "max_pairs": kwargs.get("max_pairs", c.max_pairs),
             "subset": "last_layer",
             "approx": "fix",
             "geometry": "arccos",
             "prior_precision": 1.0,
-            # the key of the curvature option enters only with a value other than the
-            # default, so that the caches of earlier "pairs" runs stay valid
-            "fit_online_kwargs": sorted(k for k in kwargs if k != "curvature"),
+            # the keys of later options enter only with a value other than their first
+            # default, so that the caches of earlier runs stay valid
+            "fit_online_kwargs": sorted(k for k in kwargs if k not in ONLINE_LATER_DEFAULTS),
         }
-        if c.online_curvature != "pairs":
-            spec["curvature"] = c.online_curvature
+        chosen = {
+            "curvature": c.online_curvature,
+            "relu": c.online_relu,
+            "hinge": c.online_hinge,
+            "loss_miner": c.online_loss_miner,
+        }
+        spec.update({k: v for k, v in chosen.items() if v != ONLINE_LATER_DEFAULTS[k]})
         path = self._path("lam_online", seed, spec)
         post_path = self._path("lam_online", seed, spec, suffix=".posterior")
         posterior: EmbeddingPosterior | None = None
@@ -775,6 +808,9 @@ class _Runner:
         if posterior is None:
             logger.info("training online LAM, seed %d (%d epochs)", seed, c.epochs)
             embedder = self._embedder(net, seed)
+            embedder.hinge = c.online_hinge
+            if c.online_loss_miner == "triplets":
+                embedder.miner = TripletMarginMiner(margin=c.margin, type_of_triplets="all")
             posterior = embedder.fit_online(self.lam_loader(seed), epochs=c.epochs, **kwargs)
             self._save(net.state_dict(), path, spec)
             tmp = post_path.with_name(post_path.name + ".tmp")

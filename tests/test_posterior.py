@@ -288,6 +288,62 @@ def test_online_curvature_update_matches_a_post_hoc_fit_of_the_batch(curvature):
         lam.online(x, dataset_size=n_data, curvature="quadruplets")  # type: ignore[arg-type]
 
 
+def test_online_relu_on_use_accumulates_the_signed_batch_curvature():
+    """``relu="on_use"`` adds the signed batch term h; ``"per_step"`` adds relu(h) (the other
+    test checks that against ``fit``). Same model, seed and batch for both."""
+    torch.manual_seed(0)
+    model = paper_cnn(normalize=False)
+    x, y = next(iter(_loader((1, 28, 28), n=16, batch=16, classes=3)))
+    added = {}
+    for relu in ("per_step", "on_use"):
+        lam = LaplaceEmbedder(copy.deepcopy(model), prior_precision=1e12, progress=False)
+        trainer = lam.online(x, dataset_size=1000, max_pairs=None, curvature="triplets", relu=relu)
+        h0 = trainer.H.clone()
+        trainer.step(x, y)
+        added[relu] = trainer.H - trainer.memory_factor * h0
+        post = trainer.posterior()
+        assert post.config.extra["relu"] == relu and (post.curvature >= 0).all()
+    assert (added["on_use"] < 0).any(), "the batch must have negative curvature entries to tell the two apart"
+    scale = float(added["per_step"].abs().max())
+    torch.testing.assert_close(added["per_step"], added["on_use"].clamp_min(0), rtol=1e-4, atol=1e-5 * scale)
+    # a running sum that went negative draws weights with the prior's variance only
+    trainer.H.fill_(-5.0)
+    assert (trainer.posterior().curvature == 0).all()
+    with pytest.raises(ValueError, match="relu must be one of"):
+        lam.online(x, dataset_size=1000, relu="never")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="hinge must be a bool"):
+        LaplaceEmbedder(model, hinge="off")  # type: ignore[arg-type]
+
+
+def test_online_without_hinge_counts_every_negative():
+    """An embedder with ``hinge=False`` counts inactive negatives too, in ``fit`` and online. The curvature of an active negative
+    does not depend on the margin, so ``fit`` with a margin beyond every squared distance
+    (4 on the unit sphere) is the reference."""
+    torch.manual_seed(0)
+    model = paper_cnn(normalize=False)
+    x, y = next(iter(_loader((1, 28, 28), n=16, batch=16, classes=3)))
+    n_data = 1000
+    before = copy.deepcopy(model)
+    lam = LaplaceEmbedder(model, prior_precision=1e12, margin=0.1, hinge=False, progress=False)
+    trainer = lam.online(x, dataset_size=n_data, max_pairs=None, curvature="pairs")
+    h0 = trainer.H.clone()
+    trainer.step(x, y)
+    counts = trainer.selection.counts
+    assert counts.negative_active == counts.negative_total > 0
+    hinged = LaplaceEmbedder(copy.deepcopy(before), margin=0.1, progress=False).fit([(x, y)])
+    assert hinged.stats.n_negative_active < counts.negative_total  # the margin 0.1 deactivates some
+    no_hinge = LaplaceEmbedder(copy.deepcopy(before), margin=0.1, hinge=False, progress=False).fit([(x, y)])
+    fit = LaplaceEmbedder(before, margin=4.5, progress=False).fit([(x, y)])
+    assert fit.stats.n_negative_active == no_hinge.stats.n_negative_active == counts.negative_total
+    torch.testing.assert_close(no_hinge.curvature, fit.curvature)
+    n_pairs = fit.stats.n_positive + fit.stats.n_negative_active
+    added = trainer.H - trainer.memory_factor * h0
+    torch.testing.assert_close(
+        added, n_data**2 / n_pairs * fit.curvature, rtol=1e-3, atol=1e-3 * float(added.abs().max())
+    )
+    assert trainer.posterior().config.extra["hinge"] is False and not torch.equal(hinged.curvature, fit.curvature)
+
+
 def test_tempered_and_calibrated_posterior():
     from lam_plugin.calibration import calibrate_temperature
 

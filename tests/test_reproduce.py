@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -171,6 +172,42 @@ def test_changed_config_gets_its_own_cache_entry(tmp_path, data):
     assert not (tmp_path / "roc.png").exists()  # no method with an uncertainty: no curves
 
 
+@pytest.mark.skipif(not HAS_ONLINE, reason="needs LaplaceEmbedder.fit_online")
+def test_online_options_reach_fit_online_and_the_cache_key(monkeypatch, tmp_path, data):
+    from safetensors import safe_open
+
+    seen = []
+    real = R.LaplaceEmbedder.fit_online
+
+    @functools.wraps(real)  # the same signature, which reproduce inspects
+    def spy(self, loader, epochs=20, **kwargs):
+        miner = self.miner if isinstance(self.miner, str) else type(self.miner).__name__
+        seen.append((miner, {**kwargs, "hinge": self.hinge}))
+        return real(self, loader, epochs, **kwargs)
+
+    monkeypatch.setattr(R.LaplaceEmbedder, "fit_online", spy)
+    base = tiny_config(methods=("lam_online",), val_fraction=0.2)
+    code = R.with_overrides(
+        base, online_loss_miner="triplets", online_relu="on_use", online_hinge=False, online_max_pairs=400
+    )
+    first = R.reproduce_fashionmnist(base, tmp_path, data=data, progress=False)
+    second = R.reproduce_fashionmnist(code, tmp_path, data=data, progress=False)
+    assert seen[0][0] == "all" and seen[0][1]["relu"] == "per_step" and seen[0][1]["hinge"] is True
+    assert seen[0][1]["max_pairs"] == 200
+    assert seen[1][0] == "TripletMarginMiner"
+    assert (seen[1][1]["relu"], seen[1][1]["hinge"], seen[1][1]["max_pairs"]) == ("on_use", False, 400)
+    assert first.trained and second.trained and not set(first.trained) & set(second.trained)
+    specs = []
+    for name in (first.trained[0], second.trained[0]):
+        with safe_open(str(tmp_path / "cache" / name), "pt") as f:
+            specs.append(json.loads(f.metadata()["spec"]))
+    # the options enter the key only with a value other than the first cached runs'
+    assert not {"relu", "hinge", "loss_miner"} & set(specs[0])
+    assert (specs[1]["relu"], specs[1]["hinge"], specs[1]["loss_miner"], specs[1]["max_pairs"]) == (
+        "on_use", False, "triplets", 400
+    )
+
+
 def test_lam_online_without_fit_online(monkeypatch, tmp_path, data):
     monkeypatch.delattr(R.LaplaceEmbedder, "fit_online", raising=False)
     with pytest.raises(R.MethodUnavailableError, match="fit_online"):
@@ -189,6 +226,12 @@ def test_config_validation():
         R.ReproduceConfig(prior_precision=-1.0)
     with pytest.raises(ValueError, match="online_curvature"):
         R.ReproduceConfig(online_curvature="quadruplets")
+    with pytest.raises(ValueError, match="online_loss_miner"):
+        R.ReproduceConfig(online_loss_miner="pairs")
+    with pytest.raises(ValueError, match="online_relu"):
+        R.ReproduceConfig(online_relu="never")
+    with pytest.raises(ValueError, match="online_max_pairs"):
+        R.ReproduceConfig(online_max_pairs=0)
     quick = R.ReproduceConfig.quick_run()
     assert quick.quick and quick.seeds == (1,) and set(quick.methods) == set(R.DEFAULT_METHODS)
     assert R.ReproduceConfig().seeds == (1, 2, 3, 4, 5) and "hib" not in R.DEFAULT_METHODS
@@ -250,6 +293,16 @@ def test_cli_parsing():
     assert paper.online_curvature == "triplets" == R.ReproduceConfig().online_curvature
     design = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-curvature", "pairs"]))
     assert design.online_curvature == "pairs"
+    code = cli.config_from_args(
+        parser.parse_args(
+            ["reproduce", "fashionmnist", "--online-loss-miner", "triplets", "--online-relu", "on_use",
+             "--online-hinge", "off", "--online-max-pairs", "10000"]
+        )
+    )
+    assert (code.online_loss_miner, code.online_relu, code.online_hinge, code.online_max_pairs) == (
+        "triplets", "on_use", False, 10000
+    )
+    assert cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-hinge", "on"])).online_hinge
 
     for bad in (
         ["reproduce", "cifar10"],
@@ -259,6 +312,8 @@ def test_cli_parsing():
         ["reproduce", "fashionmnist", "--prior-candidates", "auto"],
         ["reproduce", "fashionmnist", "--prior-candidates", "0"],
         ["reproduce", "fashionmnist", "--online-curvature", "quadruplets"],
+        ["reproduce", "fashionmnist", "--online-relu", "never"],
+        ["reproduce", "fashionmnist", "--online-hinge", "maybe"],
         [],
     ):
         with pytest.raises(SystemExit):
