@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prior-precision",
         type=_prior,
         default=None,
-        help="post-hoc LAM prior: auto (chosen on validation, default), marglik, or a number",
+        help="post-hoc LAM prior: a number (default 1, the paper's value), marglik, or auto (the candidate "
+        "with the best validation ECE)",
     )
     rep.add_argument(
         "--prior-candidates",
@@ -132,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--online-loss-miner",
         choices=["all", "triplets"],
         default=None,
-        help="pairs of online LAM's contrastive loss: every pair of the batch, or the pairs of the "
-        "margin-violating triplets (the paper's code)",
+        help="pairs of online LAM's contrastive loss: the pairs of the margin-violating triplets (the "
+        "paper's code, default) or every pair of the batch",
     )
     rep.add_argument(
         "--online-relu",

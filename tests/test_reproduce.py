@@ -54,6 +54,7 @@ def tiny_config(**overrides) -> R.ReproduceConfig:
         eval_batch_size=25,
         max_pairs=200,
         val_fraction=0.2,
+        prior_precision="auto",  # exercises the validation choice (the default is the paper's 1)
         quick=True,
     )
     settings.update(overrides)
@@ -186,7 +187,7 @@ def test_online_options_reach_fit_online_and_the_cache_key(monkeypatch, tmp_path
         return real(self, loader, epochs, **kwargs)
 
     monkeypatch.setattr(R.LaplaceEmbedder, "fit_online", spy)
-    base = tiny_config(methods=("lam_online",), val_fraction=0.2)
+    base = tiny_config(methods=("lam_online",), val_fraction=0.2, online_loss_miner="all")
     code = R.with_overrides(
         base, online_loss_miner="triplets", online_relu="on_use", online_hinge=False, online_max_pairs=400
     )
@@ -197,6 +198,9 @@ def test_online_options_reach_fit_online_and_the_cache_key(monkeypatch, tmp_path
     assert seen[1][0] == "TripletMarginMiner"
     assert (seen[1][1]["relu"], seen[1][1]["hinge"], seen[1][1]["max_pairs"]) == ("on_use", False, 400)
     assert first.trained and second.trained and not set(first.trained) & set(second.trained)
+    described = (tmp_path / "results.md").read_text()
+    for option in ("--online-loss-miner triplets", "--online-relu on_use", "--online-hinge off", "at most 400 Hessian"):
+        assert option in described
     specs = []
     for name in (first.trained[0], second.trained[0]):
         with safe_open(str(tmp_path / "cache" / name), "pt") as f:
@@ -221,7 +225,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="distinct"):
         R.ReproduceConfig(seeds=(1, 1))
     with pytest.raises(ValueError, match="validation"):
-        R.ReproduceConfig(val_fraction=0.0)
+        R.ReproduceConfig(val_fraction=0.0, prior_precision="auto")
     with pytest.raises(ValueError, match="prior"):
         R.ReproduceConfig(prior_precision=-1.0)
     with pytest.raises(ValueError, match="online_curvature"):
@@ -235,6 +239,8 @@ def test_config_validation():
     quick = R.ReproduceConfig.quick_run()
     assert quick.quick and quick.seeds == (1,) and set(quick.methods) == set(R.DEFAULT_METHODS)
     assert R.ReproduceConfig().seeds == (1, 2, 3, 4, 5) and "hib" not in R.DEFAULT_METHODS
+    # the paper's code: post-hoc prior 1, online loss on the margin-violating triplets
+    assert R.ReproduceConfig().prior_precision == 1.0 and R.ReproduceConfig().online_loss_miner == "triplets"
 
 
 def test_paper_numbers_transcribed():
