@@ -54,8 +54,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from pytorch_metric_learning.miners import TripletMarginMiner
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
@@ -95,13 +95,13 @@ __all__ = [
     "results_table",
 ]
 
-#: Methods run by default, in the paper's row order.
-#: the pairs of online LAM's loss: every pair of a batch, or the margin-violating triplets'
-#: pairs (the paper's code)
+#: The pairs of online LAM's loss: every pair of a batch, or the pairs of the
+#: margin-violating triplets (the paper's code).
 ONLINE_LOSS_MINERS: tuple[str, ...] = ("all", "triplets")
-#: online-LAM options added after the first cached runs, with the value those runs had
+#: Online-LAM options added after the first cached runs, with the value those runs had.
 ONLINE_LATER_DEFAULTS: dict[str, Any] = {"curvature": "pairs", "relu": "per_step", "hinge": True, "loss_miner": "all"}
 
+#: Methods run by default, in the paper's row order.
 DEFAULT_METHODS: tuple[str, ...] = ("deterministic", "deep_ensemble", "pfe", "mc_dropout", "lam_posthoc", "lam_online")
 #: Every method this module knows, in the paper's row order (``hib`` is opt-in).
 ALL_METHODS: tuple[str, ...] = ("deterministic", "deep_ensemble", "pfe", "hib", "mc_dropout", "lam_posthoc", "lam_online")
