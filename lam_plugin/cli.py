@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["per_step", "on_use"],
         default=None,
         help="relu of online LAM's running curvature on every step's term (DESIGN) or only where "
-        "the signed running sum is used (the paper's code)",
+        "the signed running sum is used (the latest version of the paper's code)",
     )
     rep.add_argument(
         "--online-hinge",

@@ -236,7 +236,7 @@ class LaplaceEmbedder:
         margin-violating triplets, ``dataset_size / batch_size``, as the paper's code);
         see :mod:`lam_plugin.online`. ``relu`` applies the ``relu`` to every step's
         curvature (DESIGN) or only where the signed running sum is used (``"on_use"``,
-        the paper's code); see :class:`~lam_plugin.online.OnlineLaplace`.
+        the paper's latest code); see :class:`~lam_plugin.online.OnlineLaplace`.
 
         Unlike :meth:`fit`, this trains the model's weights in place (it is a training
         loop); every module's train/eval flag is restored afterwards.

@@ -26,10 +26,11 @@ Each step (DESIGN section 5), with ``mu`` the current weights of the Laplace sub
      zero curvature) unless the embedder has ``hinge=False``, which counts every mined
      negative, as the paper's code does.
 4. ``H <- memory_factor * H + relu(mean_s h_s)``, starting from ``H_0 = dataset_size``
-   (``relu="per_step"``, DESIGN section 5). With ``relu="on_use"`` (the paper's code)
-   the signed batch curvature is accumulated, ``H <- memory_factor * H + mean_s h_s``,
-   and the ``relu`` is applied only where ``H`` is used: to draw the weights and in
-   the returned posterior. Negative batch terms then cancel earlier positive ones, so
+   (``relu="per_step"``, DESIGN section 5, as older versions of the paper's code).
+   With ``relu="on_use"`` (the latest version of the paper's code) the signed batch
+   curvature is accumulated, ``H <- memory_factor * H + mean_s h_s``, and the ``relu``
+   is applied only where ``H`` is used: to draw the weights and in the returned
+   posterior. Negative batch terms then cancel earlier positive ones, so
    weights whose positive and negative curvature balance keep the prior's variance.
 
 The optimiser is RMSprop with weight decay and an exponential learning-rate decay per
@@ -73,7 +74,7 @@ class OnlineLaplace:
             each :meth:`end_epoch`.
         memory_factor: ``m`` in ``H <- m H + relu(h)``.
         relu: ``"per_step"`` (``relu`` of each step's curvature, DESIGN) or ``"on_use"``
-            (signed running sum, ``relu`` where it is used, the paper's code).
+            (signed running sum, ``relu`` where it is used, the paper's latest code).
         n_samples: weight samples per step.
         max_pairs: at most this many pairs per batch enter the curvature.
         curvature: which pairs enter the running curvature and how a batch is rescaled

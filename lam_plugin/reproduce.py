@@ -203,7 +203,7 @@ class ReproduceConfig:
             (the pairs of the margin-violating triplets, pytorch-metric-learning's
             ``TripletMarginMiner(type_of_triplets="all")``, as the paper's code; the
             default) or ``"all"`` (every pair of the batch).
-        online_relu: ``"per_step"`` (DESIGN) or ``"on_use"`` (the paper's code): where
+        online_relu: ``"per_step"`` (DESIGN) or ``"on_use"`` (the paper's latest code): where
             the ``relu`` of online LAM's running curvature is applied.
         online_hinge: count a negative Hessian pair only while its hinge is active
             (DESIGN); ``False`` counts every mined negative (the paper's code).
@@ -1002,7 +1002,7 @@ def _online_conventions(c: Mapping[str, Any]) -> str:
         else "all pairs of each batch"
     )
     relu = (
-        "applied only where the signed running sum is used (the paper's code, `--online-relu on_use`)"
+        "applied only where the signed running sum is used (the paper's latest code, `--online-relu on_use`)"
         if c.get("online_relu", "per_step") == "on_use"
         else "applied to every step's term (DESIGN)"
     )
