@@ -70,6 +70,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= number < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lam-plugin``."""
     from .reproduce import ALL_METHODS, DEFAULT_METHODS
@@ -106,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--train-limit", type=_positive_int, default=None, help="use a random subset of the training split")
     rep.add_argument("--test-limit", type=_positive_int, default=None, help="use a random subset of the test split")
     rep.add_argument("--ood-limit", type=_positive_int, default=None, help="use a random subset of the OoD images")
+    rep.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=None,
+        help="share of the training split held out for validation (default 0.1); 0 fits every model on "
+        "the whole split, as the paper's code does, and leaves temperatures at 1",
+    )
     rep.add_argument(
         "--prior-precision",
         type=_prior,
@@ -179,6 +196,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         train_limit=args.train_limit,
         test_limit=args.test_limit,
         ood_limit=args.ood_limit,
+        val_fraction=args.val_fraction,
         prior_precision=args.prior_precision,
         prior_candidates=tuple(args.prior_candidates) if args.prior_candidates else None,
         online_curvature=args.online_curvature,

@@ -309,6 +309,8 @@ def test_cli_parsing():
         "triplets", "on_use", False, 10000
     )
     assert cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-hinge", "on"])).online_hinge
+    whole = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--val-fraction", "0"]))
+    assert whole.val_fraction == 0.0 and R.ReproduceConfig().val_fraction == 0.1
 
     for bad in (
         ["reproduce", "cifar10"],
@@ -320,6 +322,9 @@ def test_cli_parsing():
         ["reproduce", "fashionmnist", "--online-curvature", "quadruplets"],
         ["reproduce", "fashionmnist", "--online-relu", "never"],
         ["reproduce", "fashionmnist", "--online-hinge", "maybe"],
+        ["reproduce", "fashionmnist", "--val-fraction", "1"],
+        ["reproduce", "fashionmnist", "--val-fraction", "-0.1"],
+        ["reproduce", "fashionmnist", "--val-fraction", "a tenth"],
         [],
     ):
         with pytest.raises(SystemExit):
