@@ -155,10 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument(
         "--online-relu",
-        choices=["per_step", "on_use"],
+        choices=["per_step", "on_use", "per_epoch"],
         default=None,
-        help="relu of online LAM's running curvature on every step's term (DESIGN) or only where "
-        "the signed running sum is used (the latest version of the paper's code)",
+        help="relu of online LAM's running curvature: on every step's term (DESIGN, default), only "
+        "where the signed running sum is used, or on the signed running sum at every epoch's end "
+        "(what the latest version of the paper's code does in effect)",
     )
     rep.add_argument(
         "--online-hinge",

@@ -227,7 +227,7 @@ class LaplaceEmbedder:
         n_samples: int = 1,
         max_pairs: int | None = 5000,
         curvature: Literal["pairs", "triplets"] = "pairs",
-        relu: Literal["per_step", "on_use"] = "per_step",
+        relu: Literal["per_step", "on_use", "per_epoch"] = "per_step",
     ) -> EmbeddingPosterior:
         """Train the model with online LAM (DESIGN section 5) and return its posterior.
 
@@ -235,8 +235,9 @@ class LaplaceEmbedder:
         ``"pairs"`` (all pairs, ``dataset_size**2 / n_pairs``) or ``"triplets"`` (the
         margin-violating triplets, ``dataset_size / batch_size``, as the paper's code);
         see :mod:`lam_plugin.online`. ``relu`` applies the ``relu`` to every step's
-        curvature (DESIGN) or only where the signed running sum is used (``"on_use"``,
-        the paper's latest code); see :class:`~lam_plugin.online.OnlineLaplace`.
+        curvature (DESIGN), only where the signed running sum is used (``"on_use"``), or
+        to the signed running sum at the end of every epoch (``"per_epoch"``, what the
+        paper's latest code does in effect); see :class:`~lam_plugin.online.OnlineLaplace`.
 
         Unlike :meth:`fit`, this trains the model's weights in place (it is a training
         loop); every module's train/eval flag is restored afterwards.

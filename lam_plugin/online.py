@@ -32,6 +32,10 @@ Each step (DESIGN section 5), with ``mu`` the current weights of the Laplace sub
    is applied only where ``H`` is used: to draw the weights and in the returned
    posterior. Negative batch terms then cancel earlier positive ones, so
    weights whose positive and negative curvature balance keep the prior's variance.
+   ``relu="per_epoch"`` accumulates the signed term too, but clamps ``H`` at zero at
+   the end of every epoch: what the latest version of the paper's code does in
+   effect, because its validation hook, run after every training epoch, replaces the
+   running curvature with its ``relu`` before it samples.
 
 The optimiser is RMSprop with weight decay and an exponential learning-rate decay per
 epoch, as in the paper.
@@ -73,8 +77,9 @@ class OnlineLaplace:
         lr, weight_decay: RMSprop settings; ``lr_decay`` multiplies the learning rate at
             each :meth:`end_epoch`.
         memory_factor: ``m`` in ``H <- m H + relu(h)``.
-        relu: ``"per_step"`` (``relu`` of each step's curvature, DESIGN) or ``"on_use"``
-            (signed running sum, ``relu`` where it is used, the paper's latest code).
+        relu: ``"per_step"`` (``relu`` of each step's curvature, DESIGN), ``"on_use"``
+            (signed running sum, ``relu`` where it is used) or ``"per_epoch"`` (signed
+            running sum, clamped at zero by :meth:`end_epoch`; the paper's latest code).
         n_samples: weight samples per step.
         max_pairs: at most this many pairs per batch enter the curvature.
         curvature: which pairs enter the running curvature and how a batch is rescaled
@@ -83,7 +88,7 @@ class OnlineLaplace:
     """
 
     CURVATURES = ("pairs", "triplets")
-    RELUS = ("per_step", "on_use")
+    RELUS = ("per_step", "on_use", "per_epoch")
 
     def __init__(
         self,
@@ -98,7 +103,7 @@ class OnlineLaplace:
         n_samples: int = 1,
         max_pairs: int | None = 5000,
         curvature: Literal["pairs", "triplets"] = "pairs",
-        relu: Literal["per_step", "on_use"] = "per_step",
+        relu: Literal["per_step", "on_use", "per_epoch"] = "per_step",
         generator: torch.Generator | None = None,
     ) -> None:
         if dataset_size < 1:
@@ -199,8 +204,10 @@ class OnlineLaplace:
         return self.dataset_size**2 / n_pairs
 
     def end_epoch(self) -> None:
-        """Decay the learning rate (call once per epoch)."""
+        """Decay the learning rate and, with ``relu="per_epoch"``, clamp ``H`` at zero (call once per epoch)."""
         self.scheduler.step()
+        if self.relu == "per_epoch":
+            self.H.clamp_min_(0)
 
     def posterior(self, n_data: int | None = None) -> EmbeddingPosterior:
         """The posterior at the current weights with the running curvature ``H``."""

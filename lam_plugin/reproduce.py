@@ -203,8 +203,9 @@ class ReproduceConfig:
             (the pairs of the margin-violating triplets, pytorch-metric-learning's
             ``TripletMarginMiner(type_of_triplets="all")``, as the paper's code; the
             default) or ``"all"`` (every pair of the batch).
-        online_relu: ``"per_step"`` (DESIGN) or ``"on_use"`` (the paper's latest code): where
-            the ``relu`` of online LAM's running curvature is applied.
+        online_relu: where the ``relu`` of online LAM's running curvature is applied:
+            ``"per_step"`` (DESIGN), ``"on_use"`` or ``"per_epoch"`` (the paper's latest
+            code in effect); see :class:`~lam_plugin.online.OnlineLaplace`.
         online_hinge: count a negative Hessian pair only while its hinge is active
             (DESIGN); ``False`` counts every mined negative (the paper's code).
         online_max_pairs: online LAM's Hessian pairs per batch (default ``max_pairs``);
@@ -1001,11 +1002,11 @@ def _online_conventions(c: Mapping[str, Any]) -> str:
         if c.get("online_loss_miner", "all") == "triplets"
         else "all pairs of each batch"
     )
-    relu = (
-        "applied only where the signed running sum is used (the paper's latest code, `--online-relu on_use`)"
-        if c.get("online_relu", "per_step") == "on_use"
-        else "applied to every step's term (DESIGN)"
-    )
+    relu = {
+        "on_use": "applied only where the signed running sum is used (`--online-relu on_use`)",
+        "per_epoch": "applied to the signed running sum at the end of every epoch (the paper's latest code in "
+        "effect, `--online-relu per_epoch`)",
+    }.get(c.get("online_relu", "per_step"), "applied to every step's term (DESIGN)")
     hinge = (
         "every mined negative counts (the paper's code, `--online-hinge off`)"
         if c.get("online_hinge", True) is False

@@ -294,10 +294,10 @@ def test_online_relu_on_use_accumulates_the_signed_batch_curvature():
     torch.manual_seed(0)
     model = paper_cnn(normalize=False)
     x, y = next(iter(_loader((1, 28, 28), n=16, batch=16, classes=3)))
-    added = {}
-    for relu in ("per_step", "on_use"):
+    added, trainers = {}, {}
+    for relu in ("per_step", "on_use", "per_epoch"):
         lam = LaplaceEmbedder(copy.deepcopy(model), prior_precision=1e12, progress=False)
-        trainer = lam.online(x, dataset_size=1000, max_pairs=None, curvature="triplets", relu=relu)
+        trainer = trainers[relu] = lam.online(x, dataset_size=1000, max_pairs=None, curvature="triplets", relu=relu)
         h0 = trainer.H.clone()
         trainer.step(x, y)
         added[relu] = trainer.H - trainer.memory_factor * h0
@@ -306,6 +306,16 @@ def test_online_relu_on_use_accumulates_the_signed_batch_curvature():
     assert (added["on_use"] < 0).any(), "the batch must have negative curvature entries to tell the two apart"
     scale = float(added["per_step"].abs().max())
     torch.testing.assert_close(added["per_step"], added["on_use"].clamp_min(0), rtol=1e-4, atol=1e-5 * scale)
+    # per_epoch accumulates the signed term as on_use does, and clamps the sum at the epoch's end
+    torch.testing.assert_close(added["per_epoch"], added["on_use"], rtol=1e-4, atol=1e-5 * scale)
+    for relu, trainer in trainers.items():
+        trainer.H.fill_(-5.0)
+        trainer.H[0] = 7.0
+        trainer.end_epoch()
+        expected = torch.full_like(trainer.H, 0.0 if relu == "per_epoch" else -5.0)
+        expected[0] = 7.0
+        torch.testing.assert_close(trainer.H, expected)
+    trainer = trainers["on_use"]
     # a running sum that went negative draws weights with the prior's variance only
     trainer.H.fill_(-5.0)
     assert (trainer.posterior().curvature == 0).all()

@@ -309,6 +309,8 @@ def test_cli_parsing():
         "triplets", "on_use", False, 10000
     )
     assert cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-hinge", "on"])).online_hinge
+    per_epoch = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-relu", "per_epoch"]))
+    assert per_epoch.online_relu == "per_epoch"
     whole = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--val-fraction", "0"]))
     assert whole.val_fraction == 0.0 and R.ReproduceConfig().val_fraction == 0.1
 
