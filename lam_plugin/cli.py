@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PRIOR",
         help="post-hoc LAM priors evaluated on validation, each with its own calibrated temperature "
-        "(default: marglik 1 10 ... 1e6)",
+        "(default: marglik 1 10 ... 1e6 with --prior-precision auto, else marglik and the fixed prior)",
     )
     rep.add_argument(
         "--online-curvature",

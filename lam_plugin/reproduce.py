@@ -161,8 +161,8 @@ PAPER_FASHIONMNIST: Mapping[str, Mapping[str, _Stat | None]] = {
     ),
 }
 
-#: Post-hoc prior precisions compared on the validation split: the marginal-likelihood
-#: optimum and a log grid of fixed values. With all pairs and ``fix``, the negative pairs
+#: Post-hoc prior precisions that ``prior_precision="auto"`` compares on the validation
+#: split: the marginal-likelihood optimum and a log grid of fixed values. With all pairs and ``fix``, the negative pairs
 #: cancel the positive curvature of many last-layer weights (``relu`` leaves them at 0),
 #: so the prior alone sets their variance and its value matters a lot.
 DEFAULT_PRIOR_CANDIDATES: tuple[float | str, ...] = ("marglik", 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
@@ -219,7 +219,10 @@ class ReproduceConfig:
         prior_precision: post-hoc LAM prior: 1 (the default: the paper's value, which its
             FashionMNIST configuration does not tune), ``"auto"`` (the candidate with the best
             validation ECE), ``"marglik"`` or a positive number.
-        prior_candidates: what ``"auto"`` chooses from.
+        prior_candidates: the priors evaluated on validation, each with its calibrated
+            temperature; ``"auto"`` chooses among them. Default: ``DEFAULT_PRIOR_CANDIDATES``
+            for ``"auto"``; with a fixed prior, that prior and ``"marglik"`` only (each
+            candidate costs a calibration on the validation split).
         val_fraction: share of the training split held out for validation.
         split_seed: seeds the validation split and the data subsets.
         train_limit, test_limit, ood_limit: use a random subset of that many images.
@@ -250,7 +253,7 @@ class ReproduceConfig:
     hib_epochs: int | None = None
     head_hidden: int = 64
     prior_precision: float | str = 1.0
-    prior_candidates: tuple[float | str, ...] = DEFAULT_PRIOR_CANDIDATES
+    prior_candidates: tuple[float | str, ...] | None = None
     val_fraction: float = 0.1
     split_seed: int = 0
     train_limit: int | None = None
@@ -262,7 +265,8 @@ class ReproduceConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         object.__setattr__(self, "methods", tuple(self.methods))
-        object.__setattr__(self, "prior_candidates", tuple(self.prior_candidates))
+        if self.prior_candidates is not None:
+            object.__setattr__(self, "prior_candidates", tuple(self.prior_candidates))
         if not self.seeds:
             raise ValueError("seeds must not be empty")
         if len(set(self.seeds)) != len(self.seeds):
@@ -294,9 +298,9 @@ class ReproduceConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
         _check_prior_value(self.prior_precision, allow_auto=True)
-        for candidate in self.prior_candidates:
+        for candidate in self.prior_candidates or ():
             _check_prior_value(candidate, allow_auto=False)
-        if self.prior_precision == "auto" and not self.prior_candidates:
+        if self.prior_precision == "auto" and self.prior_candidates == ():
             raise ValueError("prior_precision='auto' needs at least one prior candidate")
         if self.prior_precision == "auto" and self.val_fraction == 0 and "lam_posthoc" in self.methods:
             raise ValueError("prior_precision='auto' chooses on a validation split: set val_fraction > 0")
@@ -321,8 +325,12 @@ class ReproduceConfig:
     @property
     def candidates(self) -> tuple[float | str, ...]:
         """The prior candidates evaluated on validation (the fixed prior included)."""
-        extra = () if self.prior_precision in ("auto", *self.prior_candidates) else (self.prior_precision,)
-        return (*self.prior_candidates, *extra)
+        if self.prior_candidates is not None:
+            listed = self.prior_candidates
+        else:
+            listed = DEFAULT_PRIOR_CANDIDATES if self.prior_precision == "auto" else ("marglik",)
+        extra = () if self.prior_precision in ("auto", *listed) else (self.prior_precision,)
+        return (*listed, *extra)
 
 
 def _check_prior_value(value: Any, allow_auto: bool) -> None:

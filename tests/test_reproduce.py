@@ -241,6 +241,12 @@ def test_config_validation():
     assert R.ReproduceConfig().seeds == (1, 2, 3, 4, 5) and "hib" not in R.DEFAULT_METHODS
     # the paper's code: post-hoc prior 1, online loss on the margin-violating triplets
     assert R.ReproduceConfig().prior_precision == 1.0 and R.ReproduceConfig().online_loss_miner == "triplets"
+    # a fixed prior is compared with marglik only; "auto" chooses among the whole grid
+    assert R.ReproduceConfig().candidates == ("marglik", 1.0)
+    assert R.ReproduceConfig(prior_precision=5.0).candidates == ("marglik", 5.0)
+    assert R.ReproduceConfig(prior_precision="marglik").candidates == ("marglik",)
+    assert R.ReproduceConfig(prior_precision="auto").candidates == R.DEFAULT_PRIOR_CANDIDATES
+    assert R.ReproduceConfig(prior_candidates=(3.0,)).candidates == (3.0, 1.0)
 
 
 def test_paper_numbers_transcribed():
