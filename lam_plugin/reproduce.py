@@ -162,9 +162,10 @@ PAPER_FASHIONMNIST: Mapping[str, Mapping[str, _Stat | None]] = {
 }
 
 #: Post-hoc prior precisions that ``prior_precision="auto"`` compares on the validation
-#: split: the marginal-likelihood optimum and a log grid of fixed values. With all pairs and ``fix``, the negative pairs
-#: cancel the positive curvature of many last-layer weights (``relu`` leaves them at 0),
-#: so the prior alone sets their variance and its value matters a lot.
+#: split: the marginal-likelihood optimum and a log grid of fixed values. With all pairs
+#: and ``fix``, the negative pairs cancel the positive curvature of many last-layer
+#: weights (``relu`` leaves them at 0), so the prior alone sets their variance and its
+#: value matters a lot.
 DEFAULT_PRIOR_CANDIDATES: tuple[float | str, ...] = ("marglik", 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
 
 #: Bumped whenever a change in this module makes cached models stale.
