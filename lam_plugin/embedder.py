@@ -239,6 +239,12 @@ class LaplaceEmbedder:
         to the signed running sum at the end of every epoch (``"per_epoch"``, what the
         paper's latest code does in effect); see :class:`~lam_plugin.online.OnlineLaplace`.
 
+        The rescaling of the batch sums fixes the running curvature only up to a
+        convention, so the returned posterior's overall spread is not calibrated: set it
+        with :func:`lam_plugin.calibration.calibrate_temperature` on held-out labelled
+        data. (On FashionMNIST with ``curvature="triplets"``, temperature 1 gave a test
+        ECE of 0.13; the temperature chosen on validation, 10³, gave 0.005.)
+
         Unlike :meth:`fit`, this trains the model's weights in place (it is a training
         loop); every module's train/eval flag is restored afterwards.
         """
