@@ -27,7 +27,8 @@ Each step (DESIGN section 5), with ``mu`` the current weights of the Laplace sub
      negative, as the paper's code does.
 4. ``H <- memory_factor * H + relu(mean_s h_s)``, starting from ``H_0 = dataset_size``
    (``relu="per_step"``, DESIGN section 5, as older versions of the paper's code).
-   With ``relu="on_use"`` (the latest version of the paper's code) the signed batch
+   With ``relu="on_use"`` (the latest version of the paper's training step, read on its
+   own) the signed batch
    curvature is accumulated, ``H <- memory_factor * H + mean_s h_s``, and the ``relu``
    is applied only where ``H`` is used: to draw the weights and in the returned
    posterior. Negative batch terms then cancel earlier positive ones, so
