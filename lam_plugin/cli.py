@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="online LAM's Hessian pairs per batch (default: 5000; the paper's code draws 5000 "
         "triplets, i.e. 10000 pairs)",
     )
+    rep.add_argument(
+        "--dropout-layout",
+        choices=["channel", "pool"],
+        default=None,
+        help="MC dropout's layers: channel dropout after the first ReLU and after the pooling (the "
+        "paper's network, default) or one element-wise dropout after the pooling",
+    )
     rep.add_argument("--data-root", default=None, help="folder with the FashionMNIST IDX files (searched first)")
     rep.set_defaults(handler=_cmd_reproduce)
 
@@ -203,6 +210,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         online_curvature=args.online_curvature,
         online_loss_miner=args.online_loss_miner,
         online_relu=args.online_relu,
+        dropout_layout=args.dropout_layout,
         online_hinge=None if args.online_hinge is None else args.online_hinge == "on",
         online_max_pairs=args.online_max_pairs,
     )

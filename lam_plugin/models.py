@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lam_plugin.modules import L2Normalize
 
-__all__ = ["ResidualBlock", "fashionmnist_net", "small_resnet", "mlp_embedder"]
+__all__ = ["DROPOUT_LAYOUTS", "ResidualBlock", "fashionmnist_net", "small_resnet", "mlp_embedder"]
 
 
 def _head(layers: list[nn.Module], normalize: bool) -> nn.Sequential:
@@ -21,28 +21,40 @@ def _head(layers: list[nn.Module], normalize: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def fashionmnist_net(embedding_dim: int = 3, normalize: bool = False, dropout: float = 0.0) -> nn.Sequential:
+#: Where :func:`fashionmnist_net` puts its dropout.
+DROPOUT_LAYOUTS: tuple[str, ...] = ("channel", "pool")
+
+
+def fashionmnist_net(
+    embedding_dim: int = 3, normalize: bool = False, dropout: float = 0.0, dropout_layout: str = "pool"
+) -> nn.Sequential:
     """The paper's FashionMNIST / MNIST embedder for ``[B, 1, 28, 28]`` images.
 
-    ``Conv2d(1, 32, 3) ReLU Conv2d(32, 64, 3) ReLU MaxPool2d(2) [Dropout(p)] Flatten
-    Linear(9216, embedding_dim) [L2Normalize]``.
+    ``Conv2d(1, 32, 3) ReLU [Dropout2d(p)] Conv2d(32, 64, 3) ReLU MaxPool2d(2) [Dropout(p) or
+    Dropout2d(p)] Flatten Linear(9216, embedding_dim) [L2Normalize]``.
 
     Args:
         embedding_dim: size ``D`` of the embedding.
         normalize: append an :class:`L2Normalize` layer.
-        dropout: probability of the dropout layer after the pooling; no layer when ``0``.
+        dropout: dropout probability; no dropout layer when ``0``.
+        dropout_layout: ``"pool"``, one element-wise ``Dropout(p)`` after the pooling;
+            ``"channel"``, the paper's network for MC dropout: ``Dropout2d(p)`` (whole
+            feature maps) after the first ReLU and after the pooling.
+
+    Dropout layers hold no parameters, so the initial weights drawn under one seed are
+    the same for every ``dropout`` and ``dropout_layout``.
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-    layers: list[nn.Module] = [
-        nn.Conv2d(1, 32, 3),
-        nn.ReLU(),
-        nn.Conv2d(32, 64, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-    ]
+    if dropout_layout not in DROPOUT_LAYOUTS:
+        raise ValueError(f"dropout_layout must be one of {DROPOUT_LAYOUTS}, got {dropout_layout!r}")
+    channel = dropout > 0 and dropout_layout == "channel"
+    layers: list[nn.Module] = [nn.Conv2d(1, 32, 3), nn.ReLU()]
+    if channel:
+        layers.append(nn.Dropout2d(dropout))
+    layers += [nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2)]
     if dropout > 0:
-        layers.append(nn.Dropout(dropout))
+        layers.append(nn.Dropout2d(dropout) if channel else nn.Dropout(dropout))
     layers += [nn.Flatten(), nn.Linear(9216, embedding_dim)]
     return _head(layers, normalize)
 

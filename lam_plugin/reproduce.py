@@ -30,7 +30,8 @@ Protocol (what the code does; ``results.md`` repeats it):
   deterministic, MC-dropout and online-LAM networks.
 * Methods: ``deterministic``; ``deep_ensemble`` (members = the deterministic networks of
   seeds ``s .. s+M-1``); ``pfe`` (variance head on the frozen deterministic network);
-  ``hib`` (optional); ``mc_dropout`` (dropout 0.05 after the pooling, 100 passes);
+  ``hib`` (optional); ``mc_dropout`` (the paper's channel dropout 0.05 after the first
+  ReLU and after the pooling, 100 passes);
   ``lam_posthoc`` (last-layer, ``arccos`` + ``fix``, at most 5000 pairs per batch of 64,
   on the deterministic network of the same seed); ``lam_online``
   (:meth:`LaplaceEmbedder.fit_online` from the same initial weights).
@@ -67,7 +68,7 @@ from .baselines.base import default_feature_fn, variance_head
 from .baselines.mc_dropout import dropout_modules
 from .data import ImageDataset, load_fashionmnist, load_mnist
 from .embedder import LaplaceEmbedder
-from .models import fashionmnist_net
+from .models import DROPOUT_LAYOUTS, fashionmnist_net
 from .numerics import flush_denormals
 from .online import OnlineLaplace
 from .posterior import EmbeddingPosterior
@@ -214,6 +215,10 @@ class ReproduceConfig:
         max_pairs: at most this many pairs per batch enter the curvature.
         n_samples: samples per test input (weight samples, dropout passes, PFE/HIB draws).
         dropout: MC-dropout rate.
+        dropout_layout: where the MC-dropout network drops (:data:`~lam_plugin.models.DROPOUT_LAYOUTS`):
+            ``"channel"`` (the paper's network: ``Dropout2d`` after the first ReLU and after
+            the pooling; the default) or ``"pool"`` (one element-wise ``Dropout`` after the
+            pooling).
         ensemble_size: members per deep ensemble.
         pfe_epochs, hib_epochs: epochs of those heads (default: ``epochs``).
         head_hidden: hidden width of the PFE/HIB variance heads.
@@ -249,6 +254,7 @@ class ReproduceConfig:
     max_pairs: int = 5000
     n_samples: int = 100
     dropout: float = 0.05
+    dropout_layout: str = "channel"
     ensemble_size: int = 5
     pfe_epochs: int | None = None
     hib_epochs: int | None = None
@@ -296,6 +302,8 @@ class ReproduceConfig:
             raise ValueError(f"ensemble_size must be at least 2, got {self.ensemble_size}")
         if not 0.0 < self.dropout < 1.0:
             raise ValueError(f"dropout must lie in (0, 1), got {self.dropout}")
+        if self.dropout_layout not in DROPOUT_LAYOUTS:
+            raise ValueError(f"dropout_layout must be one of {DROPOUT_LAYOUTS}, got {self.dropout_layout!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
         _check_prior_value(self.prior_precision, allow_auto=True)
@@ -528,7 +536,9 @@ class _Runner:
     def new_net(self, seed: int, dropout: float = 0.0) -> nn.Module:
         """The paper's network with the initial weights of ``seed`` (same for every dropout rate)."""
         with seeded(seed):
-            net = fashionmnist_net(self.config.embedding_dim, normalize=False, dropout=dropout)
+            net = fashionmnist_net(
+                self.config.embedding_dim, normalize=False, dropout=dropout, dropout_layout=self.config.dropout_layout
+            )
         # channels_last convolution weights: 1.03x (batch 256) to 1.47x (batch 64) the
         # training throughput of this network on CPU (docs/benchmarks.md); the values and
         # the cache files (saved contiguous) are the same as in the default layout.
@@ -536,7 +546,7 @@ class _Runner:
 
     def net_spec(self, dropout: float) -> dict[str, Any]:
         c = self.config
-        return {
+        spec = {
             "cache_version": CACHE_VERSION,
             "net": "fashionmnist_net",
             "embedding_dim": c.embedding_dim,
@@ -549,6 +559,11 @@ class _Runner:
             "miner": "all",
             "data": self.data.fingerprint,
         }
+        # the layout joined the spec after "pool" networks were cached; it is named only
+        # where it changes the network, so those cache files keep their keys
+        if dropout > 0 and c.dropout_layout != "pool":
+            spec["dropout_layout"] = c.dropout_layout
+        return spec
 
     def contrastive_net(self, seed: int, dropout: float = 0.0) -> nn.Module:
         """A contrastively trained network (deterministic, ensemble member or MC dropout)."""
@@ -1003,6 +1018,12 @@ def results_table(
     return "\n".join(lines)
 
 
+def _dropout_text(rate: float, layout: str) -> str:
+    if layout == "channel":
+        return f"Channel dropout (Dropout2d) {rate} after the first ReLU and after the pooling, as the paper's network"
+    return f"Dropout {rate} after the pooling"
+
+
 def _online_conventions(c: Mapping[str, Any]) -> str:
     """The online-LAM options of a results config, in words (older results lack the keys)."""
     loss = (
@@ -1088,9 +1109,9 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
         "25); the spread over seeds of the ensemble therefore understates its seed-to-seed variance. The paper "
         "gives a single ensemble number. Samples = the members' embeddings (S = "
         f"{c['ensemble_size']} for the ECE).",
-        f"- **MC dropout.** Dropout {c['dropout']} after the pooling, trained like the deterministic network, "
-        f"{c['n_samples']} stochastic passes at test time (the layers before the dropout are deterministic and "
-        "run once per image).",
+        f"- **MC dropout.** {_dropout_text(c['dropout'], c.get('dropout_layout', 'pool'))}, trained like the "
+        f"deterministic network, {c['n_samples']} stochastic passes at test time (the layers before the first "
+        "dropout are deterministic and run once per image).",
         f"- **PFE.** Frozen deterministic network of the same seed plus a head Linear(9216→{c['head_hidden']}) ReLU "
         f"Linear(→{c['embedding_dim']}) predicting log σ², fitted with the mutual likelihood score; "
         f"{c['n_samples']} samples from N(μ, σ²), normalised.",

@@ -55,6 +55,23 @@ def test_fashionmnist_net_layout_and_shapes():
         fashionmnist_net(dropout=1.0)
 
 
+def test_fashionmnist_net_channel_dropout_is_the_papers_layout():
+    net = fashionmnist_net(dropout=0.05, dropout_layout="channel")
+    assert [type(m) for m in net] == [
+        nn.Conv2d, nn.ReLU, nn.Dropout2d, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Dropout2d, nn.Flatten, nn.Linear
+    ]
+    assert net[2].p == net[6].p == 0.05
+    # dropout holds no parameters: same initial weights under one seed for every layout
+    torch.manual_seed(3)
+    a = fashionmnist_net(dropout=0.05, dropout_layout="channel")
+    torch.manual_seed(3)
+    b = fashionmnist_net()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb)
+    with pytest.raises(ValueError, match="dropout_layout"):
+        fashionmnist_net(dropout=0.05, dropout_layout="spatial")
+
+
 def test_small_resnet_shapes():
     net = small_resnet()
     assert isinstance(net, nn.Sequential)

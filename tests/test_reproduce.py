@@ -173,6 +173,34 @@ def test_changed_config_gets_its_own_cache_entry(tmp_path, data):
     assert not (tmp_path / "roc.png").exists()  # no method with an uncertainty: no curves
 
 
+def test_dropout_layout_builds_its_network_and_cache_key(tmp_path, data):
+    from safetensors import safe_open
+
+    config = tiny_config(methods=("mc_dropout",), val_fraction=0.0, prior_precision=1.0)
+    assert config.dropout_layout == "channel"  # the paper's network is the default
+    runs = {
+        layout: R.reproduce_fashionmnist(
+            R.with_overrides(config, dropout_layout=layout), tmp_path / layout, data=data, progress=False
+        )
+        for layout in ("channel", "pool")
+    }
+    specs = {}
+    for layout, run in runs.items():
+        (name,) = run.trained
+        with safe_open(str(tmp_path / layout / "cache" / name), "pt") as f:
+            specs[layout] = json.loads(f.metadata()["spec"])
+            keys = set(f.keys())
+        # the channel network has a Dropout2d at index 2, which shifts the later layers
+        assert ("3.weight" in keys) == (layout == "channel")
+    assert runs["channel"].trained != runs["pool"].trained
+    # "pool" networks were cached before the option existed: their key does not name it
+    assert "dropout_layout" not in specs["pool"] and specs["channel"]["dropout_layout"] == "channel"
+    assert "Dropout2d" in (tmp_path / "channel" / "results.md").read_text()
+    assert "Dropout2d" not in (tmp_path / "pool" / "results.md").read_text()
+    with pytest.raises(ValueError, match="dropout_layout"):
+        R.ReproduceConfig(dropout_layout="spatial")
+
+
 @pytest.mark.skipif(not HAS_ONLINE, reason="needs LaplaceEmbedder.fit_online")
 def test_online_options_reach_fit_online_and_the_cache_key(monkeypatch, tmp_path, data):
     from safetensors import safe_open
@@ -317,6 +345,8 @@ def test_cli_parsing():
     assert cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-hinge", "on"])).online_hinge
     per_epoch = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-relu", "per_epoch"]))
     assert per_epoch.online_relu == "per_epoch"
+    pool = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--dropout-layout", "pool"]))
+    assert pool.dropout_layout == "pool" and R.ReproduceConfig().dropout_layout == "channel"
     whole = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--val-fraction", "0"]))
     assert whole.val_fraction == 0.0 and R.ReproduceConfig().val_fraction == 0.1
 
@@ -330,6 +360,7 @@ def test_cli_parsing():
         ["reproduce", "fashionmnist", "--online-curvature", "quadruplets"],
         ["reproduce", "fashionmnist", "--online-relu", "never"],
         ["reproduce", "fashionmnist", "--online-hinge", "maybe"],
+        ["reproduce", "fashionmnist", "--dropout-layout", "spatial"],
         ["reproduce", "fashionmnist", "--val-fraction", "1"],
         ["reproduce", "fashionmnist", "--val-fraction", "-0.1"],
         ["reproduce", "fashionmnist", "--val-fraction", "a tenth"],
