@@ -5,6 +5,8 @@ Subcommands:
 ``lam-plugin reproduce fashionmnist [--seeds 1 2 3] [--quick] [--out DIR] [--methods ...]
 [--device cpu|cuda] [--no-progress]``
     Run the paper's FashionMNIST protocol (:mod:`lam_plugin.reproduce`) and print its table.
+``lam-plugin combine RUN/results.json ... --out DIR``
+    One table over the union of the seeds of several ``reproduce`` runs (:mod:`lam_plugin.combine`).
 ``lam-plugin info``
     Versions of lam_plugin and its main dependencies, and which datasets are found.
 
@@ -185,6 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--data-root", default=None, help="folder with the FashionMNIST IDX files (searched first)")
     rep.set_defaults(handler=_cmd_reproduce)
 
+    comb = sub.add_parser(
+        "combine",
+        help="combine the results.json of several reproduce runs",
+        description="Mean ± std over the union of the seeds of several `reproduce` runs of the same data, "
+        "from their per-seed numbers (nothing is re-evaluated). A method and seed found in two runs must "
+        "have the same numbers, and the runs a method draws on must share their configuration unless "
+        "--allow-config-differences is given.",
+    )
+    comb.add_argument("results", nargs="+", help="results.json files (at least two)")
+    comb.add_argument("--out", required=True, help="folder for the combined results.json and results.md")
+    comb.add_argument(
+        "--allow-config-differences",
+        action="store_true",
+        help="combine a method's seeds from runs whose configurations differ (they are listed in results.md)",
+    )
+    comb.set_defaults(handler=_cmd_combine)
+
     info = sub.add_parser("info", help="versions and available datasets")
     info.set_defaults(handler=_cmd_info)
     return parser
@@ -244,6 +263,32 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(f"\n{trained} model(s) trained, {len(result.loaded)} loaded from {result.out_dir / 'cache'}")
     print(f"wall time {res['wall_time_s']:.0f} s; wrote:")
     for path in result.files:
+        print(f"  {path}")
+    return 0
+
+
+def _cmd_combine(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .combine import write_combined
+    from .reproduce import results_table
+
+    try:
+        combined, files = write_combined(
+            args.results,
+            args.out,
+            command=" ".join(["lam-plugin", *argv]),
+            allow_config_differences=args.allow_config_differences,
+        )
+    except (OSError, ValueError) as err:
+        print(f"lam-plugin combine: error: {err}", file=sys.stderr)
+        return 2
+    for method, seeds in combined["seeds_by_method"].items():
+        print(f"{method}: seeds {' '.join(map(str, seeds))}")
+    print()
+    print(results_table(combined["methods"], paper=None))
+    if combined["config_differences"]:
+        print("\nconfiguration differences between the sources of one method: see results.md")
+    print("wrote:")
+    for path in files:
         print(f"  {path}")
     return 0
 

@@ -1,0 +1,137 @@
+"""Combining reproduce runs: the same numbers as one run over all seeds, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lam_plugin import cli
+from lam_plugin import reproduce as R
+from lam_plugin.combine import combine_results, write_combined
+
+from test_reproduce import synthetic
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Seed 1 alone, seed 2 alone and seeds 1-2 together, sharing one model cache."""
+    root = tmp_path_factory.mktemp("combine")
+    data = R.ProtocolData(train=synthetic(200, 4, 0), test=synthetic(60, 4, 1), ood=synthetic(40, 4, 2, "ood"))
+    base = R.ReproduceConfig(
+        seeds=(1,), methods=("deterministic", "lam_posthoc"), epochs=1, batch_size=32, lam_batch_size=32,
+        n_samples=8, eval_batch_size=25, max_pairs=200, val_fraction=0.2, quick=True,
+    )
+    cache = root / "cache"
+    cache.mkdir()
+    out = {}
+    for name, seeds in (("s1", (1,)), ("s2", (2,)), ("both", (1, 2))):
+        folder = root / name
+        folder.mkdir()
+        (folder / "cache").symlink_to(cache, target_is_directory=True)
+        R.reproduce_fashionmnist(R.with_overrides(base, seeds=seeds), folder, data=data, progress=False)
+        out[name] = folder / "results.json"
+    return root, out
+
+
+def test_combined_seeds_equal_one_run_over_them(runs):
+    root, files = runs
+    combined, written = write_combined([files["s1"], files["s2"]], root / "combined", command="test")
+    both = json.loads(files["both"].read_text())
+    assert combined["seeds"] == [1, 2] and combined["combined"] is True
+    assert combined["seeds_by_method"] == {"deterministic": [1, 2], "lam_posthoc": [1, 2]}
+    for method, row in both["methods"].items():
+        for metric, stat in row.items():
+            if stat["mean"] is None:
+                assert combined["methods"][method][metric]["mean"] is None
+                continue
+            assert combined["methods"][method][metric]["mean"] == pytest.approx(stat["mean"], abs=1e-12)
+            assert combined["methods"][method][metric]["std"] == pytest.approx(stat["std"], abs=1e-12)
+    # by hand: population std of the two per-seed values
+    values = [both["per_seed"]["lam_posthoc"][s]["auroc"] for s in ("1", "2")]
+    assert combined["methods"]["lam_posthoc"]["auroc"]["std"] == pytest.approx(np.std(values), abs=1e-12)
+    assert combined["config_differences"] == {}
+    assert [s["seeds_by_method"] for s in combined["sources"]] == [
+        {"deterministic": [1], "lam_posthoc": [1]},
+        {"deterministic": [2], "lam_posthoc": [2]},
+    ]
+    on_disk = json.loads((root / "combined" / "results.json").read_text())
+    assert on_disk["methods"] == json.loads(json.dumps(combined["methods"]))
+    text = (root / "combined" / "results.md").read_text()
+    assert "seeds 1, 2" in text and str(files["s2"]) in text and "| paper |" in text
+    assert written == [root / "combined" / "results.json", root / "combined" / "results.md"]
+    # a file of seeds 1-2 overlaps both: the same numbers, accepted
+    again = combine_results([files["both"], files["s1"], files["s2"]])
+    assert again["methods"] == combined["methods"]
+    assert again["sources"][1]["seeds_by_method"] == {}
+
+
+def _edited(path, tmp_path, name, edit):
+    results = json.loads(path.read_text())
+    edit(results)
+    target = tmp_path / f"{name}.json"
+    target.write_text(json.dumps(results))
+    return target
+
+
+def test_conflicting_numbers_are_refused(runs, tmp_path):
+    _, files = runs
+
+    def shift(r):
+        r["per_seed"]["lam_posthoc"]["1"]["auroc"] += 0.01
+
+    other = _edited(files["s1"], tmp_path, "other", shift)
+    with pytest.raises(ValueError, match="lam_posthoc seed 1 .* different results .*auroc"):
+        combine_results([files["both"], other])
+
+
+def test_other_data_is_refused(runs, tmp_path):
+    _, files = runs
+
+    def data(r):
+        r["data"]["fingerprint"] = "0" * 16
+
+    with pytest.raises(ValueError, match="its data"):
+        combine_results([files["s1"], _edited(files["s2"], tmp_path, "data", data)])
+    with pytest.raises(ValueError, match="quick"):
+        combine_results([files["s1"], _edited(files["s2"], tmp_path, "full", lambda r: r.update(quick=False))])
+
+
+def test_config_differences_are_refused_unless_allowed(runs, tmp_path):
+    _, files = runs
+
+    def layout(r):
+        r["config"]["dropout_layout"] = "pool"
+
+    other = _edited(files["s2"], tmp_path, "layout", layout)
+    with pytest.raises(ValueError, match="dropout_layout = 'channel' in .*, 'pool' in"):
+        combine_results([files["s1"], other])
+    combined = combine_results([files["s1"], other], allow_config_differences=True)
+    assert combined["config_differences"]["deterministic"]["dropout_layout"] == {
+        str(files["s1"]): "channel", str(other): "pool"
+    }
+
+
+def test_bad_inputs(runs, tmp_path):
+    _, files = runs
+    with pytest.raises(ValueError, match="at least two"):
+        combine_results([files["s1"]])
+    with pytest.raises(FileNotFoundError, match="no such results file"):
+        combine_results([files["s1"], tmp_path / "missing.json"])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="not a JSON file"):
+        combine_results([files["s1"], tmp_path / "bad.json"])
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="missing dataset, per_seed"):
+        combine_results([files["s1"], tmp_path / "other.json"])
+
+
+def test_cli_combine(runs, tmp_path, capsys):
+    _, files = runs
+    assert cli.main(["combine", str(files["s1"]), str(files["s2"]), "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "lam_posthoc: seeds 1 2" in out and (tmp_path / "c" / "results.md").exists()
+    assert json.loads((tmp_path / "c" / "results.json").read_text())["command"].startswith("lam-plugin combine")
+    assert cli.main(["combine", str(files["s1"]), str(tmp_path / "nope.json"), "--out", str(tmp_path / "d")]) == 2
+    assert "no such results file" in capsys.readouterr().err
