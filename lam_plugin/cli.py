@@ -178,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
         "triplets, i.e. 10000 pairs)",
     )
     rep.add_argument(
+        "--train-recipe",
+        choices=["adam", "paper"],
+        default=None,
+        help="training of the deterministic, ensemble and MC-dropout networks: Adam at lr 1e-3 on all pairs "
+        "(default) or the paper's code (RMSprop at lr 1e-3 x batch size, weight decay 1e-5, lr decay e^-0.01 "
+        "per epoch, loss on the pairs of the margin-violating triplets)",
+    )
+    rep.add_argument(
         "--dropout-layout",
         choices=["channel", "pool"],
         default=None,
@@ -214,6 +222,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from .reproduce import ReproduceConfig, with_overrides
 
     base = ReproduceConfig.quick_run() if args.quick else ReproduceConfig()
+    if args.train_recipe is not None:
+        base = base.with_recipe(args.train_recipe)
     return with_overrides(
         base,
         seeds=tuple(args.seeds) if args.seeds else None,

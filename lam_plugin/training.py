@@ -101,7 +101,11 @@ def _make_optimizer(
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {optimizer!r}; use 'adam', 'adamw', 'sgd' or an Optimizer instance")
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(
+        f"unknown optimizer {optimizer!r}; use 'adam', 'adamw', 'sgd', 'rmsprop' or an Optimizer instance"
+    )
 
 
 def _check_data(images: Tensor, labels: Tensor) -> None:
@@ -126,6 +130,7 @@ def train_contrastive(
     miner: Any | None = None,
     optimizer: str | torch.optim.Optimizer = "adam",
     weight_decay: float = 0.0,
+    lr_decay: float | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -152,8 +157,10 @@ def train_contrastive(
         lr: learning rate.
         margin: negative margin of the contrastive loss.
         miner: optional PML miner called as ``miner(embeddings, labels)``.
-        optimizer: ``"adam"``, ``"adamw"``, ``"sgd"`` or a ready optimizer instance.
+        optimizer: ``"adam"``, ``"adamw"``, ``"sgd"``, ``"rmsprop"`` or a ready optimizer instance.
         weight_decay: weight decay of the built optimizer.
+        lr_decay: when given, the learning rate is multiplied by it after every epoch
+            (``torch.optim.lr_scheduler.ExponentialLR``); the paper's code uses ``exp(-0.01)``.
         seed: seed of the shuffling (and of the dropout masks).
         device: where to train; default, the model's device.
         progress: show a tqdm bar with the running loss.
@@ -168,6 +175,9 @@ def train_contrastive(
     model.to(device)
     loss_fn = losses.ContrastiveLoss(pos_margin=0, neg_margin=margin)
     opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, weight_decay)
+    if lr_decay is not None and not 0.0 < lr_decay <= 1.0:
+        raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay}")
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay) if lr_decay is not None else None
     generator = torch.Generator().manual_seed(seed)
     n = images.shape[0]
     history = TrainingHistory()
@@ -196,6 +206,8 @@ def train_contrastive(
                 total += value
                 steps += 1
             history.epoch_losses.append(total / max(steps, 1))
+            if scheduler is not None:
+                scheduler.step()
             bar.set_postfix(loss=f"{history.epoch_losses[-1]:.4f}")
     return history
 

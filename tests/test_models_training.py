@@ -133,12 +133,26 @@ def test_train_contrastive_with_miner_and_optimizers():
     )
     assert len(history.epoch_losses) == 2 and all(torch.isfinite(torch.tensor(history.batch_losses)))
 
-    for opt in ("sgd", "adamw", torch.optim.Adam(model.parameters(), lr=1e-3)):
+    for opt in ("sgd", "adamw", "rmsprop", torch.optim.Adam(model.parameters(), lr=1e-3)):
         train_contrastive(model, x, y, epochs=1, batch_size=64, optimizer=opt, weight_decay=1e-4, progress=False)
     with pytest.raises(ValueError):
         train_contrastive(model, x, y, epochs=1, optimizer="lbfgs", progress=False)
     with pytest.raises(ValueError):
         train_contrastive(model, x, y[:-1], epochs=1, progress=False)
+
+
+def test_train_contrastive_lr_decay_is_per_epoch():
+    x, y = clusters(n=130)
+    model = mlp_embedder(16, 4)
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.1)
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(o.param_groups[0]["lr"]))
+    train_contrastive(model, x, y, epochs=3, batch_size=64, optimizer=opt, lr_decay=0.5, progress=False)
+    # 130 examples, batch 64: three steps per epoch (the last batch has 2 examples)
+    assert seen == pytest.approx([0.1] * 3 + [0.05] * 3 + [0.025] * 3)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0125)
+    with pytest.raises(ValueError, match="lr_decay"):
+        train_contrastive(model, x, y, epochs=1, lr_decay=1.5, progress=False)
 
 
 def test_train_contrastive_is_deterministic_and_leaves_global_rng():

@@ -173,6 +173,45 @@ def test_changed_config_gets_its_own_cache_entry(tmp_path, data):
     assert not (tmp_path / "roc.png").exists()  # no method with an uncertainty: no curves
 
 
+def test_train_recipe_reaches_training_and_the_cache_key(monkeypatch, tmp_path, data):
+    from safetensors import safe_open
+
+    seen = []
+    real = R.train_contrastive
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "train_contrastive", spy)
+    methods = ("deterministic", "lam_online") if HAS_ONLINE else ("deterministic",)
+    adam = tiny_config(methods=methods, val_fraction=0.0, prior_precision=1.0)
+    paper = adam.with_recipe("paper")
+    assert (adam.recipe, paper.recipe) == ("adam", "paper")
+    assert (paper.optimizer, paper.lr, paper.weight_decay, paper.loss_miner) == ("rmsprop", 1e-3 * 32, 1e-5, "triplets")
+    assert paper.lr_decay == pytest.approx(math.exp(-0.01))
+    runs = {name: R.reproduce_fashionmnist(cfg, tmp_path, data=data, progress=False)
+            for name, cfg in (("adam", adam), ("paper", paper))}
+    assert seen[0]["optimizer"] == "adam" and seen[0]["miner"] is None and seen[0]["lr_decay"] is None
+    assert seen[1]["optimizer"] == "rmsprop" and seen[1]["weight_decay"] == 1e-5
+    assert type(seen[1]["miner"]).__name__ == "TripletMarginMiner" and seen[1]["miner"].margin == adam.margin
+    det = {k: [n for n in r.trained if n.startswith("deterministic")] for k, r in runs.items()}
+    assert len(det["adam"]) == len(det["paper"]) == 1 and det["adam"] != det["paper"]
+    with safe_open(str(tmp_path / "cache" / det["paper"][0]), "pt") as f:
+        spec = json.loads(f.metadata()["spec"])
+    assert (spec["optimizer"], spec["miner"], spec["weight_decay"]) == ("rmsprop", "triplets", 1e-5)
+    if HAS_ONLINE:  # online LAM does not use the recipe: loaded, not retrained
+        assert not any(n.startswith("lam_online") for n in runs["paper"].trained)
+    text = (tmp_path / "results.md").read_text()
+    assert "rmsprop at lr 0.032" in text and "This is the paper's code" in text
+    with pytest.raises(ValueError, match="recipe"):
+        adam.with_recipe("sgd")
+    assert R.with_overrides(paper, lr=0.1).recipe == "custom"
+    for bad in (dict(optimizer="lbfgs"), dict(loss_miner="hard"), dict(lr_decay=0.0), dict(weight_decay=-1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            R.ReproduceConfig(**bad)
+
+
 def test_dropout_layout_builds_its_network_and_cache_key(tmp_path, data):
     from safetensors import safe_open
 
@@ -345,6 +384,8 @@ def test_cli_parsing():
     assert cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-hinge", "on"])).online_hinge
     per_epoch = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-relu", "per_epoch"]))
     assert per_epoch.online_relu == "per_epoch"
+    recipe = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--train-recipe", "paper"]))
+    assert recipe == R.ReproduceConfig().with_recipe("paper") and recipe.lr == pytest.approx(0.256)
     pool = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--dropout-layout", "pool"]))
     assert pool.dropout_layout == "pool" and R.ReproduceConfig().dropout_layout == "channel"
     whole = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--val-fraction", "0"]))
@@ -361,6 +402,7 @@ def test_cli_parsing():
         ["reproduce", "fashionmnist", "--online-relu", "never"],
         ["reproduce", "fashionmnist", "--online-hinge", "maybe"],
         ["reproduce", "fashionmnist", "--dropout-layout", "spatial"],
+        ["reproduce", "fashionmnist", "--train-recipe", "sgd"],
         ["reproduce", "fashionmnist", "--val-fraction", "1"],
         ["reproduce", "fashionmnist", "--val-fraction", "-0.1"],
         ["reproduce", "fashionmnist", "--val-fraction", "a tenth"],
