@@ -1088,8 +1088,9 @@ def results_table(
     return "\n".join(lines)
 
 
-def _recipe_text(c: Mapping[str, Any]) -> str:
-    """The training recipe of the contrastive networks, in words (older results lack some keys)."""
+def _recipe_text(c: Mapping[str, Any], recipe: str | None) -> str:
+    """The training of the contrastive networks in words; ``recipe`` is :attr:`ReproduceConfig.recipe`
+    (older results lack it and some of the fields)."""
     loss = (
         "the pairs of the margin-violating triplets of each batch"
         if c.get("loss_miner", "all") == "triplets"
@@ -1101,12 +1102,14 @@ def _recipe_text(c: Mapping[str, Any]) -> str:
         + (f", the learning rate times {decay:.4g} after every epoch" if decay is not None else "")
         + f", loss on {loss}."
     )
-    if c.get("optimizer") == "rmsprop" and c.get("loss_miner") == "triplets" and decay is not None:
+    if recipe == "paper":
         return text + " This is the paper's code (`--train-recipe paper`: lr 1e-3 times the batch size)."
-    return text + (
-        " (`--train-recipe adam`; the paper's code trains with RMSprop at lr 1e-3 times the batch size, "
-        "`--train-recipe paper`.)"
-    )
+    if recipe == "adam":
+        return text + (
+            " (`--train-recipe adam`; the paper's code trains with RMSprop at lr 1e-3 times the batch size, "
+            "`--train-recipe paper`.)"
+        )
+    return text
 
 
 def _dropout_text(rate: float, layout: str) -> str:
@@ -1186,7 +1189,7 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
         f"{c['embedding_dim']}); contrastive loss (pytorch-metric-learning, positive margin 0, negative "
         f"margin {c['margin']}). Seed s fixes the initial weights (shared by the "
         "deterministic, MC-dropout and online-LAM networks) and the batch order.",
-        f"- **Training.** {_recipe_text(c)} Batch {c['batch_size']}, {c['epochs']} epochs (deterministic, MC dropout, "
+        f"- **Training.** {_recipe_text(c, results.get('train_recipe'))} Batch {c['batch_size']}, {c['epochs']} epochs (deterministic, MC dropout, "
         f"ensemble members). PFE/HIB heads: Adam at lr {c.get('head_lr', c['lr']):g}. Online LAM: fit_online's "
         f"RMSprop at lr {c['online_lr']:g}, batch {c['lam_batch_size']}.",
         f"- **Deep ensemble.** {c['ensemble_size']} members; the ensemble of seed s is made of the deterministic "
@@ -1528,6 +1531,7 @@ def reproduce_fashionmnist(
         "trained": list(runner.trained),
         "loaded_from_cache": list(runner.loaded),
         "config": asdict(config),
+        "train_recipe": config.recipe,
         "versions": {"lam_plugin": __version__, "torch": torch.__version__, "numpy": np.__version__},
         "machine": _machine(device),
         "command": command if command is not None else " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
