@@ -183,7 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="training of the deterministic, ensemble and MC-dropout networks: Adam at lr 1e-3 on all pairs "
         "(default) or the paper's code (RMSprop at lr 1e-3 x batch size, weight decay 1e-5, lr decay e^-0.01 "
-        "per epoch, loss on the pairs of the margin-violating triplets)",
+        "per epoch, loss on the pairs of the margin-violating triplets); online LAM's RMSprop at lr 1e-3 "
+        "(default) or, as the paper's code, 1e-3 x its batch size (0.064)",
+    )
+    rep.add_argument(
+        "--online-lr",
+        type=float,
+        default=None,
+        help="online LAM's RMSprop learning rate (overrides the recipe's: 1e-3, or 0.064 with "
+        "--train-recipe paper)",
     )
     rep.add_argument(
         "--dropout-layout",
@@ -242,6 +250,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         dropout_layout=args.dropout_layout,
         online_hinge=None if args.online_hinge is None else args.online_hinge == "on",
         online_max_pairs=args.online_max_pairs,
+        online_lr=args.online_lr,
     )
 
 

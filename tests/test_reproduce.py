@@ -184,11 +184,22 @@ def test_train_recipe_reaches_training_and_the_cache_key(monkeypatch, tmp_path, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(R, "train_contrastive", spy)
+    seen_online = []
+    if HAS_ONLINE:
+        real_online = R.LaplaceEmbedder.fit_online
+
+        @functools.wraps(real_online)  # reproduce passes only the arguments the signature names
+        def spy_online(self, *args, **kwargs):
+            seen_online.append(kwargs)
+            return real_online(self, *args, **kwargs)
+
+        monkeypatch.setattr(R.LaplaceEmbedder, "fit_online", spy_online)
     methods = ("deterministic", "lam_online") if HAS_ONLINE else ("deterministic",)
     adam = tiny_config(methods=methods, val_fraction=0.0, prior_precision=1.0)
     paper = adam.with_recipe("paper")
     assert (adam.recipe, paper.recipe) == ("adam", "paper")
     assert (paper.optimizer, paper.lr, paper.weight_decay, paper.loss_miner) == ("rmsprop", 1e-3 * 32, 1e-5, "triplets")
+    assert (adam.online_lr, paper.online_lr) == (1e-3, pytest.approx(1e-3 * adam.lam_batch_size))
     assert paper.lr_decay == pytest.approx(math.exp(-0.01))
     runs = {name: R.reproduce_fashionmnist(cfg, tmp_path, data=data, progress=False)
             for name, cfg in (("adam", adam), ("paper", paper))}
@@ -200,14 +211,18 @@ def test_train_recipe_reaches_training_and_the_cache_key(monkeypatch, tmp_path, 
     with safe_open(str(tmp_path / "cache" / det["paper"][0]), "pt") as f:
         spec = json.loads(f.metadata()["spec"])
     assert (spec["optimizer"], spec["miner"], spec["weight_decay"]) == ("rmsprop", "triplets", 1e-5)
-    if HAS_ONLINE:  # online LAM does not use the recipe: loaded, not retrained
-        assert not any(n.startswith("lam_online") for n in runs["paper"].trained)
+    if HAS_ONLINE:  # online LAM takes only the recipe's learning rate, which gives it a key of its own
+        assert [kw["lr"] for kw in seen_online] == [adam.online_lr, paper.online_lr]
+        online = {k: [n for n in r.trained if n.startswith("lam_online")] for k, r in runs.items()}
+        assert online["adam"] and online["paper"] and not set(online["adam"]) & set(online["paper"])
     text = (tmp_path / "results.md").read_text()
     assert "rmsprop at lr 0.032" in text and "This is the paper's code" in text
     with pytest.raises(ValueError, match="recipe"):
         adam.with_recipe("sgd")
     assert R.with_overrides(paper, lr=0.1).recipe == "custom"
-    for bad in (dict(optimizer="lbfgs"), dict(loss_miner="hard"), dict(lr_decay=0.0), dict(weight_decay=-1.0)):
+    for bad in (
+        dict(optimizer="lbfgs"), dict(loss_miner="hard"), dict(lr_decay=0.0), dict(weight_decay=-1.0), dict(online_lr=0.0)
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             R.ReproduceConfig(**bad)
 
@@ -386,6 +401,9 @@ def test_cli_parsing():
     assert per_epoch.online_relu == "per_epoch"
     recipe = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--train-recipe", "paper"]))
     assert recipe == R.ReproduceConfig().with_recipe("paper") and recipe.lr == pytest.approx(0.256)
+    assert recipe.online_lr == pytest.approx(0.064)
+    own = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--train-recipe", "paper", "--online-lr", "0.01"]))
+    assert own.online_lr == 0.01 and own.lr == pytest.approx(0.256) and own.recipe == "custom"
     pool = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--dropout-layout", "pool"]))
     assert pool.dropout_layout == "pool" and R.ReproduceConfig().dropout_layout == "channel"
     whole = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--val-fraction", "0"]))
