@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default) or, as the paper's code, 1e-3 x its batch size (0.064)",
     )
     rep.add_argument(
+        "--keep-best-epoch",
+        action="store_true",
+        default=None,
+        help="end the training of the deterministic, ensemble and MC-dropout networks with the weights of the "
+        "epoch of highest validation mAP@5 (the paper's code keeps its best.ckpt); default: the last epoch",
+    )
+    rep.add_argument(
         "--online-lr",
         type=float,
         default=None,
@@ -251,6 +258,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         online_hinge=None if args.online_hinge is None else args.online_hinge == "on",
         online_max_pairs=args.online_max_pairs,
         online_lr=args.online_lr,
+        keep_best_epoch=args.keep_best_epoch,
     )
 
 

@@ -202,6 +202,10 @@ class ReproduceConfig:
             the learning rate after every epoch; ``loss_miner``: ``"all"`` pairs of each
             batch or the pairs of its margin-violating ``"triplets"``). The defaults are the
             ``"adam"`` recipe; :meth:`with_recipe` sets the paper's.
+        keep_best_epoch: end the training of the deterministic, MC-dropout and ensemble
+            networks with the weights of the epoch of highest validation mAP@5, as the
+            paper's code does with its ``best.ckpt`` (which it chooses on the test split;
+            here the validation split); default off: the last epoch's weights.
         head_lr: Adam learning rate of the PFE and HIB heads.
         lam_batch_size: batch size of the post-hoc curvature fit and of online LAM.
         online_lr: RMSprop learning rate of online LAM (1e-3; the paper's recipe:
@@ -259,6 +263,7 @@ class ReproduceConfig:
     head_lr: float = 1e-3
     lam_batch_size: int = 64
     online_lr: float = 1e-3
+    keep_best_epoch: bool = False
     online_curvature: str = "triplets"
     online_loss_miner: str = "triplets"
     online_relu: str = "per_step"
@@ -329,6 +334,8 @@ class ReproduceConfig:
             raise ValueError(f"dropout_layout must be one of {DROPOUT_LAYOUTS}, got {self.dropout_layout!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.keep_best_epoch and self.val_fraction == 0:
+            raise ValueError("keep_best_epoch chooses the epoch on a validation split: set val_fraction > 0")
         _check_prior_value(self.prior_precision, allow_auto=True)
         for candidate in self.prior_candidates or ():
             _check_prior_value(candidate, allow_auto=False)
@@ -623,6 +630,8 @@ class _Runner:
             spec["weight_decay"] = c.weight_decay
         if c.lr_decay is not None:
             spec["lr_decay"] = c.lr_decay
+        if c.keep_best_epoch:
+            spec["keep_best_epoch"] = "validation map@5"
         # the layout joined the spec after "pool" networks were cached; it is named only
         # where it changes the network, so those cache files keep their keys
         if dropout > 0 and c.dropout_layout != "pool":
@@ -654,6 +663,8 @@ class _Runner:
                 optimizer=c.optimizer,
                 weight_decay=c.weight_decay,
                 lr_decay=c.lr_decay,
+                validation=(self.data.val_x, self.data.val_y) if c.keep_best_epoch else None,
+                keep_best=c.keep_best_epoch,
                 seed=seed,
                 device=self.device,
                 progress=self.progress,
@@ -873,7 +884,8 @@ class _Runner:
         kwargs = _online_kwargs(c, self.progress)
         # online LAM has its own optimiser and loss: of the recipe of the contrastive
         # networks only its learning rate (online_lr, below) enters the key
-        base = {k: v for k, v in self.net_spec(0.0).items() if k not in ("weight_decay", "lr_decay")}
+        dropped = ("weight_decay", "lr_decay", "keep_best_epoch")
+        base = {k: v for k, v in self.net_spec(0.0).items() if k not in dropped}
         spec = {
             **base,
             "miner": "all",
@@ -1108,6 +1120,13 @@ def _recipe_text(c: Mapping[str, Any], recipe: str | None) -> str:
         f"{c['optimizer']} at lr {c['lr']:g}, weight decay {c.get('weight_decay', 0.0):g}"
         + (f", the learning rate times {decay:.4g} after every epoch" if decay is not None else "")
         + f", loss on {loss}."
+    )
+    text += (
+        " The weights of the epoch with the highest validation mAP@5 are kept (`--keep-best-epoch`; the paper's "
+        "code keeps that of its test split)."
+        if c.get("keep_best_epoch")
+        else " The last epoch's weights are used (the paper's code keeps the epoch of highest mAP@5 on its test "
+        "split; `--keep-best-epoch` does so on the validation split)."
     )
     if recipe == "paper":
         return text + " This is the paper's code (`--train-recipe paper`: lr 1e-3 times the batch size)."

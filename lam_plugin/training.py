@@ -7,6 +7,7 @@ The data are held as tensors and shuffled by permuting indices with a seeded
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -15,8 +16,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lam_plugin import wrapping
+from lam_plugin.metrics import map_at_k
 from lam_plugin.numerics import flush_denormals
 from lam_plugin.wrapping import eval_mode
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["TrainingHistory", "train_contrastive", "embed", "preserve_modes", "model_device", "seeded"]
 
@@ -28,10 +32,15 @@ class TrainingHistory:
     Attributes:
         epoch_losses: mean training loss of each epoch.
         batch_losses: loss of every optimisation step, in order.
+        val_map5: mAP@5 on the validation data after each epoch (empty without them).
+        best_epoch: the epoch (1-based) whose weights the model holds at the end when
+            ``keep_best`` restored them, else ``None``.
     """
 
     epoch_losses: list[float] = field(default_factory=list)
     batch_losses: list[float] = field(default_factory=list)
+    val_map5: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
 
     @property
     def final_loss(self) -> float:
@@ -131,6 +140,8 @@ def train_contrastive(
     optimizer: str | torch.optim.Optimizer = "adam",
     weight_decay: float = 0.0,
     lr_decay: float | None = None,
+    validation: tuple[Tensor, Tensor] | None = None,
+    keep_best: bool = False,
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -161,6 +172,14 @@ def train_contrastive(
         weight_decay: weight decay of the built optimizer.
         lr_decay: when given, the learning rate is multiplied by it after every epoch
             (``torch.optim.lr_scheduler.ExponentialLR``); the paper's code uses ``exp(-0.01)``.
+        validation: optional ``(images [M, ...], labels [M])``: after every epoch the
+            model embeds them in eval mode and their mAP@5 (each image a query against
+            the others, :func:`lam_plugin.metrics.map_at_k`) is logged and recorded in
+            ``history.val_map5``. Training itself is unchanged by it.
+        keep_best: restore, at the end, the weights (the whole ``state_dict``, buffers
+            included) of the epoch with the highest validation mAP@5, the first such
+            epoch on a tie, as the paper's code does with its ``best.ckpt``. Needs
+            ``validation``; keeps one copy of the state on the model's device.
         seed: seed of the shuffling (and of the dropout masks).
         device: where to train; default, the model's device.
         progress: show a tqdm bar with the running loss.
@@ -171,6 +190,10 @@ def train_contrastive(
     from pytorch_metric_learning import losses
 
     _check_data(images, labels)
+    if validation is not None:
+        _check_data(*validation)
+    if keep_best and validation is None:
+        raise ValueError("keep_best=True needs validation=(images, labels) to choose the best epoch")
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
     loss_fn = losses.ContrastiveLoss(pos_margin=0, neg_margin=margin)
@@ -181,6 +204,7 @@ def train_contrastive(
     generator = torch.Generator().manual_seed(seed)
     n = images.shape[0]
     history = TrainingHistory()
+    best_state: dict[str, Tensor] | None = None
 
     with preserve_modes(model), seeded(seed, device):
         model.train()
@@ -209,6 +233,16 @@ def train_contrastive(
             if scheduler is not None:
                 scheduler.step()
             bar.set_postfix(loss=f"{history.epoch_losses[-1]:.4f}")
+            if validation is not None:
+                score = map_at_k(embed(model, validation[0], device=device), validation[1], 5)
+                history.val_map5.append(score)
+                logger.info("epoch %d: loss %.4f, validation mAP@5 %.4f", len(history), history.final_loss, score)
+                if keep_best and (history.best_epoch is None or score > history.val_map5[history.best_epoch - 1]):
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    history.best_epoch = len(history)
+        if best_state is not None:
+            model.load_state_dict(best_state)
+            logger.info("kept epoch %d of %d (validation mAP@5 %.4f)", history.best_epoch, epochs, max(history.val_map5))
     return history
 
 

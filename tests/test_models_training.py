@@ -155,6 +155,41 @@ def test_train_contrastive_lr_decay_is_per_epoch():
         train_contrastive(model, x, y, epochs=1, lr_decay=1.5, progress=False)
 
 
+def test_train_contrastive_validation_and_keep_best():
+    from lam_plugin.metrics import map_at_k
+
+    x, y = clusters(n=200)
+    vx, _ = clusters(n=90, seed=1)
+    vy = torch.randperm(90, generator=torch.Generator().manual_seed(0)) % 3  # noisy labels: mAP wanders
+    torch.manual_seed(0)
+    init = mlp_embedder(16, 4)
+    kw = dict(epochs=5, batch_size=64, lr=3e-2, seed=2, progress=False)
+
+    plain, watched = copy.deepcopy(init), copy.deepcopy(init)
+    h_plain = train_contrastive(plain, x, y, **kw)
+    h = train_contrastive(watched, x, y, validation=(vx, vy), **kw)
+    # watching changes nothing; the last score is that of the final weights
+    assert h.batch_losses == h_plain.batch_losses and params_equal(plain, watched)
+    assert len(h.val_map5) == 5 and h.best_epoch is None and not h_plain.val_map5
+    assert h.val_map5[-1] == pytest.approx(map_at_k(embed(watched, vx), vy, 5))
+
+    best = copy.deepcopy(init)
+    h_best = train_contrastive(best, x, y, validation=(vx, vy), keep_best=True, **kw)
+    assert h_best.val_map5 == h.val_map5
+    b = h_best.best_epoch
+    assert b == 1 + max(range(5), key=lambda i: (h.val_map5[i], -i))  # first epoch of the highest score
+    assert b < 5  # this seed's best epoch is an early one: the weights really are restored
+    short = copy.deepcopy(init)
+    train_contrastive(short, x, y, **{**kw, "epochs": b})
+    assert params_equal(best, short)
+    assert map_at_k(embed(best, vx), vy, 5) == pytest.approx(max(h.val_map5))
+
+    with pytest.raises(ValueError, match="keep_best"):
+        train_contrastive(copy.deepcopy(init), x, y, keep_best=True, **kw)
+    with pytest.raises(ValueError, match="labels"):
+        train_contrastive(copy.deepcopy(init), x, y, validation=(vx, vy[:-1]), **kw)
+
+
 def test_train_contrastive_is_deterministic_and_leaves_global_rng():
     x, y = clusters(n=150)
     torch.manual_seed(0)

@@ -173,6 +173,33 @@ def test_changed_config_gets_its_own_cache_entry(tmp_path, data):
     assert not (tmp_path / "roc.png").exists()  # no method with an uncertainty: no curves
 
 
+def test_keep_best_epoch_reaches_training_and_the_cache_key(monkeypatch, tmp_path, data):
+    from safetensors import safe_open
+
+    seen = []
+    real = R.train_contrastive
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "train_contrastive", spy)
+    config = tiny_config(methods=("deterministic",), epochs=2, prior_precision=1.0)
+    last = R.reproduce_fashionmnist(config, tmp_path, data=data, progress=False)
+    best = R.reproduce_fashionmnist(R.with_overrides(config, keep_best_epoch=True), tmp_path, data=data, progress=False)
+    assert seen[0]["validation"] is None and not seen[0]["keep_best"]
+    val_x, val_y = seen[1]["validation"]
+    assert seen[1]["keep_best"] and len(val_y) == last.results["data"]["sizes"]["val"] == len(val_x)
+    assert last.trained and best.trained and last.trained != best.trained
+    with safe_open(str(tmp_path / "cache" / best.trained[0]), "pt") as f:
+        assert json.loads(f.metadata()["spec"])["keep_best_epoch"] == "validation map@5"
+    with safe_open(str(tmp_path / "cache" / last.trained[0]), "pt") as f:
+        assert "keep_best_epoch" not in json.loads(f.metadata()["spec"])  # older keys unchanged
+    assert "highest validation mAP@5 are kept" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="keep_best_epoch"):
+        R.ReproduceConfig(keep_best_epoch=True, val_fraction=0.0)
+
+
 def test_train_recipe_reaches_training_and_the_cache_key(monkeypatch, tmp_path, data):
     from safetensors import safe_open
 
@@ -402,6 +429,8 @@ def test_cli_parsing():
     recipe = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--train-recipe", "paper"]))
     assert recipe == R.ReproduceConfig().with_recipe("paper") and recipe.lr == pytest.approx(0.256)
     assert recipe.online_lr == pytest.approx(0.064)
+    assert cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--keep-best-epoch"])).keep_best_epoch
+    assert not cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist"])).keep_best_epoch
     own = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--train-recipe", "paper", "--online-lr", "0.01"]))
     assert own.online_lr == 0.01 and own.lr == pytest.approx(0.256) and own.recipe == "custom"
     pool = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--dropout-layout", "pool"]))
