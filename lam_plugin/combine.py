@@ -30,6 +30,7 @@ from typing import Any
 
 from .reproduce import (
     ALL_METHODS,
+    CONFIG_FIELDS_ABSENT,
     METRICS,
     SUPPLEMENTARY_METRICS,
     _aggregate,
@@ -137,7 +138,8 @@ def combine_results(
         used = sorted(set(origin[method].values()))
         fields = sorted({k for i in used for k in runs[i]["config"]} - set(_SCOPE))
         for key in fields:
-            values = {str(files[i]): runs[i]["config"].get(key) for i in used}
+            # a field an older run lacks stands for the behaviour it had before the field
+            values = {str(files[i]): runs[i]["config"].get(key, CONFIG_FIELDS_ABSENT.get(key)) for i in used}
             if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
                 differences.setdefault(method, {})[key] = values
     if differences and not allow_config_differences:

@@ -105,6 +105,19 @@ OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "rmsprop")
 TRAIN_RECIPES: tuple[str, ...] = ("adam", "paper")
 #: Online-LAM options added after the first cached runs, with the value those runs had.
 ONLINE_LATER_DEFAULTS: dict[str, Any] = {"curvature": "pairs", "relu": "per_step", "hinge": True, "loss_miner": "all"}
+#: Config fields added after results were first written, with what their absence from an
+#: older ``results.json`` means (the behaviour before the field existed).
+CONFIG_FIELDS_ABSENT: dict[str, Any] = {
+    "weight_decay": 0.0,
+    "lr_decay": None,
+    "loss_miner": "all",
+    "dropout_layout": "pool",
+    "keep_best_epoch": False,
+    "online_loss_miner": "all",
+    "online_relu": "per_step",
+    "online_hinge": True,
+    "online_max_pairs": None,
+}
 
 #: Methods run by default, in the paper's row order.
 DEFAULT_METHODS: tuple[str, ...] = ("deterministic", "deep_ensemble", "pfe", "mc_dropout", "lam_posthoc", "lam_online")

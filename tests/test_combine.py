@@ -113,6 +113,23 @@ def test_config_differences_are_refused_unless_allowed(runs, tmp_path):
     }
 
 
+def test_fields_older_runs_lack_stand_for_their_old_behaviour(runs, tmp_path):
+    _, files = runs
+
+    def older(r):  # written before keep_best_epoch existed: the last epoch was kept
+        del r["config"]["keep_best_epoch"]
+
+    old = _edited(files["s2"], tmp_path, "older", older)
+    assert combine_results([files["s1"], old])["config_differences"] == {}
+    best = _edited(files["s1"], tmp_path, "best", lambda r: r["config"].update(keep_best_epoch=True))
+    with pytest.raises(ValueError, match="keep_best_epoch = True in .*, False in"):
+        combine_results([best, old])
+    # an older run without the layout field had the element-wise dropout after the pooling
+    no_layout = _edited(files["s2"], tmp_path, "nolayout", lambda r: r["config"].pop("dropout_layout"))
+    with pytest.raises(ValueError, match="dropout_layout = 'channel' in .*, 'pool' in"):
+        combine_results([files["s1"], no_layout])
+
+
 def test_bad_inputs(runs, tmp_path):
     _, files = runs
     with pytest.raises(ValueError, match="at least two"):
