@@ -173,10 +173,9 @@ def test_changed_config_gets_its_own_cache_entry(tmp_path, data):
     assert not (tmp_path / "roc.png").exists()  # no method with an uncertainty: no curves
 
 
-def test_keep_best_epoch_reaches_training_and_the_cache_key(monkeypatch, tmp_path, data):
-    from safetensors import safe_open
-
-    seen = []
+def training_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of every ``train_contrastive`` call that reproduce makes from now on."""
+    seen: list[dict] = []
     real = R.train_contrastive
 
     def spy(*args, **kwargs):
@@ -184,6 +183,13 @@ def test_keep_best_epoch_reaches_training_and_the_cache_key(monkeypatch, tmp_pat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(R, "train_contrastive", spy)
+    return seen
+
+
+def test_keep_best_epoch_reaches_training_and_the_cache_key(monkeypatch, tmp_path, data):
+    from safetensors import safe_open
+
+    seen = training_calls(monkeypatch)
     config = tiny_config(methods=("deterministic",), epochs=2, prior_precision=1.0)
     last = R.reproduce_fashionmnist(config, tmp_path, data=data, progress=False)
     best = R.reproduce_fashionmnist(R.with_overrides(config, keep_best_epoch=True), tmp_path, data=data, progress=False)
@@ -203,14 +209,7 @@ def test_keep_best_epoch_reaches_training_and_the_cache_key(monkeypatch, tmp_pat
 def test_train_recipe_reaches_training_and_the_cache_key(monkeypatch, tmp_path, data):
     from safetensors import safe_open
 
-    seen = []
-    real = R.train_contrastive
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(R, "train_contrastive", spy)
+    seen = training_calls(monkeypatch)
     seen_online = []
     if HAS_ONLINE:
         real_online = R.LaplaceEmbedder.fit_online
