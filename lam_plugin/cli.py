@@ -296,7 +296,7 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _cmd_combine(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .combine import write_combined
-    from .reproduce import results_table
+    from .reproduce import results_table, seed_counts
 
     try:
         combined, files = write_combined(
@@ -311,7 +311,7 @@ def _cmd_combine(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for method, seeds in combined["seeds_by_method"].items():
         print(f"{method}: seeds {' '.join(map(str, seeds))}")
     print()
-    print(results_table(combined["methods"], paper=None))
+    print(results_table(combined["methods"], paper=None, n_seeds=seed_counts(combined)))
     if combined["config_differences"]:
         print("\nconfiguration differences between the sources of one method: see results.md")
     print("wrote:")

@@ -38,6 +38,7 @@ from .reproduce import (
     _per_seed_table,
     _supplementary_markdown,
     results_table,
+    seed_counts,
 )
 
 __all__ = ["combine_results", "write_combined"]
@@ -201,7 +202,11 @@ def _markdown(combined: Mapping[str, Any], command: str | None) -> str:
         parts += [f"Command: `{command}`", ""]
     if sizes:
         parts += ["Data: " + ", ".join(f"{k} {v:,}" for k, v in sizes.items()) + " images.", ""]
-    parts += [results_table(combined["methods"], _paper(combined)), "", *_supplementary_markdown(combined)]
+    parts += [
+        results_table(combined["methods"], _paper(combined), n_seeds=seed_counts(combined)),
+        "",
+        *_supplementary_markdown(combined),
+    ]
     parts += ["## Sources", ""]
     for source in combined["sources"]:
         took = "; ".join(f"{m} {', '.join(map(str, s))}" for m, s in source["seeds_by_method"].items()) or "nothing"

@@ -94,6 +94,7 @@ __all__ = [
     "reproduce",
     "reproduce_fashionmnist",
     "results_table",
+    "seed_counts",
 ]
 
 #: The pairs of a contrastive loss: every pair of a batch, or the pairs of the
@@ -1095,10 +1096,26 @@ def _fmt(mean: float | None, std: float | None, decimals: int) -> str:
     return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
+def _ours(stat: Mapping[str, float | None], n_seeds: int | None, decimals: int) -> str:
+    """One of our cells: ``mean ± std``, or the mean alone when it comes from one seed (whose std of 0
+    says nothing about the spread)."""
+    return _fmt(stat.get("mean"), None if n_seeds == 1 else stat.get("std"), decimals)
+
+
+def seed_counts(results: Mapping[str, Any]) -> dict[str, int]:
+    """How many seeds each method of ``results`` is averaged over: a combined file's
+    ``seeds_by_method`` (:mod:`lam_plugin.combine`), else ``seeds`` for every method."""
+    by_method = results.get("seeds_by_method")
+    if by_method is not None:
+        return {m: len(s) for m, s in by_method.items()}
+    return {m: len(results["seeds"]) for m in results["methods"]}
+
+
 def results_table(
     methods: Mapping[str, Mapping[str, Mapping[str, float | None]]],
     paper: Mapping[str, Mapping[str, _Stat | None]] | None = PAPER_FASHIONMNIST,
     decimals: int = 2,
+    n_seeds: Mapping[str, int] | None = None,
 ) -> str:
     """A markdown table in the paper's layout: one row per method (this run, then the paper).
 
@@ -1106,13 +1123,16 @@ def results_table(
         methods: ``results["methods"]``: ``name -> metric -> {"mean", "std"}``.
         paper: the paper's numbers (:data:`PAPER_FASHIONMNIST`), or None for ours only.
         decimals: digits after the point.
+        n_seeds: seeds per method (:func:`seed_counts`); a method of one seed is shown without ± and
+            its source reads "this run (1 seed)". None: every cell with its ±.
     """
     head = ["Method", "Source", *(METRIC_LABELS[m] for m in METRICS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + [":---:"] * len(METRICS)) + "|"]
     for name, row in methods.items():
         label = METHOD_LABELS.get(name, name)
-        cells = [_fmt(row.get(m, {}).get("mean"), row.get(m, {}).get("std"), decimals) for m in METRICS]
-        lines.append("| " + " | ".join([label, "this run", *cells]) + " |")
+        n = None if n_seeds is None else n_seeds.get(name)
+        cells = [_ours(row.get(m, {}), n, decimals) for m in METRICS]
+        lines.append("| " + " | ".join([label, "this run (1 seed)" if n == 1 else "this run", *cells]) + " |")
         if paper is not None and name in paper:
             ref = paper[name]
             cells = [_fmt(*(ref[m] or (None, None)), decimals) for m in METRICS]  # type: ignore[misc]
@@ -1201,7 +1221,7 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
         "# FashionMNIST → MNIST: the LAM paper's protocol",
         "",
         f"{'**Quick smoke run** (reduced data, epochs and samples: not comparable to the paper). ' if results['quick'] else ''}"
-        f"Seeds {seeds}; mean ± std over seeds (population std, 0 for one seed). "
+        f"Seeds {seeds}; mean ± std over seeds (population std; one seed: the mean alone, its std 0 in results.json). "
         f"Wall time {results['wall_time_s']:.0f} s on {results['machine']['summary']}.",
         "",
         f"Command: `{results['command']}`",
@@ -1339,11 +1359,14 @@ def _supplementary_markdown(results: Mapping[str, Any]) -> list[str]:
         "| Method | AUROC (Σ Var u) | AUPRC (Σ Var u) | AUROC (protocol) | AUPRC (protocol) |",
         "|---|:---:|:---:|:---:|:---:|",
     ]
+    n_seeds = seed_counts(results)
     for name, row in supplementary.items():
         main = results["methods"][name]
         cells = [row["auroc_output_var"], row["auprc_output_var"], main["auroc"], main["auprc"]]
         parts.append(
-            f"| {METHOD_LABELS.get(name, name)} | " + " | ".join(_fmt(v["mean"], v["std"], 2) for v in cells) + " |"
+            f"| {METHOD_LABELS.get(name, name)} | "
+            + " | ".join(_ours(v, n_seeds.get(name), 2) for v in cells)
+            + " |"
         )
     return [*parts, ""]
 
@@ -1549,7 +1572,7 @@ def reproduce_fashionmnist(
         for name in methods
         if all(per_seed[name][str(s)].get(SUPPLEMENTARY_METRICS[0]) is not None for s in config.seeds)
     }
-    table = results_table(summary)
+    table = results_table(summary, n_seeds={m: len(config.seeds) for m in methods})
     chance = len(tensors.ood_x) / (len(tensors.ood_x) + len(tensors.test_y))
     plot_files = _plots(curves, {m: per_seed[m][str(first)] for m in curves}, out_dir, first, chance)
     files = [out_dir / "results.json", out_dir / "results.md", *plot_files]

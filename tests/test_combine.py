@@ -152,3 +152,30 @@ def test_cli_combine(runs, tmp_path, capsys):
     assert json.loads((tmp_path / "c" / "results.json").read_text())["command"].startswith("lam-plugin combine")
     assert cli.main(["combine", str(files["s1"]), str(tmp_path / "nope.json"), "--out", str(tmp_path / "d")]) == 2
     assert "no such results file" in capsys.readouterr().err
+
+
+def test_a_method_of_one_seed_is_shown_without_a_spread(runs, tmp_path):
+    _, files = runs
+
+    def only_deterministic(results):
+        for key in ("methods", "per_seed", "supplementary"):
+            results.get(key, {}).pop("lam_posthoc", None)
+
+    s2 = _edited(files["s2"], tmp_path, "s2det", only_deterministic)
+    combined, _ = write_combined([files["s1"], s2], tmp_path / "c")
+    assert R.seed_counts(combined) == {"deterministic": 2, "lam_posthoc": 1}
+    rows = {line.split("|")[1].strip(): line for line in (tmp_path / "c" / "results.md").read_text().splitlines()
+            if "| this run" in line}
+    posthoc, det = rows[R.METHOD_LABELS["lam_posthoc"]], rows[R.METHOD_LABELS["deterministic"]]
+    assert "this run (1 seed)" in posthoc and "±" not in posthoc
+    auroc = combined["methods"]["lam_posthoc"]["auroc"]["mean"]
+    assert f"{auroc:.2f}" in posthoc
+    assert "this run |" in det and "±" in det
+
+
+def test_results_table_spread_follows_the_seed_count():
+    row = {m: {"mean": 0.5, "std": 0.0} for m in R.METRICS}
+    assert "0.50 ± 0.00" in R.results_table({"lam_online": row}, paper=None)
+    assert "0.50 ± 0.00" in R.results_table({"lam_online": row}, paper=None, n_seeds={"lam_online": 2})
+    one = R.results_table({"lam_online": row}, paper=None, n_seeds={"lam_online": 1})
+    assert "±" not in one and "| 0.50 |" in one and "(1 seed)" in one
