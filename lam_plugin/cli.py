@@ -181,10 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-recipe",
         choices=["adam", "paper"],
         default=None,
-        help="training of the deterministic, ensemble and MC-dropout networks: Adam at lr 1e-3 on all pairs "
-        "(default) or the paper's code (RMSprop at lr 1e-3 x batch size, weight decay 1e-5, lr decay e^-0.01 "
-        "per epoch, loss on the pairs of the margin-violating triplets); online LAM's RMSprop at lr 1e-3 "
-        "(default) or, as the paper's code, 1e-3 x its batch size (0.064)",
+        help="training of the deterministic, ensemble and MC-dropout networks: the paper's code (default: "
+        "RMSprop at lr 1e-3 x batch size, weight decay 1e-5, lr decay e^-0.01 per epoch, loss on the pairs of "
+        "the margin-violating triplets) or Adam at lr 1e-3 on all pairs; online LAM's RMSprop at 1e-3 x its "
+        "batch size (0.064, the paper's code) or 1e-3 (adam)",
     )
     rep.add_argument(
         "--keep-best-epoch",
@@ -197,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--online-lr",
         type=float,
         default=None,
-        help="online LAM's RMSprop learning rate (overrides the recipe's: 1e-3, or 0.064 with "
-        "--train-recipe paper)",
+        help="online LAM's RMSprop learning rate (overrides the recipe's: 0.064, or 1e-3 with "
+        "--train-recipe adam)",
     )
     rep.add_argument(
         "--dropout-layout",

@@ -278,6 +278,15 @@ def test_pfe_feature_cache_gives_the_same_head():
         PFE(model).fit(x, y, feature_cache_bytes=-1)
 
 
+def test_pfe_diverging_head_is_a_clear_error():
+    """A non-finite loss stops the fit with a message, instead of a head of NaNs."""
+    x, y = two_classes(n=60)
+    model = mlp_embedder(D_IN, D)
+    huge = PFE(model, feature_fn=lambda t: model[:6](t) * 1e38)  # float32 overflows in the head
+    with pytest.raises(FloatingPointError, match=r"PFE: the training loss is (nan|inf).*epoch 0, batch 0"):
+        huge.fit(x, y, epochs=1, batch_size=30)
+
+
 def test_pfe_sigma_tracks_ambiguity_and_distance(fitted_pfe):
     pfe, _, _ = fitted_pfe
     x, y = two_classes(seed=1)  # fresh draws of the same distribution

@@ -21,7 +21,7 @@ def runs(tmp_path_factory):
     data = R.ProtocolData(train=synthetic(200, 4, 0), test=synthetic(60, 4, 1), ood=synthetic(40, 4, 2, "ood"))
     base = R.ReproduceConfig(
         seeds=(1,), methods=("deterministic", "lam_posthoc"), epochs=1, batch_size=32, lam_batch_size=32,
-        n_samples=8, eval_batch_size=25, max_pairs=200, val_fraction=0.2, quick=True,
+        n_samples=8, eval_batch_size=25, max_pairs=200, val_fraction=0.2, quick=True, lr=1e-3,
     )
     cache = root / "cache"
     cache.mkdir()

@@ -194,17 +194,27 @@ class VarianceHeadBaseline(UncertaintyBaseline):
         indices of one batch and gathers what it needs itself (inputs, or features computed
         once). Batches whose loss is ``None`` are skipped; an epoch without any step
         records ``nan``. Module modes and the global RNG are left to the caller's ``fit``.
+
+        Raises:
+            FloatingPointError: a batch loss is not finite (the head diverged), before
+                that step is taken.
         """
         opt = torch.optim.Adam(params, lr=lr)
         generator = torch.Generator().manual_seed(seed)
         history = TrainingHistory()
-        for _ in tqdm(range(epochs), desc=self.method_name, disable=not progress):
+        for epoch in tqdm(range(epochs), desc=self.method_name, disable=not progress):
             order = torch.randperm(n_examples, generator=generator)
             total, steps = 0.0, 0
             for start in range(0, n_examples, batch_size):
                 loss = batch_loss(order[start : start + batch_size])
                 if loss is None:
                     continue
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"{self.method_name}: the training loss is {float(loss.detach())} at epoch {epoch}, batch "
+                        f"{start // batch_size}: the variance head diverged. Try a smaller lr (got {lr:g}); "
+                        "features of a very large scale from the frozen model can cause this."
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
