@@ -762,6 +762,7 @@ class _Runner:
             "epochs": epochs,
             "lr": c.head_lr,
             "batch_size": c.batch_size,
+            "input_scale": "rms",  # the head divides its input by the features' RMS (InputScale)
         }
         path = self._path("pfe", seed, spec)
         head = variance_head(self._feature_dim(det), c.embedding_dim, c.head_hidden).to(self.device)
@@ -783,7 +784,7 @@ class _Runner:
         hib = HIB(net, hidden=c.head_hidden, n=c.n_samples)
         epochs = c.hib_epochs or c.epochs
         spec = {**self.net_spec(0.0), "lr": c.head_lr, "method": "hib", "head_hidden": c.head_hidden, "epochs": epochs, "k": hib.k,
-                "beta": hib.beta}
+                "beta": hib.beta, "input_scale": "rms"}
         path = self._path("hib", seed, spec)
         head = variance_head(self._feature_dim(net), c.embedding_dim, c.head_hidden).to(self.device)
         state = self._load(path)

@@ -18,6 +18,7 @@ from lam_plugin.baselines import (
     default_feature_fn,
     mls_loss,
 )
+from lam_plugin.baselines.base import InputScale
 from lam_plugin.models import fashionmnist_net, mlp_embedder
 from lam_plugin.prediction import Prediction
 from lam_plugin.training import train_contrastive
@@ -282,9 +283,37 @@ def test_pfe_diverging_head_is_a_clear_error():
     """A non-finite loss stops the fit with a message, instead of a head of NaNs."""
     x, y = two_classes(n=60)
     model = mlp_embedder(D_IN, D)
-    huge = PFE(model, feature_fn=lambda t: model[:6](t) * 1e38)  # float32 overflows in the head
+    head = nn.Linear(D_IN, D)
+    nn.init.constant_(head.weight, 1e3)  # log sigma^2 of order 1e3: exp overflows in float32
     with pytest.raises(FloatingPointError, match=r"PFE: the training loss is (nan|inf).*epoch 0, batch 0"):
-        huge.fit(x, y, epochs=1, batch_size=30)
+        PFE(model, feature_fn=lambda t: t, head=head).fit(x, y, epochs=1, batch_size=30)
+
+
+def test_default_head_is_blind_to_the_feature_scale():
+    """The default head divides its input by the features' RMS: features 1e4 times larger
+    (a network trained with a large learning rate) train the same head, instead of one
+    whose exp(log sigma^2) overflows."""
+    x, y = two_classes(n=120)
+    torch.manual_seed(0)
+    model = mlp_embedder(D_IN, D)
+    trunk = default_feature_fn(model)
+    fits = []
+    for factor in (1.0, 1e4):
+        pfe = PFE(model, feature_fn=lambda t, f=factor: trunk(t) * f)
+        history = pfe.fit(x, y, epochs=3, batch_size=40, lr=3e-3, seed=5)
+        fits.append((pfe, history))
+    (small, h_small), (large, h_large) = fits
+    scale_small, scale_large = small.head[0].scale, large.head[0].scale
+    torch.testing.assert_close(scale_large / scale_small, torch.tensor(1e4), rtol=1e-4, atol=0)
+    with torch.no_grad():
+        feats = trunk(x)  # all 120 examples (the scale uses up to 1,024)
+    assert float(scale_small) == pytest.approx(float(feats.double().pow(2).mean().sqrt()), rel=1e-5)
+    torch.testing.assert_close(torch.tensor(h_large.batch_losses), torch.tensor(h_small.batch_losses), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(large.mean_log_var(x)[1], small.mean_log_var(x)[1], rtol=1e-3, atol=1e-3)
+    assert InputScale(2.0)(torch.tensor([4.0])).item() == 2.0
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="scale"):
+            InputScale(bad)
 
 
 def test_pfe_sigma_tracks_ambiguity_and_distance(fitted_pfe):

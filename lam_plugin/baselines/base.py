@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Callable, Iterable
 
@@ -21,8 +22,13 @@ __all__ = [
     "normalized_forward",
     "eval_forward",
     "variance_head",
+    "InputScale",
+    "feature_scale",
     "positive_pairs",
 ]
+
+#: Training images whose features set the default head's input scale.
+_SCALE_EXAMPLES = 1024
 
 
 class UncertaintyBaseline(ABC):
@@ -91,9 +97,40 @@ def default_feature_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
     return lambda x: model(x).flatten(1)
 
 
-def variance_head(in_features: int, out_features: int, hidden: int = 64) -> nn.Sequential:
-    """The default head predicting per-dimension ``log sigma^2``: ``Linear ReLU Linear``."""
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
+class InputScale(nn.Module):
+    """Divides its input by a fixed positive scalar, ``scale`` (a buffer, saved with the head).
+
+    The default variance head starts with it; :meth:`VarianceHeadBaseline._prepare_head`
+    sets ``scale`` to the root mean square of the features of the training images. A head
+    with the default initialisation and learning rate then sees features of order one
+    whatever the frozen model's scale: networks trained with a large learning rate on a
+    scale-invariant loss have features of order 10²–10³, on which an unscaled head's
+    ``exp(log sigma^2)`` overflows in its first step.
+    """
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite number, got {scale}")
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / self.scale
+
+
+def variance_head(in_features: int, out_features: int, hidden: int = 64, input_scale: float = 1.0) -> nn.Sequential:
+    """The default head predicting per-dimension ``log sigma^2``:
+    ``InputScale(input_scale) Linear ReLU Linear``."""
+    return nn.Sequential(
+        InputScale(input_scale), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features)
+    )
+
+
+def feature_scale(features: Tensor) -> float:
+    """Root mean square of ``features`` ``[N, F]`` (in float64, so that large features do not
+    overflow), or 1 when they are all zero or not finite."""
+    rms = float(features.double().pow(2).mean().sqrt())
+    return rms if math.isfinite(rms) and rms > 0 else 1.0
 
 
 def positive_pairs(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,15 +190,17 @@ class VarianceHeadBaseline(UncertaintyBaseline):
     def _prepare_head(self, images: Tensor, device: torch.device) -> nn.Module:
         """The head, on ``device``; the default one is built first if there is none yet.
 
-        The default head's sizes come from the features and embedding of two examples,
-        computed with the model in eval mode under ``no_grad`` (modes restored).
+        The default head's sizes, and its input scale (:class:`InputScale`, the root mean
+        square of the features), come from the features and embedding of the first
+        ``_SCALE_EXAMPLES`` images, computed with the model in eval mode under ``no_grad``
+        (modes restored).
         """
         if self.head is None:
             with torch.no_grad(), eval_mode(self.model):
-                x = images[:2].to(device)
+                x = images[:_SCALE_EXAMPLES].to(device)
                 feats = self.feature_fn(x).flatten(1)
-                dim = self.model(x).flatten(1).shape[1]
-            self.head = variance_head(feats.shape[1], dim, self.hidden)
+                dim = self.model(x[:2]).flatten(1).shape[1]
+            self.head = variance_head(feats.shape[1], dim, self.hidden, input_scale=feature_scale(feats))
         return self.head.to(device)
 
     def _draw(self, mu: Tensor, sigma: Tensor, n: int) -> Tensor:

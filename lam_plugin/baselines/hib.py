@@ -64,7 +64,8 @@ class HIB(VarianceHeadBaseline):
         model: the embedder producing ``mu``. Trained in place by :meth:`fit` only if
             ``train_embedder=True`` is passed there.
         head: module mapping ``feature_fn(x)`` to ``[B, D]`` log-variances; default
-            ``Linear ReLU Linear`` built at the first :meth:`fit`.
+            ``InputScale Linear ReLU Linear`` (the input divided by the features' RMS) built
+            at the first :meth:`fit`.
         feature_fn: the head's input; default :func:`default_feature_fn`.
         hidden: width of the default head.
         k: samples per input during training.

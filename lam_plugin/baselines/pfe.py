@@ -45,7 +45,8 @@ class PFE(VarianceHeadBaseline):
     Args:
         model: the trained embedder (frozen).
         head: module mapping ``feature_fn(x)`` to ``[B, D]`` log-variances; default
-            ``Linear(F, hidden) ReLU Linear(hidden, D)``, built at the first :meth:`fit`.
+            ``InputScale Linear(F, hidden) ReLU Linear(hidden, D)`` (the input divided by the
+            features' RMS), built at the first :meth:`fit`.
         feature_fn: features the head sees; default :func:`default_feature_fn` (the layers
             before the last ``nn.Linear`` of an ``nn.Sequential``, else the embedding).
         hidden: width of the default head.
