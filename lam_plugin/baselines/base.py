@@ -192,14 +192,16 @@ class VarianceHeadBaseline(UncertaintyBaseline):
 
         The default head's sizes, and its input scale (:class:`InputScale`, the root mean
         square of the features), come from the features and embedding of the first
-        ``_SCALE_EXAMPLES`` images, computed with the model in eval mode under ``no_grad``
-        (modes restored).
+        ``_SCALE_EXAMPLES`` images (in batches of 256), computed with the model in eval mode
+        under ``no_grad`` (modes restored).
         """
         if self.head is None:
             with torch.no_grad(), eval_mode(self.model):
-                x = images[:_SCALE_EXAMPLES].to(device)
-                feats = self.feature_fn(x).flatten(1)
-                dim = self.model(x[:2]).flatten(1).shape[1]
+                n = min(images.shape[0], _SCALE_EXAMPLES)
+                feats = torch.cat(
+                    [self.feature_fn(images[i : i + 256].to(device)).flatten(1) for i in range(0, n, 256)]
+                )
+                dim = self.model(images[:2].to(device)).flatten(1).shape[1]
             self.head = variance_head(feats.shape[1], dim, self.hidden, input_scale=feature_scale(feats))
         return self.head.to(device)
 
