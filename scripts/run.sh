@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the environment (scripts/bootstrap.sh) and run the main job: the FashionMNIST
-# reproduction of the paper in its quick form (about 10 minutes on 2 CPU cores).
+# reproduction of the paper in its quick form (under 10 minutes on 2 CPU cores).
 # Extra arguments go to `lam-plugin reproduce fashionmnist` (e.g. drop the default
 # --quick by passing --full, or --seeds 1 2 3).
 set -euo pipefail
