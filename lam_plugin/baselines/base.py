@@ -27,8 +27,9 @@ __all__ = [
     "positive_pairs",
 ]
 
-#: Training images whose features set the default head's input scale.
-_SCALE_EXAMPLES = 1024
+#: Training images whose features set the default head's input scale, and the batch
+#: size in which their features are computed.
+_SCALE_EXAMPLES, _SCALE_BATCH = 1024, 256
 
 
 class UncertaintyBaseline(ABC):
@@ -192,14 +193,17 @@ class VarianceHeadBaseline(UncertaintyBaseline):
 
         The default head's sizes, and its input scale (:class:`InputScale`, the root mean
         square of the features), come from the features and embedding of the first
-        ``_SCALE_EXAMPLES`` images (in batches of 256), computed with the model in eval mode
+        ``_SCALE_EXAMPLES`` images (in batches of ``_SCALE_BATCH``), computed with the model in eval mode
         under ``no_grad`` (modes restored).
         """
         if self.head is None:
             with torch.no_grad(), eval_mode(self.model):
                 n = min(images.shape[0], _SCALE_EXAMPLES)
                 feats = torch.cat(
-                    [self.feature_fn(images[i : i + 256].to(device)).flatten(1) for i in range(0, n, 256)]
+                    [
+                        self.feature_fn(images[i : i + _SCALE_BATCH].to(device)).flatten(1)
+                        for i in range(0, n, _SCALE_BATCH)
+                    ]
                 )
                 dim = self.model(images[:2].to(device)).flatten(1).shape[1]
             self.head = variance_head(feats.shape[1], dim, self.hidden, input_scale=feature_scale(feats))
