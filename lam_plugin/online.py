@@ -5,7 +5,8 @@ Each step (DESIGN section 5), with ``mu`` the current weights of the Laplace sub
 1. ``sigma = 1 / sqrt(H + prior)``; draw ``theta_s = mu + sigma * eps_s`` for each of
    ``n_samples`` samples (``eps_s ~ N(0, I)``).
 2. Embed the batch with ``theta_s`` and take pytorch-metric-learning's
-   ``ContrastiveLoss(pos_margin=0, neg_margin=margin)`` on the embedder's miner tuples.
+   ``ContrastiveLoss(pos_margin=0, neg_margin=margin)`` on the embedder's miner tuples
+   (:class:`~lam_plugin.losses.ContrastiveBatchLoss`).
    Because ``d theta_s / d mu = I``, back-propagating through ``theta_s`` applies the
    gradient at the sampled weights to ``mu`` (and the backbone is trained as usual).
 3. Without gradient, the contrastive GGN diagonal ``h_s`` at ``theta_s`` over the
@@ -49,13 +50,13 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pytorch_metric_learning.losses import ContrastiveLoss
 from pytorch_metric_learning.miners import TripletMarginMiner
 from torch import Tensor
 
 from .curvature.functorch import FunctorchBackend, functional_forward
 from .curvature.last_layer import LastLayerCurvature, capture_io, probe_last_layer
 from .geometry import output_hessian
+from .losses import ContrastiveBatchLoss
 from .numerics import flush_denormals
 from .pairs import Miner, PairSelection
 from .parameters import resolve_subset, unflatten
@@ -134,7 +135,7 @@ class OnlineLaplace:
         self.H = torch.full((n_params,), float(dataset_size), dtype=params[self.names[0]].dtype, device=model_device(model))
         self.optimizer = torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=lr_decay)
-        self.loss_fn = ContrastiveLoss(pos_margin=0.0, neg_margin=embedder.margin)
+        self.loss_fn = ContrastiveBatchLoss(embedder.margin, embedder.miner)
         self.engine: LastLayerCurvature | FunctorchBackend
         if self.head is not None and self.layer is not None:
             self.engine = LastLayerCurvature(model, embedder.output_key, self.names, self.layer, self.head)  # type: ignore[arg-type]
@@ -164,6 +165,8 @@ class OnlineLaplace:
         params = dict(model.named_parameters())
         sigma = (self.H.clamp_min(0) + self.prior).rsqrt()
         losses, curvatures = [], []
+        if self.loss_fn.miner is not emb.miner or self.loss_fn.margin != emb.margin:
+            self.loss_fn = ContrastiveBatchLoss(emb.margin, emb.miner)
         for _ in range(self.n_samples):
             eps = torch.randn(self.H.shape, generator=self.generator, dtype=self.H.dtype).to(device)
             noise = unflatten(sigma * eps, model, self.names)
@@ -173,8 +176,7 @@ class OnlineLaplace:
                     out = functional_forward(model, sampled, x, emb.output_key)
             else:
                 out = functional_forward(model, sampled, x, emb.output_key)
-            tuples = None if isinstance(emb.miner, str) else emb.miner(out, y)
-            losses.append(self.loss_fn(out, y, indices_tuple=tuples))
+            losses.append(self.loss_fn(out, y))
             with torch.no_grad():
                 pairs = self.selection(y, out.detach())
                 if len(pairs) == 0:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lam_plugin import wrapping
+from lam_plugin.losses import ContrastiveBatchLoss
 from lam_plugin.metrics import map_at_k
 from lam_plugin.numerics import flush_denormals
 from lam_plugin.wrapping import eval_mode
@@ -150,7 +151,8 @@ def train_contrastive(
 
     Uses ``pytorch_metric_learning.losses.ContrastiveLoss(pos_margin=0, neg_margin=margin)``
     (its default ``LpDistance`` normalises the embeddings) over all pairs of each batch,
-    or over the pairs/triplets chosen by ``miner`` (any PML miner) when given.
+    or over the pairs/triplets chosen by ``miner`` (any PML miner) when given
+    (:class:`lam_plugin.losses.ContrastiveBatchLoss`).
 
     Every epoch visits the data in a fresh order drawn from a ``torch.Generator`` seeded
     with ``seed``; stochastic layers (dropout) draw from the global RNG, which is seeded
@@ -187,8 +189,6 @@ def train_contrastive(
     Returns:
         The :class:`TrainingHistory` of per-epoch and per-step losses.
     """
-    from pytorch_metric_learning import losses
-
     _check_data(images, labels)
     if validation is not None:
         _check_data(*validation)
@@ -196,7 +196,7 @@ def train_contrastive(
         raise ValueError("keep_best=True needs validation=(images, labels) to choose the best epoch")
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
-    loss_fn = losses.ContrastiveLoss(pos_margin=0, neg_margin=margin)
+    loss_fn = ContrastiveBatchLoss(margin, miner if miner is not None else "all")
     opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, weight_decay)
     if lr_decay is not None and not 0.0 < lr_decay <= 1.0:
         raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay}")
@@ -219,8 +219,7 @@ def train_contrastive(
                 x = images[idx].to(device, non_blocking=True)
                 y = labels[idx].to(device, non_blocking=True)
                 emb = model(x)
-                indices_tuple = miner(emb, y) if miner is not None else None
-                loss = loss_fn(emb, y, indices_tuple)
+                loss = loss_fn(emb, y)
                 opt.zero_grad(set_to_none=True)
                 if loss.requires_grad:
                     loss.backward()
