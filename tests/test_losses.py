@@ -18,7 +18,7 @@ def _library(emb: torch.Tensor, y: torch.Tensor, triplet_margin: float, neg_marg
 
 @pytest.mark.parametrize(
     ("batch", "dim", "classes", "scale"),
-    [(64, 3, 10, 1.0), (64, 3, 10, 100.0), (40, 16, 2, 0.01), (33, 3, 33, 1.0), (5, 2, 2, 1.0), (128, 3, 4, 1.0)],
+    [(64, 3, 10, 1.0), (64, 3, 10, 100.0), (40, 16, 2, 0.01), (33, 3, 33, 1.0), (16, 3, 1, 1.0), (5, 2, 2, 1.0), (128, 3, 4, 1.0)],
 )
 def test_violating_triplet_loss_equals_library_loss_on_mined_triplets(batch, dim, classes, scale):
     g = torch.Generator().manual_seed(batch + dim + classes)
