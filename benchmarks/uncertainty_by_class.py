@@ -1,0 +1,85 @@
+"""Does a posterior's in-distribution uncertainty rank its own retrieval errors?
+
+A diagnostic, not a benchmark: for the online-LAM posteriors that ``lam-plugin
+reproduce fashionmnist`` cached (``--cache``, default ``runs/fashionmnist/cache``;
+``--key``: the hash in their file names), it embeds the FashionMNIST test split
+(``--samples`` weight samples, the posterior tempered by ``--temperature``) and prints,
+per seed:
+
+* AUSC (``lam_plugin.metrics.ausc``);
+* the AUROC of the AUSC's per-query uncertainty, ``mean_d(std_query + std_neighbour)``,
+  as a detector of the query's 1-NN error, over all queries and within each class
+  (mean over the classes), which is what the sparsification curve integrates;
+* the between-class share of that uncertainty's variance: how much of it is a
+  per-class level rather than a per-image signal;
+* with ``--per-class``: each class's 1-NN accuracy and mean uncertainty.
+
+    python benchmarks/uncertainty_by_class.py --key 05dbf0cb6b [--seeds 1 2 3 4 5] [--per-class]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from lam_plugin import metrics
+from lam_plugin.data import load_fashionmnist
+from lam_plugin.posterior import EmbeddingPosterior
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ood_scores import _net  # noqa: E402
+
+
+def _report(name: str, mean: np.ndarray, std: np.ndarray, labels: np.ndarray, per_class: bool) -> None:
+    neighbour = metrics.nearest_neighbours(mean, 1)[:, 0]
+    error = labels[neighbour] != labels
+    uncertainty = (std + std[neighbour]).mean(axis=1)
+    classes = np.unique(labels)
+    level = np.array([uncertainty[labels == c].mean() for c in classes])
+    share = np.array([(labels == c).mean() for c in classes])
+    between = float((share * (level - uncertainty.mean()) ** 2).sum() / uncertainty.var())
+    within = [
+        roc_auc_score(error[labels == c], uncertainty[labels == c])
+        for c in classes
+        if 0 < error[labels == c].mean() < 1
+    ]
+    print(
+        f"{name}: AUSC {metrics.ausc(mean, std, labels):.3f}, error-vs-uncertainty AUROC "
+        f"{roc_auc_score(error, uncertainty):.3f} overall, {np.mean(within):.3f} within classes; "
+        f"between-class share of its variance {between:.2f}"
+    )
+    if per_class:
+        for i in np.argsort(-level):
+            c = classes[i]
+            print(f"    class {c}: 1-NN accuracy {1 - error[labels == c].mean():.3f}, mean uncertainty {level[i]:.4g}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=Path("runs/fashionmnist/cache"))
+    parser.add_argument("--key", required=True, help="the hash of the online-LAM files, e.g. 05dbf0cb6b")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=1e3, help="default: what validation chose for every seed")
+    parser.add_argument("--per-class", action="store_true")
+    args = parser.parse_args(argv)
+    test = load_fashionmnist(split="test")
+    x, labels = test.float(), test.labels.numpy()
+    for seed in args.seeds:
+        net_path = args.cache / f"lam_online-seed{seed}-{args.key}.safetensors"
+        post_path = net_path.with_suffix(".posterior.safetensors")
+        if not (net_path.is_file() and post_path.is_file()):
+            raise SystemExit(f"not found: {net_path} and {post_path}")
+        posterior = EmbeddingPosterior.load(post_path, _net(net_path)).tempered(args.temperature)
+        pred = posterior.predict(x, n=args.samples, generator=torch.Generator().manual_seed(seed), batch_size=2000)
+        _report(f"seed {seed}", pred.mean.numpy(), pred.std.numpy(), labels, args.per_class)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
