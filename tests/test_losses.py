@@ -104,3 +104,25 @@ def test_batch_loss_rejects_bad_miners_and_shapes():
         ContrastiveBatchLoss(0.7, 3)
     with pytest.raises(ValueError, match=r"embeddings must be \[B, D\]"):
         violating_triplet_loss(torch.randn(4, 3), torch.zeros(5, dtype=torch.long), 0.7, 0.7)
+
+
+def test_training_with_the_triplet_miner_follows_the_library_path():
+    from lam_plugin.models import mlp_embedder
+    from lam_plugin.training import train_contrastive
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 8, generator=g)
+    y = torch.randint(0, 4, (96,), generator=g)
+    miner = TripletMarginMiner(margin=0.7, type_of_triplets="all")
+    weights = []
+    # SGD: its step is linear in the gradient, so the two paths' float rounding stays at
+    # rounding size (RMSprop divides near-zero gradients by their own size)
+    for chosen in (miner, lambda e, t: miner(e, t)):  # a plain callable takes the library path
+        torch.manual_seed(0)
+        model = mlp_embedder(8, 3)
+        history = train_contrastive(
+            model, x, y, epochs=2, batch_size=32, miner=chosen, optimizer="sgd", lr=0.1, seed=0, progress=False
+        )
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        assert len(history.batch_losses) == 6
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)
