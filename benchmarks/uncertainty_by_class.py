@@ -12,7 +12,11 @@ per seed:
   (mean over the classes), which is what the sparsification curve integrates;
 * the between-class share of that uncertainty's variance: how much of it is a
   per-class level rather than a per-image signal;
-* with ``--per-class``: each class's 1-NN accuracy and mean uncertainty.
+* with ``--per-class``: each class's 1-NN accuracy and mean uncertainty, and what sets
+  that uncertainty's size: the mean length of the network's output ``|u|`` before the
+  normalisation (at the posterior mean), the output's spread ``sqrt(sum_d Var u_d)``
+  over the weight samples (``Prediction.output_uncertainty``), and the length of the
+  last layer's input features.
 
     python benchmarks/uncertainty_by_class.py --key 05dbf0cb6b [--seeds 1 2 3 4 5] [--per-class]
 """
@@ -32,10 +36,12 @@ from lam_plugin.data import load_fashionmnist
 from lam_plugin.posterior import EmbeddingPosterior
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ood_scores import _net  # noqa: E402
+from ood_scores import _features, _net  # noqa: E402
 
 
-def _report(name: str, mean: np.ndarray, std: np.ndarray, labels: np.ndarray, per_class: bool) -> None:
+def _report(
+    name: str, mean: np.ndarray, std: np.ndarray, labels: np.ndarray, sizes: dict[str, np.ndarray] | None
+) -> None:
     neighbour = metrics.nearest_neighbours(mean, 1)[:, 0]
     error = labels[neighbour] != labels
     uncertainty = (std + std[neighbour]).mean(axis=1)
@@ -53,10 +59,11 @@ def _report(name: str, mean: np.ndarray, std: np.ndarray, labels: np.ndarray, pe
         f"{roc_auc_score(error, uncertainty):.3f} overall, {np.mean(within):.3f} within classes; "
         f"between-class share of its variance {between:.2f}"
     )
-    if per_class:
+    if sizes is not None:
         for i in np.argsort(-level):
-            c = classes[i]
-            print(f"    class {c}: 1-NN accuracy {1 - error[labels == c].mean():.3f}, mean uncertainty {level[i]:.4g}")
+            m = labels == classes[i]
+            extra = ", ".join(f"{k} {v[m].mean():.4g}" for k, v in sizes.items())
+            print(f"    class {classes[i]}: 1-NN accuracy {1 - error[m].mean():.3f}, mean uncertainty {level[i]:.4g}; {extra}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,9 +82,21 @@ def main(argv: list[str] | None = None) -> int:
         post_path = net_path.with_suffix(".posterior.safetensors")
         if not (net_path.is_file() and post_path.is_file()):
             raise SystemExit(f"not found: {net_path} and {post_path}")
-        posterior = EmbeddingPosterior.load(post_path, _net(net_path)).tempered(args.temperature)
+        net = _net(net_path)
+        posterior = EmbeddingPosterior.load(post_path, net).tempered(args.temperature)
         pred = posterior.predict(x, n=args.samples, generator=torch.Generator().manual_seed(seed), batch_size=2000)
-        _report(f"seed {seed}", pred.mean.numpy(), pred.std.numpy(), labels, args.per_class)
+        sizes = None
+        if args.per_class:
+            features = _features(net, x)
+            with torch.no_grad():
+                output = net[-1](features)
+            spread = pred.output_uncertainty
+            sizes = {
+                "|u|": output.norm(dim=1).numpy(),
+                "sqrt(sum Var u)": spread.sqrt().numpy() if spread is not None else np.full(len(x), np.nan),
+                "|features|": features.norm(dim=1).numpy(),
+            }
+        _report(f"seed {seed}", pred.mean.numpy(), pred.std.numpy(), labels, sizes)
     return 0
 
 
