@@ -65,20 +65,26 @@ def _from_pml(indices: tuple[Tensor, ...]) -> PairSet:
     return PairSet(i, j, positive)
 
 
+def check_miner(miner: Miner) -> None:
+    """Raise unless ``miner`` is ``"all"`` or a callable (a pytorch-metric-learning miner)."""
+    if isinstance(miner, str):
+        if miner != "all":
+            raise ValueError(f"miner must be 'all' or a pytorch-metric-learning miner, got {miner!r}")
+    elif not callable(miner):
+        raise TypeError(f"miner must be 'all' or a callable pytorch-metric-learning miner, got {type(miner)}")
+
+
 def make_pairs(labels: Tensor, miner: Miner = "all", embeddings: Tensor | None = None) -> PairSet:
     """Pairs of a batch from its ``labels [B]`` (``miner="all"``) or a PML miner.
 
     A miner is called as ``miner(embeddings, labels)`` and may return pairs
     ``(a1, p, a2, n)`` or triplets ``(a, p, n)``.
     """
+    check_miner(miner)
     if isinstance(miner, str):
-        if miner != "all":
-            raise ValueError(f"miner must be 'all' or a pytorch-metric-learning miner, got {miner!r}")
         a1, p, a2, n = lmu.get_all_pairs_indices(labels)
         keep_pos, keep_neg = a1 < p, a2 < n
         return _from_pml((a1[keep_pos], p[keep_pos], a2[keep_neg], n[keep_neg]))
-    if not callable(miner):
-        raise TypeError(f"miner must be 'all' or a callable pytorch-metric-learning miner, got {type(miner)}")
     if embeddings is None:
         raise ValueError("a miner needs the batch embeddings")
     indices = miner(embeddings, labels)
