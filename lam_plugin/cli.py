@@ -178,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
         "triplets, i.e. 10000 pairs)",
     )
     rep.add_argument(
+        "--online-posterior",
+        choices=["running", "refit"],
+        default=None,
+        help="online LAM's posterior: the running curvature of its training (the paper's method, default) "
+        "or the post-hoc LAM fit (all pairs) at its final weights",
+    )
+    rep.add_argument(
+        "--posthoc-approx",
+        choices=["fix", "pos"],
+        default=None,
+        help="curvature approximation of the post-hoc fits (post-hoc LAM, --online-posterior refit): "
+        "fix (the paper's, default) or pos",
+    )
+    rep.add_argument(
         "--train-recipe",
         choices=["adam", "paper"],
         default=None,
@@ -257,6 +271,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         dropout_layout=args.dropout_layout,
         online_hinge=None if args.online_hinge is None else args.online_hinge == "on",
         online_max_pairs=args.online_max_pairs,
+        online_posterior=args.online_posterior,
+        posthoc_approx=args.posthoc_approx,
         online_lr=args.online_lr,
         keep_best_epoch=args.keep_best_epoch,
     )

@@ -108,6 +108,11 @@ OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "rmsprop")
 TRAIN_RECIPES: tuple[str, ...] = ("adam", "paper")
 #: Online-LAM options added after the first cached runs, with the value those runs had.
 ONLINE_LATER_DEFAULTS: dict[str, Any] = {"curvature": "pairs", "relu": "per_step", "hinge": True, "loss_miner": "all"}
+#: The posteriors of online LAM: the running curvature of its training, or a post-hoc
+#: fit at its final weights (:attr:`ReproduceConfig.online_posterior`).
+ONLINE_POSTERIORS: tuple[str, ...] = ("running", "refit")
+#: Curvature approximations of the post-hoc fits (:attr:`ReproduceConfig.posthoc_approx`).
+POSTHOC_APPROXES: tuple[str, ...] = ("fix", "pos")
 #: Config fields added after results were first written, with what their absence from an
 #: older ``results.json`` means (the behaviour before the field existed).
 CONFIG_FIELDS_ABSENT: dict[str, Any] = {
@@ -120,6 +125,8 @@ CONFIG_FIELDS_ABSENT: dict[str, Any] = {
     "online_relu": "per_step",
     "online_hinge": True,
     "online_max_pairs": None,
+    "online_posterior": "running",
+    "posthoc_approx": "fix",
 }
 
 #: Methods run by default, in the paper's row order.
@@ -243,6 +250,16 @@ class ReproduceConfig:
             (DESIGN); ``False`` counts every mined negative (the paper's code).
         online_max_pairs: online LAM's Hessian pairs per batch (default ``max_pairs``);
             the paper's code draws 5,000 triplets, that is 10,000 pairs.
+        posthoc_approx: the curvature approximation of the post-hoc fits (post-hoc LAM and
+            ``online_posterior="refit"``): ``"fix"`` (the paper's, the default) or ``"pos"``
+            (positive pairs only, with the cross terms; DESIGN section 3).
+        online_posterior: the posterior online LAM is evaluated with: ``"running"`` (the
+            running curvature its training kept, the paper's method; the default) or
+            ``"refit"`` (the post-hoc LAM fit, on all pairs of each batch, at the final
+            weights of that training; cached beside it). The Hessian pairs decide where
+            the uncertainty sits: those of the margin-violating triplets come mostly from
+            the classes the network confuses, which then become its most certain ones
+            (docs/results/README.md, item 8).
         max_pairs: at most this many pairs per batch enter the curvature.
         n_samples: samples per test input (weight samples, dropout passes, PFE/HIB draws).
         dropout: MC-dropout rate.
@@ -288,6 +305,8 @@ class ReproduceConfig:
     online_relu: str = "per_step"
     online_hinge: bool = True
     online_max_pairs: int | None = None
+    online_posterior: str = "running"
+    posthoc_approx: str = "fix"
     max_pairs: int = 5000
     n_samples: int = 100
     dropout: float = 0.05
@@ -327,6 +346,10 @@ class ReproduceConfig:
             raise ValueError(
                 f"online_curvature must be one of {OnlineLaplace.CURVATURES}, got {self.online_curvature!r}"
             )
+        if self.posthoc_approx not in POSTHOC_APPROXES:
+            raise ValueError(f"posthoc_approx must be one of {POSTHOC_APPROXES}, got {self.posthoc_approx!r}")
+        if self.online_posterior not in ONLINE_POSTERIORS:
+            raise ValueError(f"online_posterior must be one of {ONLINE_POSTERIORS}, got {self.online_posterior!r}")
         for name in ("online_loss_miner", "loss_miner"):
             if getattr(self, name) not in LOSS_MINERS:
                 raise ValueError(f"{name} must be one of {LOSS_MINERS}, got {getattr(self, name)!r}")
@@ -705,16 +728,16 @@ class _Runner:
         g = torch.Generator().manual_seed(seed)
         return DataLoader(dataset, batch_size=self.config.lam_batch_size, shuffle=True, generator=g)
 
-    def _embedder(self, net: nn.Module, seed: int, prior: float | str = 1.0) -> LaplaceEmbedder:
+    def _embedder(self, net: nn.Module, seed: int, approx: str = "fix") -> LaplaceEmbedder:
         c = self.config
         return LaplaceEmbedder(
             net,
             subset="last_layer",
-            approx="fix",
+            approx=approx,
             geometry="arccos",
             margin=c.margin,
             miner="all",
-            prior_precision=prior,
+            prior_precision=1.0,
             max_pairs=c.max_pairs,
             progress=self.progress,
             seed=seed,
@@ -814,36 +837,43 @@ class _Runner:
         net.eval()
         return _Method("hib", lambda x, keep: hib.predict(x, return_samples=keep))
 
-    def lam_posthoc_base(self, seed: int) -> EmbeddingPosterior:
-        """The post-hoc posterior of the deterministic network of ``seed`` (prior 1, cached)."""
+    def _fit_spec(self, parent: Mapping[str, Any]) -> dict[str, Any]:
+        """The cache spec of a post-hoc fit (:meth:`_embedder`) of the network of spec ``parent``."""
         c = self.config
-        det = self.contrastive_net(seed)
-        spec = {
-            "parent": _short_hash(self.net_spec(0.0)),
+        return {
+            "parent": _short_hash(parent),
             "subset": "last_layer",
-            "approx": "fix",
+            "approx": c.posthoc_approx,
             "geometry": "arccos",
             "margin": c.margin,
             "miner": "all",
             "batch_size": c.lam_batch_size,
             "max_pairs": c.max_pairs,
         }
-        path = self._path("lam_posthoc", seed, spec)
+
+    def _fit_cached(self, net: nn.Module, seed: int, path: Path, what: str) -> EmbeddingPosterior:
+        """The post-hoc fit (:meth:`_embedder`) of ``net``, loaded from ``path`` when cached there."""
         if path.is_file():
             try:
-                posterior = EmbeddingPosterior.load(path, det)
+                posterior = EmbeddingPosterior.load(path, net)
                 self.loaded.append(path.name)
                 return posterior
             except ValueError as err:
                 logger.warning("cache file %s does not fit (%s); refitting", path, err)
-        logger.info("fitting the post-hoc LAM curvature, seed %d", seed)
-        posterior = self._embedder(det, seed).fit(self.lam_loader(seed))
+        logger.info("fitting %s, seed %d", what, seed)
+        posterior = self._embedder(net, seed, self.config.posthoc_approx).fit(self.lam_loader(seed))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         posterior.save(tmp)
         os.replace(tmp, path)
         self.trained.append(path.name)
         return posterior
+
+    def lam_posthoc_base(self, seed: int) -> EmbeddingPosterior:
+        """The post-hoc posterior of the deterministic network of ``seed`` (prior 1, cached)."""
+        det = self.contrastive_net(seed)
+        path = self._path("lam_posthoc", seed, self._fit_spec(self.net_spec(0.0)))
+        return self._fit_cached(det, seed, path, "the post-hoc LAM curvature")
 
     def _calibrated(self, posterior: EmbeddingPosterior, seed: int) -> tuple[EmbeddingPosterior, float]:
         """``posterior`` with its temperature chosen on validation ECE (unchanged without validation data).
@@ -954,6 +984,9 @@ class _Runner:
             os.replace(tmp, post_path)
             self.trained.append(post_path.name)
         net.eval()
+        if c.online_posterior == "refit":
+            refit_path = self._path("lam_online", seed, self._fit_spec(spec), suffix=".refit")
+            posterior = self._fit_cached(net, seed, refit_path, "the post-hoc LAM curvature of online LAM's weights")
         # the running curvature of online LAM sets the posterior's scale only up to the
         # rescaling of its batch sums: its temperature is chosen on validation ECE
         posterior, temperature = self._calibrated(posterior, seed)
@@ -1203,9 +1236,15 @@ def _online_conventions(c: Mapping[str, Any]) -> str:
         else "a negative counts while its hinge is active"
     )
     pairs = c.get("online_max_pairs") or c["max_pairs"]
+    posterior = (
+        f"It is evaluated with a post-hoc LAM fit (all pairs, `{c.get('posthoc_approx', 'fix')}`, prior 1) at its "
+        "final weights in place of the running curvature (`--online-posterior refit`). "
+        if c.get("online_posterior", "running") == "refit"
+        else ""
+    )
     return (
         f"Its loss is taken on {loss}; the `relu` of its curvature is {relu}; {hinge}; at most {pairs} Hessian "
-        "pairs per batch. "
+        f"pairs per batch. {posterior}"
     )
 
 
@@ -1280,7 +1319,13 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
         f"- **LAM.** Last-layer diagonal posterior, `arccos` geometry, `fix` approximation, at most "
         f"{c['max_pairs']} pairs per batch of {c['lam_batch_size']}, {c['n_samples']} weight samples per image "
         "(the same weight samples for every image). Post-hoc: the deterministic network of the same seed, "
-        "curvature summed over one pass over the fit images. Online: `LaplaceEmbedder.fit_online` from the "
+        "curvature summed over one pass over the fit images"
+        + (
+            f" (`{c['posthoc_approx']}` approximation, `--posthoc-approx`). "
+            if c.get("posthoc_approx", "fix") != "fix"
+            else ". "
+        )
+        + "Online: `LaplaceEmbedder.fit_online` from the "
         f"seed's initial weights for {c['epochs']} epochs (memory factor 0.999, H₀ = dataset size, prior 1), "
         + (
             "its running curvature on the margin-violating triplets of each batch rescaled by dataset size / "

@@ -325,6 +325,61 @@ def test_online_options_reach_fit_online_and_the_cache_key(monkeypatch, tmp_path
     )
 
 
+@pytest.mark.skipif(not HAS_ONLINE, reason="needs LaplaceEmbedder.fit_online")
+def test_online_posterior_refit_reuses_the_network_and_fits_at_its_weights(monkeypatch, tmp_path, data):
+    base = tiny_config(methods=("lam_online",), val_fraction=0.2)
+    running = R.reproduce_fashionmnist(base, tmp_path, data=data, progress=False)
+    assert "--online-posterior refit" not in (tmp_path / "results.md").read_text()
+    fitted = []
+    real_fit = R.LaplaceEmbedder.fit
+
+    def spy(self, loader, *args, **kwargs):
+        fitted.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return real_fit(self, loader, *args, **kwargs)
+
+    monkeypatch.setattr(R.LaplaceEmbedder, "fit", spy)
+    refit = R.reproduce_fashionmnist(R.with_overrides(base, online_posterior="refit"), tmp_path, data=data, progress=False)
+    # the online network and its running curvature come from the cache; only the fit is new
+    assert set(refit.loaded) >= set(running.trained)
+    assert len(refit.trained) == 1 and refit.trained[0].endswith(".refit.safetensors")
+    net_file = next(n for n in running.trained if not n.endswith(".posterior.safetensors"))
+    assert refit.trained[0].split("-seed")[0] == "lam_online"
+    from safetensors.torch import load_file
+
+    cached = load_file(str(tmp_path / "cache" / net_file))
+    assert len(fitted) == 1 and all(torch.equal(fitted[0][k], cached[k]) for k in cached)
+    assert "--online-posterior refit" in (tmp_path / "results.md").read_text()
+    a = running.results["per_seed"]["lam_online"]["1"]
+    b = refit.results["per_seed"]["lam_online"]["1"]
+    assert a["map@1"] == b["map@1"] and a["uncertainty_id_mean"] != b["uncertainty_id_mean"]
+    # a third run loads the refit too
+    again = R.reproduce_fashionmnist(R.with_overrides(base, online_posterior="refit"), tmp_path, data=data, progress=False)
+    assert not again.trained and refit.trained[0] in again.loaded
+    with pytest.raises(ValueError, match="online_posterior"):
+        R.ReproduceConfig(online_posterior="final")
+
+
+def test_posthoc_approx_reaches_the_fit_and_the_cache_key(monkeypatch, tmp_path, data):
+    approxes = []
+    real_init = R.LaplaceEmbedder.__init__
+
+    def spy(self, model, **kwargs):
+        approxes.append(kwargs["approx"])
+        real_init(self, model, **kwargs)
+
+    monkeypatch.setattr(R.LaplaceEmbedder, "__init__", spy)
+    base = tiny_config(methods=("lam_posthoc",), prior_precision=1.0)
+    fix = R.reproduce_fashionmnist(base, tmp_path, data=data, progress=False)
+    assert "`--posthoc-approx`" not in (tmp_path / "results.md").read_text()
+    pos = R.reproduce_fashionmnist(R.with_overrides(base, posthoc_approx="pos"), tmp_path, data=data, progress=False)
+    assert approxes == ["fix", "pos"]
+    fits = [[n for n in run.trained if n.startswith("lam_posthoc")] for run in (fix, pos)]
+    assert len(fits[0]) == len(fits[1]) == 1 and fits[0] != fits[1]
+    assert "(`pos` approximation, `--posthoc-approx`)" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="posthoc_approx"):
+        R.ReproduceConfig(posthoc_approx="full")
+
+
 def test_lam_online_without_fit_online(monkeypatch, tmp_path, data):
     monkeypatch.delattr(R.LaplaceEmbedder, "fit_online", raising=False)
     with pytest.raises(R.MethodUnavailableError, match="fit_online"):
@@ -428,6 +483,11 @@ def test_cli_parsing():
         "triplets", "on_use", False, 10000
     )
     assert cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-hinge", "on"])).online_hinge
+    assert R.ReproduceConfig().online_posterior == "running"
+    refit = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-posterior", "refit"]))
+    assert refit.online_posterior == "refit"
+    pos = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--posthoc-approx", "pos"]))
+    assert (R.ReproduceConfig().posthoc_approx, pos.posthoc_approx) == ("fix", "pos")
     per_epoch = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-relu", "per_epoch"]))
     assert per_epoch.online_relu == "per_epoch"
     recipe = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--train-recipe", "paper"]))
