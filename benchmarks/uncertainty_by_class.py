@@ -39,9 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ood_scores import _features, _net  # noqa: E402
 
 
-def _report(
-    name: str, mean: np.ndarray, std: np.ndarray, labels: np.ndarray, sizes: dict[str, np.ndarray] | None
-) -> None:
+def class_levels(
+    mean: np.ndarray, std: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """The AUSC's per-query uncertainty and how much of it is a per-class level.
+
+    Returns ``(error [N], uncertainty [N], classes [C], level [C], between)``: each
+    query's 1-NN error, its uncertainty ``mean_d(std_query + std_neighbour)``, the
+    classes, each class's mean uncertainty, and the between-class share of the
+    uncertainty's variance ``sum_c p_c (level_c - mean)^2 / Var``.
+    """
     neighbour = metrics.nearest_neighbours(mean, 1)[:, 0]
     error = labels[neighbour] != labels
     uncertainty = (std + std[neighbour]).mean(axis=1)
@@ -49,6 +56,13 @@ def _report(
     level = np.array([uncertainty[labels == c].mean() for c in classes])
     share = np.array([(labels == c).mean() for c in classes])
     between = float((share * (level - uncertainty.mean()) ** 2).sum() / uncertainty.var())
+    return error, uncertainty, classes, level, between
+
+
+def _report(
+    name: str, mean: np.ndarray, std: np.ndarray, labels: np.ndarray, sizes: dict[str, np.ndarray] | None
+) -> None:
+    error, uncertainty, classes, level, between = class_levels(mean, std, labels)
     within = [
         roc_auc_score(error[labels == c], uncertainty[labels == c])
         for c in classes
