@@ -1237,8 +1237,8 @@ def _online_conventions(c: Mapping[str, Any]) -> str:
     )
     pairs = c.get("online_max_pairs") or c["max_pairs"]
     posterior = (
-        f"It is evaluated with a post-hoc LAM fit (all pairs, `{c.get('posthoc_approx', 'fix')}`, prior 1) at its "
-        "final weights in place of the running curvature (`--online-posterior refit`). "
+        "It is evaluated with a post-hoc fit (all pairs, prior 1) at its final weights in place of the running "
+        "curvature (`--online-posterior refit`). "
         if c.get("online_posterior", "running") == "refit"
         else ""
     )
@@ -1316,16 +1316,15 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
             f"input, β = 1e-4) from the seed's initial weights; {c['n_samples']} samples at test time."
         )
     parts.append(
-        f"- **LAM.** Last-layer diagonal posterior, `arccos` geometry, `fix` approximation, at most "
-        f"{c['max_pairs']} pairs per batch of {c['lam_batch_size']}, {c['n_samples']} weight samples per image "
-        "(the same weight samples for every image). Post-hoc: the deterministic network of the same seed, "
-        "curvature summed over one pass over the fit images"
+        "- **LAM.** Last-layer diagonal posterior, `arccos` geometry, `fix` approximation"
         + (
-            f" (`{c['posthoc_approx']}` approximation, `--posthoc-approx`). "
+            f" (the post-hoc fits: `{c['posthoc_approx']}`, `--posthoc-approx`)"
             if c.get("posthoc_approx", "fix") != "fix"
-            else ". "
+            else ""
         )
-        + "Online: `LaplaceEmbedder.fit_online` from the "
+        + f", at most {c['max_pairs']} pairs per batch of {c['lam_batch_size']}, {c['n_samples']} weight samples "
+        "per image (the same weight samples for every image). Post-hoc: the deterministic network of the same "
+        "seed, curvature summed over one pass over the fit images. Online: `LaplaceEmbedder.fit_online` from the "
         f"seed's initial weights for {c['epochs']} epochs (memory factor 0.999, H₀ = dataset size, prior 1), "
         + (
             "its running curvature on the margin-violating triplets of each batch rescaled by dataset size / "

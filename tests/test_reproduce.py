@@ -375,7 +375,7 @@ def test_posthoc_approx_reaches_the_fit_and_the_cache_key(monkeypatch, tmp_path,
     assert approxes == ["fix", "pos"]
     fits = [[n for n in run.trained if n.startswith("lam_posthoc")] for run in (fix, pos)]
     assert len(fits[0]) == len(fits[1]) == 1 and fits[0] != fits[1]
-    assert "(`pos` approximation, `--posthoc-approx`)" in (tmp_path / "results.md").read_text()
+    assert "(the post-hoc fits: `pos`, `--posthoc-approx`)" in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match="posthoc_approx"):
         R.ReproduceConfig(posthoc_approx="full")
 
