@@ -11,8 +11,8 @@ weights, with the Hessian pairs and approximation of every ``--variants`` entry:
   online LAM's running curvature (``--online-curvature triplets``);
 * ``cached``: the posterior the cache holds (online LAM: its running curvature).
 
-Every posterior has prior 1 and temperature 1 (the AUSC and AUROC barely move with the
-temperature), the split of ``reproduce`` (54,000 fit / 6,000 validation images), and
+Every posterior has prior ``--prior`` (default 1, the paper's; for ``cached`` it replaces
+the cached prior) and temperature 1 (the AUSC and AUROC barely move with the temperature), the split of ``reproduce`` (54,000 fit / 6,000 validation images), and
 ``--samples`` weight samples. Per seed and variant it prints the validation and test
 AUSC, the AUROC and AUPRC against the 10,000 MNIST digits, the between-class share of
 the AUSC's uncertainty (``uncertainty_by_class.py``) and the most uncertain classes;
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--prior", type=float, default=1.0, help="prior precision of every posterior")
     args = parser.parse_args(argv)
     config = ReproduceConfig()
     data = _prepare(load_fashionmnist_protocol(), config)
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 posterior = EmbeddingPosterior.load(post_path, net)
             else:
                 posterior = _fit(net, variant, data.fit_x, data.fit_y, seed, config)
+            posterior = EmbeddingPosterior(
+                net, posterior.param_names, posterior.curvature, args.prior, mean=posterior.mean, config=posterior.config
+            )
             fitted = time.perf_counter() - start
 
             def predict(x: torch.Tensor, n: int):
