@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lam_plugin import LaplaceEmbedder, metrics
 from lam_plugin.data.fashionmnist import CLASSES
 from lam_plugin.posterior import EmbeddingPosterior
+from lam_plugin.prediction import Prediction
 from lam_plugin.reproduce import ReproduceConfig, _prepare, load_fashionmnist_protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,7 +47,11 @@ VARIANTS = ("cached", "all-fix", "all-pos", "triplets-fix", "triplets-pos")
 METRICS = ("val_ausc", "ausc", "auroc", "auprc", "between")
 
 
-def _fit(net: torch.nn.Module, variant: str, x: torch.Tensor, y: torch.Tensor, seed: int, config: ReproduceConfig):
+def _fit(
+    net: torch.nn.Module, variant: str, x: torch.Tensor, y: torch.Tensor, seed: int, config: ReproduceConfig
+) -> EmbeddingPosterior:
+    """The last-layer posterior (prior 1) of ``net`` fitted on ``x, y`` with the Hessian pairs and
+    approximation that ``variant`` (``"<all|triplets>-<fix|pos>"``) names."""
     pairs, approx = variant.split("-")
     miner = "all" if pairs == "all" else TripletMarginMiner(margin=config.margin, type_of_triplets="all")
     # the loader of reproduce's post-hoc fit: batches of lam_batch_size, shuffled by the seed
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             fitted = time.perf_counter() - start
 
-            def predict(x: torch.Tensor, n: int):
+            def predict(x: torch.Tensor, n: int) -> Prediction:
                 return posterior.predict(x, n=n, generator=torch.Generator().manual_seed(seed), batch_size=2000)
 
             val, test, ood = predict(data.val_x, 30), predict(data.test_x, args.samples), predict(data.ood_x, args.samples)
