@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["running", "refit"],
         default=None,
         help="online LAM's posterior: the running curvature of its training (the paper's method, default) "
-        "or the post-hoc LAM fit (all pairs) at its final weights",
+        "or the post-hoc LAM fit (--posthoc-approx, --posthoc-pairs) at its final weights",
     )
     rep.add_argument(
         "--posthoc-approx",
@@ -190,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="curvature approximation of the post-hoc fits (post-hoc LAM, --online-posterior refit): "
         "fix (the paper's, default) or pos",
+    )
+    rep.add_argument(
+        "--posthoc-pairs",
+        choices=["all", "triplets"],
+        default=None,
+        help="Hessian pairs of the post-hoc fits (post-hoc LAM, --online-posterior refit): every pair of each "
+        "batch (default) or the pairs of the margin-violating triplets, every mined negative counted (the "
+        "paper's post-hoc code)",
     )
     rep.add_argument(
         "--train-recipe",
@@ -273,6 +281,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         online_max_pairs=args.online_max_pairs,
         online_posterior=args.online_posterior,
         posthoc_approx=args.posthoc_approx,
+        posthoc_pairs=args.posthoc_pairs,
         online_lr=args.online_lr,
         keep_best_epoch=args.keep_best_epoch,
     )

@@ -113,6 +113,10 @@ ONLINE_LATER_DEFAULTS: dict[str, Any] = {"curvature": "pairs", "relu": "per_step
 ONLINE_POSTERIORS: tuple[str, ...] = ("running", "refit")
 #: Curvature approximations of the post-hoc fits (:attr:`ReproduceConfig.posthoc_approx`).
 POSTHOC_APPROXES: tuple[str, ...] = ("fix", "pos")
+#: Hessian pairs of the post-hoc fits (:attr:`ReproduceConfig.posthoc_pairs`): every pair
+#: of each batch (DESIGN section 7), or the pairs of the margin-violating triplets (the
+#: paper's post-hoc code).
+POSTHOC_PAIRS: tuple[str, ...] = ("all", "triplets")
 #: Config fields added after results were first written, with what their absence from an
 #: older ``results.json`` means (the behaviour before the field existed).
 CONFIG_FIELDS_ABSENT: dict[str, Any] = {
@@ -127,6 +131,7 @@ CONFIG_FIELDS_ABSENT: dict[str, Any] = {
     "online_max_pairs": None,
     "online_posterior": "running",
     "posthoc_approx": "fix",
+    "posthoc_pairs": "all",
 }
 
 #: Methods run by default, in the paper's row order.
@@ -253,10 +258,16 @@ class ReproduceConfig:
         posthoc_approx: the curvature approximation of the post-hoc fits (post-hoc LAM and
             ``online_posterior="refit"``): ``"fix"`` (the paper's, the default) or ``"pos"``
             (positive pairs only, with the cross terms; DESIGN section 3).
+        posthoc_pairs: the Hessian pairs of the post-hoc fits: ``"all"`` (every pair of
+            each batch, at most ``max_pairs``; DESIGN section 7, the default) or
+            ``"triplets"`` (what the paper's post-hoc code fits on: the pairs of the
+            margin-violating triplets of each batch, pytorch-metric-learning's
+            ``TripletMarginMiner(margin, "all")``, every mined negative counted whatever
+            its hinge, at most ``max_pairs`` triplets, that is ``2 * max_pairs`` pairs).
         online_posterior: the posterior online LAM is evaluated with: ``"running"`` (the
             running curvature its training kept, the paper's method; the default) or
-            ``"refit"`` (the post-hoc LAM fit, on all pairs of each batch, at the final
-            weights of that training; cached beside it). The Hessian pairs decide where
+            ``"refit"`` (the post-hoc LAM fit, with ``posthoc_approx`` and
+            ``posthoc_pairs``, at the final weights of that training; cached beside it). The Hessian pairs decide where
             the uncertainty sits: those of the margin-violating triplets come mostly from
             the classes the network confuses, which then become its most certain ones
             (docs/results/README.md, item 8).
@@ -307,6 +318,7 @@ class ReproduceConfig:
     online_max_pairs: int | None = None
     online_posterior: str = "running"
     posthoc_approx: str = "fix"
+    posthoc_pairs: str = "all"
     max_pairs: int = 5000
     n_samples: int = 100
     dropout: float = 0.05
@@ -348,6 +360,8 @@ class ReproduceConfig:
             )
         if self.posthoc_approx not in POSTHOC_APPROXES:
             raise ValueError(f"posthoc_approx must be one of {POSTHOC_APPROXES}, got {self.posthoc_approx!r}")
+        if self.posthoc_pairs not in POSTHOC_PAIRS:
+            raise ValueError(f"posthoc_pairs must be one of {POSTHOC_PAIRS}, got {self.posthoc_pairs!r}")
         if self.online_posterior not in ONLINE_POSTERIORS:
             raise ValueError(f"online_posterior must be one of {ONLINE_POSTERIORS}, got {self.online_posterior!r}")
         for name in ("online_loss_miner", "loss_miner"):
@@ -728,17 +742,23 @@ class _Runner:
         g = torch.Generator().manual_seed(seed)
         return DataLoader(dataset, batch_size=self.config.lam_batch_size, shuffle=True, generator=g)
 
-    def _embedder(self, net: nn.Module, seed: int, approx: str = "fix") -> LaplaceEmbedder:
+    def _embedder(self, net: nn.Module, seed: int, approx: str = "fix", pairs: str = "all") -> LaplaceEmbedder:
+        """The last-layer ``arccos`` embedder of ``net`` (prior 1) with Hessian pairs ``pairs``
+        (:attr:`ReproduceConfig.posthoc_pairs`)."""
         c = self.config
+        triplets = pairs == "triplets"
         return LaplaceEmbedder(
             net,
             subset="last_layer",
             approx=approx,
             geometry="arccos",
             margin=c.margin,
-            miner="all",
+            miner=TripletMarginMiner(margin=c.margin, type_of_triplets="all") if triplets else "all",
             prior_precision=1.0,
-            max_pairs=c.max_pairs,
+            # the paper's post-hoc code draws max_pairs triplets, two pairs each, and never
+            # tests the hinge of a mined negative
+            max_pairs=2 * c.max_pairs if triplets else c.max_pairs,
+            hinge=not triplets,
             progress=self.progress,
             seed=seed,
         )
@@ -840,7 +860,7 @@ class _Runner:
     def _fit_spec(self, parent: Mapping[str, Any]) -> dict[str, Any]:
         """The cache spec of a post-hoc fit (:meth:`_embedder`) of the network of spec ``parent``."""
         c = self.config
-        return {
+        spec: dict[str, Any] = {
             "parent": _short_hash(parent),
             "subset": "last_layer",
             "approx": c.posthoc_approx,
@@ -850,6 +870,9 @@ class _Runner:
             "batch_size": c.lam_batch_size,
             "max_pairs": c.max_pairs,
         }
+        if c.posthoc_pairs == "triplets":
+            spec.update(miner="triplets", hinge=False, max_pairs=2 * c.max_pairs)
+        return spec
 
     def _fit_cached(self, net: nn.Module, seed: int, path: Path, what: str) -> EmbeddingPosterior:
         """The post-hoc fit (:meth:`_embedder`) of ``net``, loaded from ``path`` when cached there."""
@@ -861,7 +884,9 @@ class _Runner:
             except ValueError as err:
                 logger.warning("cache file %s does not fit (%s); refitting", path, err)
         logger.info("fitting %s, seed %d", what, seed)
-        posterior = self._embedder(net, seed, self.config.posthoc_approx).fit(self.lam_loader(seed))
+        posterior = self._embedder(net, seed, self.config.posthoc_approx, self.config.posthoc_pairs).fit(
+            self.lam_loader(seed)
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         posterior.save(tmp)
@@ -1320,6 +1345,13 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
         + (
             f" (the post-hoc fits: `{c['posthoc_approx']}`, `--posthoc-approx`)"
             if c.get("posthoc_approx", "fix") != "fix"
+            else ""
+        )
+        + (
+            "; the post-hoc fits on the pairs of the margin-violating triplets of each batch, every mined "
+            f"negative counted, at most {c['max_pairs']} triplets per batch (the paper's post-hoc code, "
+            "`--posthoc-pairs triplets`)"
+            if c.get("posthoc_pairs", "all") == "triplets"
             else ""
         )
         + f", at most {c['max_pairs']} pairs per batch of {c['lam_batch_size']}, {c['n_samples']} weight samples "

@@ -380,6 +380,39 @@ def test_posthoc_approx_reaches_the_fit_and_the_cache_key(monkeypatch, tmp_path,
         R.ReproduceConfig(posthoc_approx="full")
 
 
+def test_posthoc_pairs_triplets_reach_the_fit_and_the_cache_key(monkeypatch, tmp_path, data):
+    seen = []
+    real_init = R.LaplaceEmbedder.__init__
+
+    def spy(self, model, **kwargs):
+        seen.append((kwargs["miner"], kwargs["hinge"], kwargs["max_pairs"]))
+        real_init(self, model, **kwargs)
+
+    monkeypatch.setattr(R.LaplaceEmbedder, "__init__", spy)
+    base = tiny_config(methods=("lam_posthoc",), prior_precision=1.0)
+    every = R.reproduce_fashionmnist(base, tmp_path, data=data, progress=False)
+    assert "`--posthoc-pairs triplets`" not in (tmp_path / "results.md").read_text()
+    config = R.with_overrides(base, posthoc_pairs="triplets")
+    triplets = R.reproduce_fashionmnist(config, tmp_path, data=data, progress=False)
+    (all_miner, all_hinge, all_max), (miner, hinge, max_pairs) = seen
+    assert (all_miner, all_hinge, all_max) == ("all", True, base.max_pairs)
+    # the paper's post-hoc code: margin-violating triplets, no hinge test, max_pairs triplets
+    assert isinstance(miner, R.TripletMarginMiner) and miner.margin == base.margin
+    assert miner.type_of_triplets == "all" and hinge is False and max_pairs == 2 * base.max_pairs
+    fits = [[n for n in run.trained if n.startswith("lam_posthoc")] for run in (every, triplets)]
+    assert len(fits[0]) == len(fits[1]) == 1 and fits[0] != fits[1]
+    assert "`--posthoc-pairs triplets`" in (tmp_path / "results.md").read_text()
+    # the two curvatures differ, and a rerun loads the triplet fit instead of fitting again
+    from safetensors.torch import load_file
+
+    curvatures = [load_file(str(tmp_path / "cache" / f[0]))["curvature"] for f in fits]
+    assert curvatures[0].shape == curvatures[1].shape and not torch.equal(*curvatures)
+    again = R.reproduce_fashionmnist(config, tmp_path, data=data, progress=False)
+    assert not again.trained and fits[1][0] in again.loaded
+    with pytest.raises(ValueError, match="posthoc_pairs"):
+        R.ReproduceConfig(posthoc_pairs="triplet")
+
+
 def test_lam_online_without_fit_online(monkeypatch, tmp_path, data):
     monkeypatch.delattr(R.LaplaceEmbedder, "fit_online", raising=False)
     with pytest.raises(R.MethodUnavailableError, match="fit_online"):
@@ -488,6 +521,8 @@ def test_cli_parsing():
     assert refit.online_posterior == "refit"
     pos = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--posthoc-approx", "pos"]))
     assert (R.ReproduceConfig().posthoc_approx, pos.posthoc_approx) == ("fix", "pos")
+    paper_pairs = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--posthoc-pairs", "triplets"]))
+    assert (R.ReproduceConfig().posthoc_pairs, paper_pairs.posthoc_pairs) == ("all", "triplets")
     per_epoch = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-relu", "per_epoch"]))
     assert per_epoch.online_relu == "per_epoch"
     recipe = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--train-recipe", "paper"]))
