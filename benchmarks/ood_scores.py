@@ -16,7 +16,7 @@ For the post-hoc posterior it uses several prior precisions (each with the tempe
 given on the command line), for online LAM its own curvature. The OoD data are used here
 to explain a number, never to choose a setting of the library.
 
-    python benchmarks/ood_scores.py [--cache runs/fashionmnist/cache] [--seed 1]
+    python benchmarks/ood_scores.py [--cache runs/fashionmnist/cache] [--seed 1] [--posthoc 1:1] [--posthoc-key HASH]
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--posthoc", nargs="*", default=["92.95:0.1", "1:0.1", "1e4:1"],
                         help="prior:temperature pairs for the post-hoc posterior")
     parser.add_argument("--online-temperature", type=float, default=1e6)
+    parser.add_argument("--posthoc-key", default="*",
+                        help="the hash of the post-hoc fit to read, where the cache holds several (e.g. ed6c0a4965)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     s = args.seed
     det = _net(_one(args.cache, f"deterministic-seed{s}-*.safetensors"))
-    base = EmbeddingPosterior.load(_one(args.cache, f"lam_posthoc-seed{s}-*.safetensors"), det)
+    base = EmbeddingPosterior.load(_one(args.cache, f"lam_posthoc-seed{s}-{args.posthoc_key}.safetensors"), det)
     for spec in args.posthoc:
         prior, temperature = (float(v) for v in spec.split(":"))
         post = EmbeddingPosterior(

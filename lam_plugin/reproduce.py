@@ -1348,9 +1348,9 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
             else ""
         )
         + (
-            "; the post-hoc fits on the pairs of the margin-violating triplets of each batch, every mined "
-            f"negative counted, at most {c['max_pairs']} triplets per batch (the paper's post-hoc code, "
-            "`--posthoc-pairs triplets`)"
+            "; the post-hoc fits take their Hessian pairs from the margin-violating triplets of each batch, "
+            f"every mined negative counted, at most {c['max_pairs']} triplets ({2 * c['max_pairs']} pairs) per "
+            "batch (the paper's post-hoc code, `--posthoc-pairs triplets`); otherwise"
             if c.get("posthoc_pairs", "all") == "triplets"
             else ""
         )
