@@ -267,10 +267,10 @@ class ReproduceConfig:
         online_posterior: the posterior online LAM is evaluated with: ``"running"`` (the
             running curvature its training kept, the paper's method; the default) or
             ``"refit"`` (the post-hoc LAM fit, with ``posthoc_approx`` and
-            ``posthoc_pairs``, at the final weights of that training; cached beside it). The Hessian pairs decide where
-            the uncertainty sits: those of the margin-violating triplets come mostly from
-            the classes the network confuses, which then become its most certain ones
-            (docs/results/README.md, item 8).
+            ``posthoc_pairs``, at the final weights of that training; cached beside it).
+            The Hessian pairs decide where the uncertainty sits: those of the
+            margin-violating triplets come mostly from the classes the network confuses,
+            which then become its most certain ones (docs/results/README.md, item 8).
         max_pairs: at most this many pairs per batch enter the curvature.
         n_samples: samples per test input (weight samples, dropout passes, PFE/HIB draws).
         dropout: MC-dropout rate.
