@@ -2,7 +2,8 @@
 
 A diagnostic, not a benchmark: for the online-LAM posteriors that ``lam-plugin
 reproduce fashionmnist`` cached (``--cache``, default ``runs/fashionmnist/cache``;
-``--key``: the hash in their file names), it embeds the FashionMNIST test split
+``--key``: the hash in their file names), or with ``--posthoc-key`` its post-hoc LAM
+fits of the deterministic networks (``--key``: their networks' hash), it embeds the FashionMNIST test split
 (``--samples`` weight samples, the posterior tempered by ``--temperature``) and prints,
 per seed:
 
@@ -19,6 +20,7 @@ per seed:
   last layer's input features.
 
     python benchmarks/uncertainty_by_class.py --key 05dbf0cb6b [--seeds 1 2 3 4 5] [--per-class]
+    python benchmarks/uncertainty_by_class.py --key addb843424 --posthoc-key ed6c0a4965 --temperature 1
 """
 
 from __future__ import annotations
@@ -83,7 +85,10 @@ def _report(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=Path("runs/fashionmnist/cache"))
-    parser.add_argument("--key", required=True, help="the hash of the online-LAM files, e.g. 05dbf0cb6b")
+    parser.add_argument("--key", required=True, help="the hash of the online-LAM files, e.g. 05dbf0cb6b "
+                        "(with --posthoc-key: of the deterministic networks, e.g. addb843424)")
+    parser.add_argument("--posthoc-key", help="read post-hoc LAM fits (lam_posthoc-seedS-KEY) of the deterministic "
+                        "networks instead of online LAM, e.g. ed6c0a4965")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=1e3, help="default: what validation chose for every seed")
@@ -92,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     test = load_fashionmnist(split="test")
     x, labels = test.float(), test.labels.numpy()
     for seed in args.seeds:
-        net_path = args.cache / f"lam_online-seed{seed}-{args.key}.safetensors"
-        post_path = net_path.with_suffix(".posterior.safetensors")
+        if args.posthoc_key:
+            net_path = args.cache / f"deterministic-seed{seed}-{args.key}.safetensors"
+            post_path = args.cache / f"lam_posthoc-seed{seed}-{args.posthoc_key}.safetensors"
+        else:
+            net_path = args.cache / f"lam_online-seed{seed}-{args.key}.safetensors"
+            post_path = net_path.with_suffix(".posterior.safetensors")
         if not (net_path.is_file() and post_path.is_file()):
             raise SystemExit(f"not found: {net_path} and {post_path}")
         net = _net(net_path)
