@@ -3,9 +3,9 @@
 A diagnostic, not a benchmark: for the online-LAM posteriors that ``lam-plugin
 reproduce fashionmnist`` cached (``--cache``, default ``runs/fashionmnist/cache``;
 ``--key``: the hash in their file names), or with ``--posthoc-key`` its post-hoc LAM
-fits of the deterministic networks (``--key``: their networks' hash), it embeds the FashionMNIST test split
-(``--samples`` weight samples, the posterior tempered by ``--temperature``) and prints,
-per seed:
+fits of the deterministic networks (``--key``: their networks' hash), it embeds the
+FashionMNIST test split (``--samples`` weight samples, the posterior tempered by
+``--temperature``) and prints, per seed:
 
 * AUSC (``lam_plugin.metrics.ausc``);
 * the AUROC of the AUSC's per-query uncertainty, ``mean_d(std_query + std_neighbour)``,
