@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         "have the same numbers, and the runs a method draws on must share their configuration unless "
         "--allow-config-differences is given.",
     )
-    comb.add_argument("results", nargs="+", help="results.json files (at least two)")
+    comb.add_argument(
+        "results", nargs="+", help="results.json files (at least two; a combined one stands for its sources)"
+    )
     comb.add_argument("--out", required=True, help="folder for the combined results.json and results.md")
     comb.add_argument(
         "--allow-config-differences",

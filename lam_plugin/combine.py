@@ -16,7 +16,13 @@ Rules:
   default. Many such differences do not touch the method (a post-hoc prior does not
   affect MC dropout), but some do (the MC-dropout layout), and this module does not
   know which; ``allow_config_differences=True`` combines anyway and lists every
-  difference per method in ``config_differences`` and in the markdown.
+  difference per method in ``config_differences`` and in the markdown;
+* a combined ``results.json`` may itself be combined again: it stands for its sources,
+  each with the seeds it gave and its configuration, so new seeds join an earlier
+  combination without the files it was made from. Combined files written before the
+  sources kept their configuration cannot be checked; a method that draws on one of them
+  and on another run is refused unless differences are allowed, and is then listed with
+  the field ``config`` "not recorded".
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +58,27 @@ _NAMES = {"fashionmnist": "FashionMNIST", "mnist": "MNIST"}
 _SCOPE = ("seeds", "methods")
 
 
+@dataclass(frozen=True)
+class _Source:
+    """One ``reproduce`` run that a method's seeds can come from.
+
+    ``file`` is the results file it was read from. ``config`` is ``None`` where it was not
+    recorded (a source of a combined file written before sources kept their
+    configuration); ``checked`` then holds the differences that file's combination found
+    between its sources (``{method: {field: {label: value}}}``), which were allowed when
+    it was written.
+    """
+
+    label: str
+    file: str
+    per_seed: dict[str, dict[str, dict[str, Any]]]
+    config: dict[str, Any] | None
+    command: str | None
+    wall_time_s: float | None
+    machine: str | None
+    checked: Mapping[str, dict[str, Any]]
+
+
 def _load(path: Path) -> dict[str, Any]:
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
@@ -58,10 +86,52 @@ def _load(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no such results file") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not a JSON file ({err})") from None
-    missing = [k for k in ("dataset", "per_seed", "config", "data") if k not in results]
+    needed = ("dataset", "per_seed", "data", "sources" if results.get("combined") else "config")
+    missing = [k for k in needed if k not in results]
     if missing:
         raise ValueError(f"{path}: not a `lam-plugin reproduce` results.json (missing {', '.join(missing)})")
     return results
+
+
+def _sources(path: Path, results: Mapping[str, Any]) -> list[_Source]:
+    """The runs a results file holds: the file itself, or each source of a combined file."""
+    if not results.get("combined"):
+        return [
+            _Source(
+                label=str(path),
+                file=str(path),
+                per_seed=results["per_seed"],
+                config=results["config"],
+                command=results.get("command"),
+                wall_time_s=results.get("wall_time_s"),
+                machine=(results.get("machine") or {}).get("summary"),
+                checked={},
+            )
+        ]
+    sources = []
+    for source in results["sources"]:
+        try:
+            per_seed = {
+                method: {str(s): results["per_seed"][method][str(s)] for s in seeds}
+                for method, seeds in source["seeds_by_method"].items()
+            }
+        except KeyError as err:
+            raise ValueError(
+                f"{path}: source {source.get('file')} lists seeds that the file's per_seed lacks ({err})"
+            ) from None
+        sources.append(
+            _Source(
+                label=f"{path} ← {source.get('file')}",
+                file=str(path),
+                per_seed=per_seed,
+                config=source.get("config"),
+                command=source.get("command"),
+                wall_time_s=source.get("wall_time_s"),
+                machine=source.get("machine"),
+                checked=results.get("config_differences", {}),
+            )
+        )
+    return sources
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -77,13 +147,14 @@ def combine_results(
 
     Returns a dict with the schema of ``results.json`` (``dataset``, ``seeds``, ``methods``:
     ``{name: {metric: {"mean", "std"}}}``, ``per_seed``, ``supplementary``, ``paper``)
-    plus ``seeds_by_method``, ``sources`` (file, command, wall time, machine and the
-    seeds each method took from it) and ``config_differences``
+    plus ``seeds_by_method``, ``sources`` (file, command, wall time, machine, the seeds
+    each method took from it and its configuration) and ``config_differences``
     (``{method: {field: {file: value}}}``). A method's mean and std are over its own
-    seeds, which ``seeds_by_method`` lists.
+    seeds, which ``seeds_by_method`` lists. A combined file among ``paths`` contributes
+    its sources, each named ``"COMBINED ← SOURCE"``.
 
     Args:
-        paths: the ``results.json`` files, at least two.
+        paths: the ``results.json`` files, at least two; earlier combined files allowed.
         allow_config_differences: combine a method's seeds from runs whose configurations
             differ (beyond their seeds and methods) instead of raising.
 
@@ -107,10 +178,11 @@ def combine_results(
                 f"differ from {files[0]}'s ({first['data'].get('fingerprint')}, {first['data'].get('sizes')})"
             )
 
+    units = [unit for f, run in zip(files, runs) for unit in _sources(f, run)]
     per_seed: dict[str, dict[str, dict[str, Any]]] = {}
-    origin: dict[str, dict[str, int]] = {}  # method -> seed -> index of the run it came from
-    for i, (f, run) in enumerate(zip(files, runs)):
-        for method, seeds in run["per_seed"].items():
+    origin: dict[str, dict[str, int]] = {}  # method -> seed -> index of the source it came from
+    for i, unit in enumerate(units):
+        for method, seeds in unit.per_seed.items():
             for seed, row in seeds.items():
                 known = per_seed.setdefault(method, {}).get(seed)
                 if known is None:
@@ -120,9 +192,9 @@ def combine_results(
                 for metric in METRICS:
                     if not _same(known.get(metric), row.get(metric)):
                         raise ValueError(
-                            f"{method} seed {seed} is in {files[origin[method][seed]]} and {f} with different "
-                            f"results ({metric} {known.get(metric)} against {row.get(metric)}): they are two "
-                            "configurations of that method; combine runs of one configuration"
+                            f"{method} seed {seed} is in {units[origin[method][seed]].label} and {unit.label} with "
+                            f"different results ({metric} {known.get(metric)} against {row.get(metric)}): they are "
+                            "two configurations of that method; combine runs of one configuration"
                         )
 
     order = [m for m in ALL_METHODS if m in per_seed] + sorted(m for m in per_seed if m not in ALL_METHODS)
@@ -136,16 +208,13 @@ def combine_results(
 
     differences: dict[str, dict[str, dict[str, Any]]] = {}
     for method in order:
-        used = sorted(set(origin[method].values()))
-        fields = sorted({k for i in used for k in runs[i]["config"]} - set(_SCOPE))
-        for key in fields:
-            # a field an older run lacks stands for the behaviour it had before the field
-            values = {str(files[i]): runs[i]["config"].get(key, CONFIG_FIELDS_ABSENT.get(key)) for i in used}
-            if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
-                differences.setdefault(method, {})[key] = values
+        found = _config_differences(method, [units[i] for i in sorted(set(origin[method].values()))])
+        if found:
+            differences[method] = found
     if differences and not allow_config_differences:
         listed = "; ".join(
-            f"{method}: {key} = " + ", ".join(f"{v!r} in {f}" for f, v in values.items())
+            f"{method}: {key} = "
+            + ", ".join(f"{'not recorded' if v is None else repr(v)} in {f}" for f, v in values.items())
             for method, fields in differences.items()
             for key, values in fields.items()
         )
@@ -156,15 +225,16 @@ def combine_results(
         )
 
     sources = []
-    for i, (f, run) in enumerate(zip(files, runs)):
+    for i, unit in enumerate(units):
         took = {m: [int(s) for s, j in origin[m].items() if j == i] for m in order}
         sources.append(
             {
-                "file": str(f),
-                "command": run.get("command"),
-                "wall_time_s": run.get("wall_time_s"),
-                "machine": (run.get("machine") or {}).get("summary"),
+                "file": unit.label,
+                "command": unit.command,
+                "wall_time_s": unit.wall_time_s,
+                "machine": unit.machine,
                 "seeds_by_method": {m: sorted(s) for m, s in took.items() if s},
+                "config": unit.config,
             }
         )
     seeds = sorted({int(s) for rows in per_seed.values() for s in rows})
@@ -183,6 +253,29 @@ def combine_results(
         "sources": sources,
         "config_differences": differences,
     }
+
+
+def _config_differences(method: str, used: Sequence[_Source]) -> dict[str, dict[str, Any]]:
+    """The configuration fields that differ between the sources of ``method``: ``{field: {label: value}}``.
+
+    Sources without a recorded configuration cannot be compared field by field. Those of
+    one combined file were compared when it was written, and what it found then is kept;
+    if the method also draws on another file, it gets the field ``config`` with ``None``
+    (not recorded) or ``"recorded"`` per source.
+    """
+    differences: dict[str, dict[str, Any]] = {}
+    unrecorded = [u for u in used if u.config is None]
+    if unrecorded and len({u.file for u in used}) > 1:
+        differences["config"] = {u.label: None if u.config is None else "recorded" for u in used}
+    for u in unrecorded:
+        differences.update(u.checked.get(method, {}))
+    recorded = [u for u in used if u.config is not None]
+    for key in sorted({k for u in recorded for k in u.config or {}} - set(_SCOPE)):
+        # a field an older run lacks stands for the behaviour it had before the field
+        values = {u.label: (u.config or {}).get(key, CONFIG_FIELDS_ABSENT.get(key)) for u in recorded}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            differences[key] = values
+    return differences
 
 
 def _markdown(combined: Mapping[str, Any], command: str | None) -> str:

@@ -179,3 +179,63 @@ def test_results_table_spread_follows_the_seed_count():
     assert "0.50 ± 0.00" in R.results_table({"lam_online": row}, paper=None, n_seeds={"lam_online": 2})
     one = R.results_table({"lam_online": row}, paper=None, n_seeds={"lam_online": 1})
     assert "±" not in one and "| 0.50 |" in one and "(1 seed)" in one
+
+
+def test_a_combined_file_combines_again_as_its_sources(runs, tmp_path):
+    root, files = runs
+    s2_det = _edited(files["s2"], tmp_path, "s2det", lambda r: [r[k].pop("lam_posthoc", None)
+                                                                 for k in ("methods", "per_seed", "supplementary")])
+    first, _ = write_combined([files["s1"], s2_det], tmp_path / "first")
+    assert first["sources"][0]["config"] == json.loads(files["s1"].read_text())["config"]
+    # seed 2 of post-hoc LAM joins later: the same table as combining the three runs at once
+    again = combine_results([tmp_path / "first" / "results.json", files["s2"]])
+    at_once = combine_results([files["s1"], s2_det, files["s2"]])
+    assert again["methods"] == at_once["methods"] and again["per_seed"] == at_once["per_seed"]
+    assert again["config_differences"] == {}
+    assert [s["file"] for s in again["sources"]] == [
+        f"{tmp_path / 'first' / 'results.json'} ← {files['s1']}",
+        f"{tmp_path / 'first' / 'results.json'} ← {s2_det}",
+        str(files["s2"]),
+    ]
+    assert again["sources"][2]["seeds_by_method"] == {"lam_posthoc": [2]}
+    # the configurations of the sources are still checked
+    pool = _edited(files["s2"], tmp_path, "pool", lambda r: r["config"].update(dropout_layout="pool"))
+    with pytest.raises(ValueError, match=r"lam_posthoc: dropout_layout = 'channel' in .*first.*s1.*'pool' in"):
+        combine_results([tmp_path / "first" / "results.json", pool])
+
+
+def test_a_combined_file_without_source_configurations_is_not_trusted(runs, tmp_path):
+    root, files = runs
+    first, _ = write_combined([files["s1"], files["s2"]], tmp_path / "first")
+
+    def older(results):  # written before the sources kept their configuration
+        for source in results["sources"]:
+            del source["config"]
+
+    old = _edited(tmp_path / "first" / "results.json", tmp_path, "old", older)
+    # alone, or with runs that add nothing to its methods, nothing is compared
+    assert combine_results([old, files["both"]])["config_differences"] == {}
+    # what its own combination allowed is kept, and must be allowed again
+    allowed = {"lam_posthoc": {"prior_precision": {"a": 1.0, "b": "marglik"}}}
+    old_allowed = _edited(old, tmp_path, "old_allowed", lambda r: r.update(config_differences=allowed))
+    with pytest.raises(ValueError, match="lam_posthoc: prior_precision = 1.0 in a, 'marglik' in b"):
+        combine_results([old_allowed, files["both"]])
+    assert combine_results([old_allowed, files["both"]], allow_config_differences=True)[
+        "config_differences"] == allowed
+    s3 = _edited(files["s2"], tmp_path, "s3", lambda r: r.update(per_seed={
+        m: {"3": {k: v + 1e-3 if isinstance(v, float) else v for k, v in rows["2"].items()}}
+        for m, rows in r["per_seed"].items()}))
+    with pytest.raises(ValueError, match=r"deterministic: config = not recorded in .*old.*'recorded' in .*s3"):
+        combine_results([old, s3])
+    combined = combine_results([old, s3], allow_config_differences=True)
+    assert combined["seeds_by_method"]["lam_posthoc"] == [1, 2, 3]
+    assert set(combined["config_differences"]["lam_posthoc"]["config"].values()) == {None, "recorded"}
+
+
+def test_a_combined_file_whose_sources_name_missing_seeds_is_refused(runs, tmp_path):
+    root, files = runs
+    write_combined([files["s1"], files["s2"]], tmp_path / "first")
+    broken = _edited(tmp_path / "first" / "results.json", tmp_path, "broken",
+                     lambda r: r["per_seed"]["lam_posthoc"].pop("2"))
+    with pytest.raises(ValueError, match="source .*s2.* lists seeds that the file's per_seed lacks"):
+        combine_results([broken, files["s1"]])
