@@ -182,7 +182,7 @@ def test_results_table_spread_follows_the_seed_count():
 
 
 def test_a_combined_file_combines_again_as_its_sources(runs, tmp_path):
-    root, files = runs
+    _, files = runs
     s2_det = _edited(files["s2"], tmp_path, "s2det", lambda r: [r[k].pop("lam_posthoc", None)
                                                                  for k in ("methods", "per_seed", "supplementary")])
     first, _ = write_combined([files["s1"], s2_det], tmp_path / "first")
@@ -205,7 +205,7 @@ def test_a_combined_file_combines_again_as_its_sources(runs, tmp_path):
 
 
 def test_a_combined_file_without_source_configurations_is_not_trusted(runs, tmp_path):
-    root, files = runs
+    _, files = runs
     first, _ = write_combined([files["s1"], files["s2"]], tmp_path / "first")
 
     def older(results):  # written before the sources kept their configuration
@@ -233,7 +233,7 @@ def test_a_combined_file_without_source_configurations_is_not_trusted(runs, tmp_
 
 
 def test_a_combined_file_whose_sources_name_missing_seeds_is_refused(runs, tmp_path):
-    root, files = runs
+    _, files = runs
     write_combined([files["s1"], files["s2"]], tmp_path / "first")
     broken = _edited(tmp_path / "first" / "results.json", tmp_path, "broken",
                      lambda r: r["per_seed"]["lam_posthoc"].pop("2"))
