@@ -424,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from .data import DatasetNotFoundError
-    from .reproduce import MethodUnavailableError
+    from .reproduce import DeviceUnavailableError, MethodUnavailableError
 
     try:
         with _logging(args.verbose):
@@ -432,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetNotFoundError as err:
         print(f"lam-plugin: error: {err}", file=sys.stderr)
         return 1
-    except MethodUnavailableError as err:
+    except (MethodUnavailableError, DeviceUnavailableError) as err:
         print(f"lam-plugin: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

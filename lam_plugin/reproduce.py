@@ -88,6 +88,7 @@ __all__ = [
     "METRICS",
     "METHOD_LABELS",
     "PAPER_FASHIONMNIST",
+    "DeviceUnavailableError",
     "MethodUnavailableError",
     "ProtocolData",
     "ReproduceConfig",
@@ -211,6 +212,10 @@ CALIBRATION_TEMPERATURES: tuple[float, ...] = tuple(10.0**e for e in range(-5, 4
 
 class MethodUnavailableError(RuntimeError):
     """A requested method needs a part of lam_plugin that this installation lacks."""
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested torch device cannot be used on this machine."""
 
 
 # --------------------------------------------------------------------------- configuration
@@ -1554,12 +1559,16 @@ def reproduce_fashionmnist(
     Raises:
         DatasetNotFoundError: a dataset is missing.
         MethodUnavailableError: a requested method is not available in this installation.
+        DeviceUnavailableError: ``device`` is CUDA and no CUDA device is usable.
     """
     start = time.perf_counter()
     config = config or ReproduceConfig()
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch.cuda.is_available() is False")
+        raise DeviceUnavailableError(
+            "device 'cuda' was asked for, but this torch build or machine has no usable CUDA device "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False); use device 'cpu'"
+        )
     if "lam_online" in config.methods:
         _require_online()
     out_dir = Path(out)

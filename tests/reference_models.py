@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -79,3 +81,32 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model
+
+
+def reference_batches(kind: str, dtype: torch.dtype, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """Two batches of six random inputs (``kind``: "image28", "image8" or "vector")."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (1, 28, 28) if kind == "image28" else (1, 8, 8) if kind == "image8" else (10,)
+    # label mixes that leave some parameters with a positive signed sum and others
+    # with a negative one, so that the relu of "fix" and "full" is exercised
+    labels = [torch.tensor([0, 0, 0, 0, 1, 1]), torch.tensor([1, 1, 1, 1, 1, 0])]
+    return [(torch.randn(6, *shape, generator=g, dtype=dtype), y) for y in labels]
+
+
+# name -> (factory, input kind, output_key, whether BackPACK supports every module)
+MODELS: dict[str, tuple[Callable[[], nn.Module], str, str | None, bool]] = {
+    "paper_cnn": (lambda: paper_cnn(3, normalize=True), "image28", None, True),
+    "res_cnn_bn": (lambda: randomize_bn(ResCNN(4)), "image8", None, True),
+    "layernorm_gelu_mlp": (lambda: NormMLP(10, 4), "vector", None, False),
+    "dict_output": (lambda: DictModel(10, 3), "vector", "embedding", True),
+}
+
+
+def build_model(
+    name: str, dtype: torch.dtype, seed: int = 0
+) -> tuple[nn.Module, list[tuple[Tensor, Tensor]], str | None, bool]:
+    """``(model in eval mode, batches, output_key, backpack_ok)`` for one entry of :data:`MODELS`."""
+    factory, kind, key, backpack_ok = MODELS[name]
+    torch.manual_seed(seed)
+    model = factory().to(dtype).eval()
+    return model, reference_batches(kind, dtype, seed), key, backpack_ok

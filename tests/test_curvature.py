@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import torch
-from reference_models import DictModel, NormMLP, ResCNN, paper_cnn, randomize_bn
+from reference_models import MODELS, build_model
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
@@ -68,30 +68,6 @@ def reference_curvature(model, names, batches, geometry, approx, output_key=None
     return total.clamp_min(0) if approx in ("fix", "full") else total
 
 
-def _data(kind: str, dtype: torch.dtype, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    shape = (1, 28, 28) if kind == "image28" else (1, 8, 8) if kind == "image8" else (10,)
-    # label mixes that leave some parameters with a positive signed sum and others
-    # with a negative one, so that the relu of "fix" and "full" is exercised
-    labels = [torch.tensor([0, 0, 0, 0, 1, 1]), torch.tensor([1, 1, 1, 1, 1, 0])]
-    return [(torch.randn(6, *shape, generator=g, dtype=dtype), y) for y in labels]
-
-
-MODELS = {
-    "paper_cnn": (lambda: paper_cnn(3, normalize=True), "image28", None, True),
-    "res_cnn_bn": (lambda: randomize_bn(ResCNN(4)), "image8", None, True),
-    "layernorm_gelu_mlp": (lambda: NormMLP(10, 4), "vector", None, False),
-    "dict_output": (lambda: DictModel(10, 3), "vector", "embedding", True),
-}
-
-
-def _build(name: str, dtype: torch.dtype, seed: int = 0):
-    factory, kind, key, backpack_ok = MODELS[name]
-    torch.manual_seed(seed)
-    model = factory().to(dtype).eval()
-    return model, _data(kind, dtype, seed), key, backpack_ok
-
-
 def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
@@ -106,7 +82,7 @@ def _fit(model, batches, key, **kw):
 @pytest.mark.parametrize("geometry", ["arccos", "euclidean"])
 @pytest.mark.parametrize("approx", ["pos", "fix", "full"])
 def test_curvature_matches_reference_float64(model_name, subset, geometry, approx):
-    model, batches, key, backpack_ok = _build(model_name, torch.float64)
+    model, batches, key, backpack_ok = build_model(model_name, torch.float64)
     backends = ["torch.func", "auto"] + (["backpack"] if backpack_ok else [])
     ref = None
     for backend in backends:
@@ -122,8 +98,8 @@ def test_curvature_matches_reference_float64(model_name, subset, geometry, appro
 @pytest.mark.parametrize("geometry", ["arccos", "euclidean"])
 @pytest.mark.parametrize("approx", ["pos", "fix", "full"])
 def test_curvature_matches_reference_float32(model_name, geometry, approx):
-    model, batches, key, backpack_ok = _build(model_name, torch.float32, seed=1)
-    ref_model = _build(model_name, torch.float64, seed=1)[0]
+    model, batches, key, backpack_ok = build_model(model_name, torch.float32, seed=1)
+    ref_model = build_model(model_name, torch.float64, seed=1)[0]
     ref_batches = [(x.double(), y) for x, y in batches]
     backends = ["torch.func"] + (["backpack"] if backpack_ok else [])
     for subset in ("all", "last_layer"):
@@ -136,7 +112,7 @@ def test_curvature_matches_reference_float32(model_name, geometry, approx):
 
 
 def test_backend_choice_and_fallback_warning(caplog):
-    model, batches, key, _ = _build("layernorm_gelu_mlp", torch.float64)
+    model, batches, key, _ = build_model("layernorm_gelu_mlp", torch.float64)
     with caplog.at_level(logging.WARNING, logger="lam_plugin"):
         post = _fit(model, batches, key, subset="all", backend="auto")
     assert post.stats.backend == "torch.func"
@@ -145,15 +121,15 @@ def test_backend_choice_and_fallback_warning(caplog):
     with pytest.raises(UnsupportedModelError, match="LayerNorm|GELU"):
         _fit(model, batches, key, subset="all", backend="backpack")
 
-    cnn, cnn_batches, _, _ = _build("paper_cnn", torch.float64)
+    cnn, cnn_batches, _, _ = build_model("paper_cnn", torch.float64)
     assert _fit(cnn, cnn_batches, None, subset="all").stats.backend == "backpack"
     assert _fit(cnn, cnn_batches, None, subset="last_layer").stats.backend == "last_layer"
-    res, res_batches, _, _ = _build("res_cnn_bn", torch.float64)
+    res, res_batches, _, _ = build_model("res_cnn_bn", torch.float64)
     assert _fit(res, res_batches, None, subset="all").stats.backend == "backpack"
 
 
 def test_prefix_subset_matches_reference():
-    model, batches, key, _ = _build("res_cnn_bn", torch.float64)
+    model, batches, key, _ = build_model("res_cnn_bn", torch.float64)
     post = _fit(model, batches, key, subset=["block.conv", "head.bias"], backend="backpack")
     assert post.param_names == ["block.conv.weight", "block.conv.bias", "head.bias"]
     ref = reference_curvature(model, post.param_names, batches, "arccos", "fix")
@@ -164,7 +140,7 @@ def test_miner_pairs_count_as_given():
     """A triplet miner: every (a, p, n) adds (a, p) and (a, n), duplicates counted."""
     from pytorch_metric_learning.miners import TripletMarginMiner
 
-    model, batches, key, _ = _build("dict_output", torch.float64)
+    model, batches, key, _ = build_model("dict_output", torch.float64)
     miner = TripletMarginMiner(margin=10.0, type_of_triplets="all")
     post = _fit(model, batches, key, subset="all", miner=miner, approx="pos", backend="torch.func")
     # reference: explicit triplet loop, positives weighted by their number of negatives

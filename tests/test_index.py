@@ -420,3 +420,11 @@ def test_gpu_search_equals_cpu(factory: str) -> None:
     same = cpu.ids == gpu.ids
     np.testing.assert_allclose(gpu.distances[same], cpu.distances[same], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(gpu.variances[same], cpu.variances[same], rtol=1e-4)
+
+
+def test_public_names_at_the_package_top_level() -> None:
+    import lam_plugin
+
+    assert lam_plugin.UncertainIndex is UncertainIndex and lam_plugin.SearchResult is SearchResult
+    with pytest.raises(AttributeError, match="no attribute 'Index'"):
+        lam_plugin.Index  # noqa: B018

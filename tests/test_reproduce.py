@@ -582,6 +582,16 @@ def test_cli_dataset_missing_is_a_clean_error(monkeypatch, capsys, tmp_path):
     assert "FashionMNIST was not found" in err and "Traceback" not in err
 
 
+def test_cli_cuda_without_a_device_is_a_clean_error(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(R.torch.cuda, "is_available", lambda: False)
+    code = cli.main(["reproduce", "fashionmnist", "--quick", "--no-progress", "--out", str(tmp_path),
+                     "--methods", "deterministic", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no usable CUDA device" in err and "use device 'cpu'" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_cli_reproduce_in_process(monkeypatch, capsys, tmp_path, data):
     monkeypatch.setattr(R, "load_fashionmnist_protocol", lambda root=None: data)
     argv = ["reproduce", "fashionmnist", "--seeds", "3", "--out", str(tmp_path), "--methods", "deterministic",

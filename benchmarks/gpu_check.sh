@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA device, in one run:
+#   1. the CUDA tests: tests/test_cuda.py (every curvature backend, sampling, online
+#      LAM, save/load, the index and the baselines on the GPU against the CPU) and the
+#      faiss-gpu test of tests/test_index.py (skipped where faiss has no GPU support);
+#   2. `lam-plugin reproduce fashionmnist --quick --device cuda`, timed end to end;
+#   3. benchmarks/gpu_index_check.py, where faiss has GPU support.
+#
+# Usage: bash benchmarks/gpu_check.sh [OUTDIR]   (default: gpu-check)
+# It runs in the current Python environment with the repository on PYTHONPATH. Set
+# LAM_PLUGIN_WHEELS to a folder of wheels to install them first (into a private
+# folder, without touching the environment), for a machine with no package index.
+set -uo pipefail
+out=${1:-gpu-check}
+mkdir -p "$out"
+if [ -n "${LAM_PLUGIN_WHEELS:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/lam-plugin-site \
+        "$LAM_PLUGIN_WHEELS"/*.whl || exit 1
+    export PYTHONPATH=/tmp/lam-plugin-site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+
+python3 - <<'EOF' 2>&1 | tee "$out/environment.txt"
+import faiss, torch
+name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none usable"
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", name)
+print("faiss", faiss.__version__, "GPUs visible to faiss:", faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0)
+EOF
+
+timeout "${PYTEST_TIMEOUT:-180}" python3 -m pytest -q -m cuda tests/test_cuda.py tests/test_index.py \
+    -rs --durations=8 -p no:cacheprovider 2>&1 | tee "$out/pytest-cuda.log"
+
+start=$(date +%s)
+timeout "${QUICK_TIMEOUT:-240}" python3 -m lam_plugin.cli reproduce fashionmnist --quick --device cuda \
+    --out "$out/quick" --no-progress 2>&1 | tee "$out/quick.log"
+echo "quick run on cuda: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s" | tee -a "$out/quick.log"
+
+if python3 -c "import faiss, sys; sys.exit(0 if getattr(faiss, 'get_num_gpus', lambda: 0)() > 0 else 1)"; then
+    timeout 120 python3 benchmarks/gpu_index_check.py 2>&1 | tee "$out/gpu-index.log"
+fi
