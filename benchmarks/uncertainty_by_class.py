@@ -2,8 +2,10 @@
 
 A diagnostic, not a benchmark: for the online-LAM posteriors that ``lam-plugin
 reproduce fashionmnist`` cached (``--cache``, default ``runs/fashionmnist/cache``;
-``--key``: the hash in their file names), or with ``--posthoc-key`` its post-hoc LAM
-fits of the deterministic networks (``--key``: their networks' hash), it embeds the
+``--key``: the hash in their file names), with ``--refit-key`` the posteriors refitted
+at those networks' final weights (``--online-posterior refit``), or with ``--posthoc-key``
+its post-hoc LAM fits of the deterministic networks (``--key``: their networks' hash), it
+embeds the
 FashionMNIST test split (``--samples`` weight samples, the posterior tempered by
 ``--temperature``) and prints, per seed:
 
@@ -20,6 +22,7 @@ FashionMNIST test split (``--samples`` weight samples, the posterior tempered by
   last layer's input features.
 
     python benchmarks/uncertainty_by_class.py --key 05dbf0cb6b [--seeds 1 2 3 4 5] [--per-class]
+    python benchmarks/uncertainty_by_class.py --key 05dbf0cb6b --refit-key 1e8a5f9f2a --seeds 6 7 8 9 10 --temperature 1
     python benchmarks/uncertainty_by_class.py --key addb843424 --posthoc-key ed6c0a4965 --temperature 1
 """
 
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(with --posthoc-key: of the deterministic networks, e.g. addb843424)")
     parser.add_argument("--posthoc-key", help="read post-hoc LAM fits (lam_posthoc-seedS-KEY) of the deterministic "
                         "networks instead of online LAM, e.g. ed6c0a4965")
+    parser.add_argument("--refit-key", help="read the refitted posteriors (lam_online-seedS-KEY.refit) of the "
+                        "online-LAM networks instead of their running curvature, e.g. 1e8a5f9f2a")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=1e3, help="default: what validation chose for every seed")
@@ -102,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
             post_path = args.cache / f"lam_posthoc-seed{seed}-{args.posthoc_key}.safetensors"
         else:
             net_path = args.cache / f"lam_online-seed{seed}-{args.key}.safetensors"
-            post_path = net_path.with_suffix(".posterior.safetensors")
+            post_path = (
+                args.cache / f"lam_online-seed{seed}-{args.refit_key}.refit.safetensors"
+                if args.refit_key
+                else net_path.with_suffix(".posterior.safetensors")
+            )
         if not (net_path.is_file() and post_path.is_file()):
             raise SystemExit(f"not found: {net_path} and {post_path}")
         net = _net(net_path)
