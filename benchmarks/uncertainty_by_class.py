@@ -5,9 +5,8 @@ reproduce fashionmnist`` cached (``--cache``, default ``runs/fashionmnist/cache`
 ``--key``: the hash in their file names), with ``--refit-key`` the posteriors refitted
 at those networks' final weights (``--online-posterior refit``), or with ``--posthoc-key``
 its post-hoc LAM fits of the deterministic networks (``--key``: their networks' hash), it
-embeds the
-FashionMNIST test split (``--samples`` weight samples, the posterior tempered by
-``--temperature``) and prints, per seed:
+embeds the FashionMNIST test split (``--samples`` weight samples, the posterior tempered
+by ``--temperature``) and prints, per seed:
 
 * AUSC (``lam_plugin.metrics.ausc``);
 * the AUROC of the AUSC's per-query uncertainty, ``mean_d(std_query + std_neighbour)``,
@@ -90,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("runs/fashionmnist/cache"))
     parser.add_argument("--key", required=True, help="the hash of the online-LAM files, e.g. 05dbf0cb6b "
                         "(with --posthoc-key: of the deterministic networks, e.g. addb843424)")
-    parser.add_argument("--posthoc-key", help="read post-hoc LAM fits (lam_posthoc-seedS-KEY) of the deterministic "
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--posthoc-key", help="read post-hoc LAM fits (lam_posthoc-seedS-KEY) of the deterministic "
                         "networks instead of online LAM, e.g. ed6c0a4965")
-    parser.add_argument("--refit-key", help="read the refitted posteriors (lam_online-seedS-KEY.refit) of the "
+    which.add_argument("--refit-key", help="read the refitted posteriors (lam_online-seedS-KEY.refit) of the "
                         "online-LAM networks instead of their running curvature, e.g. 1e8a5f9f2a")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--samples", type=int, default=100)
