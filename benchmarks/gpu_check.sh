@@ -4,7 +4,9 @@
 #      LAM, save/load, the index and the baselines on the GPU against the CPU) and the
 #      faiss-gpu test of tests/test_index.py (skipped where faiss has no GPU support);
 #   2. `lam-plugin reproduce fashionmnist --quick --device cuda`, timed end to end;
-#   3. benchmarks/gpu_index_check.py, where faiss has GPU support.
+#   3. benchmarks/training.py --device cuda: images/s of plain training and of the
+#      online-LAM step on the GPU;
+#   4. benchmarks/gpu_index_check.py, where faiss has GPU support.
 #
 # Usage: bash benchmarks/gpu_check.sh [OUTDIR]   (default: gpu-check)
 # It runs in the current Python environment with the repository on PYTHONPATH. Set
@@ -34,6 +36,8 @@ start=$(date +%s)
 timeout "${QUICK_TIMEOUT:-240}" python3 -m lam_plugin.cli reproduce fashionmnist --quick --device cuda \
     --out "$out/quick" --no-progress 2>&1 | tee "$out/quick.log"
 echo "quick run on cuda: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s" | tee -a "$out/quick.log"
+
+timeout 180 python3 benchmarks/training.py --device cuda --images 8192 --repeats 3 2>&1 | tee "$out/training.log"
 
 if python3 -c "import faiss, sys; sys.exit(0 if getattr(faiss, 'get_num_gpus', lambda: 0)() > 0 else 1)"; then
     timeout 120 python3 benchmarks/gpu_index_check.py 2>&1 | tee "$out/gpu-index.log"

@@ -9,8 +9,10 @@ pytorch-metric-learning's miner and ``ContrastiveLoss`` (every triplet materiali
 images/s of the online-LAM step (``OnlineLaplace.step``: sampled last layer, loss,
 closed-form GGN at the sampled weights) at batch 64 (channels_last), and the ratio
 online-LAM / plain training at the same batch size and layout. Medians over repeats.
+With ``--device cuda`` every timing runs on the GPU, after one untimed warm-up of each
+kind, and ends with a ``torch.cuda.synchronize()``.
 
-    python benchmarks/training.py [--images 4096] [--repeats 3]
+    python benchmarks/training.py [--images 4096] [--repeats 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    device = torch.device(args.device)
     torch.set_num_threads(2)
     from lam_plugin import LaplaceEmbedder
     from lam_plugin.models import fashionmnist_net
@@ -43,22 +49,32 @@ def main(argv: list[str] | None = None) -> int:
 
     triplets = TripletMarginMiner(margin=0.7, type_of_triplets="all")
 
+    def elapsed(t0: float) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     def plain(batch: int, channels_last: bool = False, miner: Any = None) -> float:
-        model = fashionmnist_net(3)
+        model = fashionmnist_net(3).to(device)
         if channels_last:  # what `lam-plugin reproduce` does with its networks
             model = model.to(memory_format=torch.channels_last)
         t0 = time.perf_counter()
-        train_contrastive(model, x, y, epochs=1, batch_size=batch, miner=miner, progress=False)
-        return args.images / (time.perf_counter() - t0)
+        train_contrastive(model, x, y, epochs=1, batch_size=batch, miner=miner, device=device, progress=False)
+        return args.images / elapsed(t0)
 
     def online(batch: int) -> float:
-        model = fashionmnist_net(3).to(memory_format=torch.channels_last)
+        model = fashionmnist_net(3).to(device, memory_format=torch.channels_last)
         trainer = LaplaceEmbedder(model, progress=False).online(x[:batch], dataset_size=args.images)
         model.train()
         t0 = time.perf_counter()
         for start in range(0, args.images, batch):
             trainer.step(x[start : start + batch], y[start : start + batch])
-        return args.images / (time.perf_counter() - t0)
+        return args.images / elapsed(t0)
+
+    if device.type == "cuda":  # kernels chosen and compiled before any timing
+        plain(256, True, triplets)
+        plain(64, True)
+        online(64)
 
     rates = {
         "plain, batch 256": statistics.median(plain(256) for _ in range(args.repeats)),
@@ -72,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         "plain, batch 64, ch-last": statistics.median(plain(64, True) for _ in range(args.repeats)),
         "online LAM step, batch 64": statistics.median(online(64) for _ in range(args.repeats)),
     }
-    print(f"data: {source}, {args.images} images; torch {torch.__version__}, 2 threads; median of {args.repeats}")
+    where = torch.cuda.get_device_name(0) if device.type == "cuda" else "2 threads"
+    print(f"data: {source}, {args.images} images; torch {torch.__version__}, {where}; median of {args.repeats}")
     for name, rate in rates.items():
         print(f"  {name:<30}{rate:>10.0f} images/s")
     speedup = rates["triplets, batch 256, counts"] / rates["triplets, batch 256, PML"]
