@@ -13,10 +13,13 @@ per-image scores on the FashionMNIST test split against the MNIST OoD set:
 * ``1/|E u|`` and ``|x|``: the length of the mean output and of the features alone.
 
 For the post-hoc posterior it uses several prior precisions (each with the temperature
-given on the command line), for online LAM its own curvature. The OoD data are used here
-to explain a number, never to choose a setting of the library.
+given on the command line; none with an empty ``--posthoc``), for online LAM its own
+curvature or, with ``--refit-key``, the posterior refitted at its final weights
+(``--online-posterior refit``). The OoD data are used here to explain a number, never to
+choose a setting of the library.
 
     python benchmarks/ood_scores.py [--cache runs/fashionmnist/cache] [--seed 1] [--posthoc 1:1] [--posthoc-key HASH]
+    python benchmarks/ood_scores.py --seed 7 --posthoc --online-key 05dbf0cb6b --refit-key 1e8a5f9f2a --online-temperature 1
 """
 
 from __future__ import annotations
@@ -79,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--online-temperature", type=float, default=1e6)
     parser.add_argument("--posthoc-key", default="*",
                         help="the hash of the post-hoc fit to read, where the cache holds several (e.g. ed6c0a4965)")
+    parser.add_argument("--online-key", default="*",
+                        help="the hash of the online-LAM network to read, where the cache holds several (e.g. 05dbf0cb6b)")
+    parser.add_argument("--refit-key",
+                        help="read the posterior refitted at the online network's weights (lam_online-seedS-KEY.refit)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -97,19 +104,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {json.dumps(row)}")
 
     s = args.seed
-    det = _net(_one(args.cache, f"deterministic-seed{s}-*.safetensors"))
-    base = EmbeddingPosterior.load(_one(args.cache, f"lam_posthoc-seed{s}-{args.posthoc_key}.safetensors"), det)
+    if args.posthoc:
+        det = _net(_one(args.cache, f"deterministic-seed{s}-*.safetensors"))
+        base = EmbeddingPosterior.load(_one(args.cache, f"lam_posthoc-seed{s}-{args.posthoc_key}.safetensors"), det)
     for spec in args.posthoc:
         prior, temperature = (float(v) for v in spec.split(":"))
         post = EmbeddingPosterior(
             det, base.param_names, base.curvature, prior, mean=base.mean, config=base.config, stats=base.stats
         ).tempered(temperature)
         report(f"post-hoc, prior {prior:g}, temperature {temperature:g}", post, det)
-    online_files = [p for p in args.cache.glob(f"lam_online-seed{s}-*.safetensors") if "posterior" not in p.name]
+    online_files = [
+        p for p in args.cache.glob(f"lam_online-seed{s}-{args.online_key}.safetensors")
+        if "posterior" not in p.name and "refit" not in p.name
+    ]
     if len(online_files) == 1:
         onet = _net(online_files[0])
-        opost = EmbeddingPosterior.load(online_files[0].with_suffix(".posterior.safetensors"), onet)
-        report(f"online, temperature {args.online_temperature:g}", opost.tempered(args.online_temperature), onet)
+        if args.refit_key:
+            opost = EmbeddingPosterior.load(_one(args.cache, f"lam_online-seed{s}-{args.refit_key}.refit.safetensors"), onet)
+            name = "online, refit"
+        else:
+            opost = EmbeddingPosterior.load(online_files[0].with_suffix(".posterior.safetensors"), onet)
+            name = "online"
+        report(f"{name}, temperature {args.online_temperature:g}", opost.tempered(args.online_temperature), onet)
+    elif args.refit_key or args.online_key != "*":
+        raise SystemExit(f"expected one online-LAM network of seed {s} in {args.cache}, found {[p.name for p in online_files]}")
     return 0
 
 

@@ -185,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or the post-hoc LAM fit (--posthoc-approx, --posthoc-pairs) at its final weights",
     )
     rep.add_argument(
+        "--online-approx",
+        choices=["fix", "pos"],
+        default=None,
+        help="curvature approximation of online LAM's running curvature: fix (default) or pos (the paper's "
+        "laplace_online_arccos_pos configuration)",
+    )
+    rep.add_argument(
         "--posthoc-approx",
         choices=["fix", "pos"],
         default=None,
@@ -282,6 +289,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         online_hinge=None if args.online_hinge is None else args.online_hinge == "on",
         online_max_pairs=args.online_max_pairs,
         online_posterior=args.online_posterior,
+        online_approx=args.online_approx,
         posthoc_approx=args.posthoc_approx,
         posthoc_pairs=args.posthoc_pairs,
         online_lr=args.online_lr,

@@ -112,8 +112,9 @@ ONLINE_LATER_DEFAULTS: dict[str, Any] = {"curvature": "pairs", "relu": "per_step
 #: The posteriors of online LAM: the running curvature of its training, or a post-hoc
 #: fit at its final weights (:attr:`ReproduceConfig.online_posterior`).
 ONLINE_POSTERIORS: tuple[str, ...] = ("running", "refit")
-#: Curvature approximations of the post-hoc fits (:attr:`ReproduceConfig.posthoc_approx`).
-POSTHOC_APPROXES: tuple[str, ...] = ("fix", "pos")
+#: Curvature approximations of the LAM fits (:attr:`ReproduceConfig.posthoc_approx`,
+#: :attr:`ReproduceConfig.online_approx`).
+LAM_APPROXES: tuple[str, ...] = ("fix", "pos")
 #: Hessian pairs of the post-hoc fits (:attr:`ReproduceConfig.posthoc_pairs`): every pair
 #: of each batch (DESIGN section 7), or the pairs of the margin-violating triplets (the
 #: paper's post-hoc code).
@@ -133,6 +134,7 @@ CONFIG_FIELDS_ABSENT: dict[str, Any] = {
     "online_posterior": "running",
     "posthoc_approx": "fix",
     "posthoc_pairs": "all",
+    "online_approx": "fix",
 }
 
 #: Methods run by default, in the paper's row order.
@@ -260,6 +262,9 @@ class ReproduceConfig:
             (DESIGN); ``False`` counts every mined negative (the paper's code).
         online_max_pairs: online LAM's Hessian pairs per batch (default ``max_pairs``);
             the paper's code draws 5,000 triplets, that is 10,000 pairs.
+        online_approx: the curvature approximation of online LAM's running curvature:
+            ``"fix"`` (DESIGN section 7, the default) or ``"pos"`` (the paper's
+            ``configs/fashionmnist/laplace_online_arccos_pos.yaml``).
         posthoc_approx: the curvature approximation of the post-hoc fits (post-hoc LAM and
             ``online_posterior="refit"``): ``"fix"`` (the paper's, the default) or ``"pos"``
             (positive pairs only, with the cross terms; DESIGN section 3).
@@ -322,6 +327,7 @@ class ReproduceConfig:
     online_hinge: bool = True
     online_max_pairs: int | None = None
     online_posterior: str = "running"
+    online_approx: str = "fix"
     posthoc_approx: str = "fix"
     posthoc_pairs: str = "all"
     max_pairs: int = 5000
@@ -363,8 +369,9 @@ class ReproduceConfig:
             raise ValueError(
                 f"online_curvature must be one of {OnlineLaplace.CURVATURES}, got {self.online_curvature!r}"
             )
-        if self.posthoc_approx not in POSTHOC_APPROXES:
-            raise ValueError(f"posthoc_approx must be one of {POSTHOC_APPROXES}, got {self.posthoc_approx!r}")
+        for name in ("posthoc_approx", "online_approx"):
+            if getattr(self, name) not in LAM_APPROXES:
+                raise ValueError(f"{name} must be one of {LAM_APPROXES}, got {getattr(self, name)!r}")
         if self.posthoc_pairs not in POSTHOC_PAIRS:
             raise ValueError(f"posthoc_pairs must be one of {POSTHOC_PAIRS}, got {self.posthoc_pairs!r}")
         if self.online_posterior not in ONLINE_POSTERIORS:
@@ -976,7 +983,7 @@ class _Runner:
             "batch_size": c.lam_batch_size,
             "max_pairs": kwargs.get("max_pairs", c.max_pairs),
             "subset": "last_layer",
-            "approx": "fix",
+            "approx": c.online_approx,
             "geometry": "arccos",
             "prior_precision": 1.0,
             # the keys of later options enter only with a value other than their first
@@ -1003,7 +1010,7 @@ class _Runner:
                 net = self.new_net(seed)
         if posterior is None:
             logger.info("training online LAM, seed %d (%d epochs)", seed, c.epochs)
-            embedder = self._embedder(net, seed)
+            embedder = self._embedder(net, seed, c.online_approx)
             embedder.hinge = c.online_hinge
             if c.online_loss_miner == "triplets":
                 embedder.miner = TripletMarginMiner(margin=c.margin, type_of_triplets="all")
@@ -1347,6 +1354,11 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
         )
     parts.append(
         "- **LAM.** Last-layer diagonal posterior, `arccos` geometry, `fix` approximation"
+        + (
+            f" (online LAM's running curvature: `{c['online_approx']}`, `--online-approx`)"
+            if c.get("online_approx", "fix") != "fix"
+            else ""
+        )
         + (
             f" (the post-hoc fits: `{c['posthoc_approx']}`, `--posthoc-approx`)"
             if c.get("posthoc_approx", "fix") != "fix"

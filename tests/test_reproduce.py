@@ -359,6 +359,33 @@ def test_online_posterior_refit_reuses_the_network_and_fits_at_its_weights(monke
         R.ReproduceConfig(online_posterior="final")
 
 
+@pytest.mark.skipif(not HAS_ONLINE, reason="needs LaplaceEmbedder.fit_online")
+def test_online_approx_reaches_the_running_curvature_and_the_cache_key(monkeypatch, tmp_path, data):
+    seen = []
+    real = R.LaplaceEmbedder.fit_online
+
+    @functools.wraps(real)  # the same signature, which reproduce inspects
+    def spy(self, loader, epochs=20, **kwargs):
+        seen.append(self.approx)
+        return real(self, loader, epochs, **kwargs)
+
+    monkeypatch.setattr(R.LaplaceEmbedder, "fit_online", spy)
+    base = tiny_config(methods=("lam_online",), val_fraction=0.2)
+    fix = R.reproduce_fashionmnist(base, tmp_path, data=data, progress=False)
+    assert "`--online-approx`" not in (tmp_path / "results.md").read_text()
+    pos = R.reproduce_fashionmnist(R.with_overrides(base, online_approx="pos"), tmp_path, data=data, progress=False)
+    assert seen == ["fix", "pos"]
+    assert fix.trained and pos.trained and not set(fix.trained) & set(pos.trained)
+    assert "(online LAM's running curvature: `pos`, `--online-approx`)" in (tmp_path / "results.md").read_text()
+    from safetensors import safe_open
+
+    net_file = next(n for n in pos.trained if not n.endswith(".posterior.safetensors"))
+    with safe_open(str(tmp_path / "cache" / net_file), "pt") as f:
+        assert json.loads(f.metadata()["spec"])["approx"] == "pos"
+    with pytest.raises(ValueError, match="online_approx"):
+        R.ReproduceConfig(online_approx="full")
+
+
 def test_posthoc_approx_reaches_the_fit_and_the_cache_key(monkeypatch, tmp_path, data):
     approxes = []
     real_init = R.LaplaceEmbedder.__init__
@@ -521,6 +548,8 @@ def test_cli_parsing():
     assert refit.online_posterior == "refit"
     pos = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--posthoc-approx", "pos"]))
     assert (R.ReproduceConfig().posthoc_approx, pos.posthoc_approx) == ("fix", "pos")
+    online_pos = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-approx", "pos"]))
+    assert (R.ReproduceConfig().online_approx, online_pos.online_approx) == ("fix", "pos")
     paper_pairs = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--posthoc-pairs", "triplets"]))
     assert (R.ReproduceConfig().posthoc_pairs, paper_pairs.posthoc_pairs) == ("all", "triplets")
     per_epoch = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-relu", "per_epoch"]))
