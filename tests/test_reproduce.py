@@ -286,20 +286,27 @@ def test_dropout_layout_builds_its_network_and_cache_key(tmp_path, data):
         R.ReproduceConfig(dropout_layout="spatial")
 
 
-@pytest.mark.skipif(not HAS_ONLINE, reason="needs LaplaceEmbedder.fit_online")
-def test_online_options_reach_fit_online_and_the_cache_key(monkeypatch, tmp_path, data):
-    from safetensors import safe_open
-
-    seen = []
+def spy_fit_online(monkeypatch) -> list[tuple[str, dict]]:
+    """Record ``(miner name, {**kwargs, "hinge", "approx"})`` of every ``fit_online`` call,
+    which then runs as usual."""
+    seen: list[tuple[str, dict]] = []
     real = R.LaplaceEmbedder.fit_online
 
     @functools.wraps(real)  # the same signature, which reproduce inspects
     def spy(self, loader, epochs=20, **kwargs):
         miner = self.miner if isinstance(self.miner, str) else type(self.miner).__name__
-        seen.append((miner, {**kwargs, "hinge": self.hinge}))
+        seen.append((miner, {**kwargs, "hinge": self.hinge, "approx": self.approx}))
         return real(self, loader, epochs, **kwargs)
 
     monkeypatch.setattr(R.LaplaceEmbedder, "fit_online", spy)
+    return seen
+
+
+@pytest.mark.skipif(not HAS_ONLINE, reason="needs LaplaceEmbedder.fit_online")
+def test_online_options_reach_fit_online_and_the_cache_key(monkeypatch, tmp_path, data):
+    from safetensors import safe_open
+
+    seen = spy_fit_online(monkeypatch)
     base = tiny_config(methods=("lam_online",), val_fraction=0.2, online_loss_miner="all")
     code = R.with_overrides(
         base, online_loss_miner="triplets", online_relu="on_use", online_hinge=False, online_max_pairs=400
@@ -361,20 +368,12 @@ def test_online_posterior_refit_reuses_the_network_and_fits_at_its_weights(monke
 
 @pytest.mark.skipif(not HAS_ONLINE, reason="needs LaplaceEmbedder.fit_online")
 def test_online_approx_reaches_the_running_curvature_and_the_cache_key(monkeypatch, tmp_path, data):
-    seen = []
-    real = R.LaplaceEmbedder.fit_online
-
-    @functools.wraps(real)  # the same signature, which reproduce inspects
-    def spy(self, loader, epochs=20, **kwargs):
-        seen.append(self.approx)
-        return real(self, loader, epochs, **kwargs)
-
-    monkeypatch.setattr(R.LaplaceEmbedder, "fit_online", spy)
+    seen = spy_fit_online(monkeypatch)
     base = tiny_config(methods=("lam_online",), val_fraction=0.2)
     fix = R.reproduce_fashionmnist(base, tmp_path, data=data, progress=False)
     assert "`--online-approx`" not in (tmp_path / "results.md").read_text()
     pos = R.reproduce_fashionmnist(R.with_overrides(base, online_approx="pos"), tmp_path, data=data, progress=False)
-    assert seen == ["fix", "pos"]
+    assert [kwargs["approx"] for _, kwargs in seen] == ["fix", "pos"]
     assert fix.trained and pos.trained and not set(fix.trained) & set(pos.trained)
     assert "(online LAM's running curvature: `pos`, `--online-approx`)" in (tmp_path / "results.md").read_text()
     from safetensors import safe_open
