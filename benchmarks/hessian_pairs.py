@@ -11,6 +11,9 @@ weights, with the Hessian pairs and approximation of every ``--variants`` entry:
   online LAM's running curvature (``--online-curvature triplets``);
 * ``cached``: the posterior the cache holds (online LAM: its running curvature).
 
+A negative pair counts only while its hinge is active (DESIGN); ``--hinge off`` counts
+every mined negative, as the paper's code does.
+
 Every posterior has prior ``--prior`` (default 1, the paper's; for ``cached`` it replaces
 the cached prior) and temperature 1 (the AUSC and AUROC barely move with the temperature), the split of ``reproduce`` (54,000 fit / 6,000 validation images), and
 ``--samples`` weight samples. Per seed and variant it prints the validation and test
@@ -48,17 +51,27 @@ METRICS = ("val_ausc", "ausc", "auroc", "auprc", "between")
 
 
 def _fit(
-    net: torch.nn.Module, variant: str, x: torch.Tensor, y: torch.Tensor, seed: int, config: ReproduceConfig
+    net: torch.nn.Module,
+    variant: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seed: int,
+    config: ReproduceConfig,
+    hinge: bool = True,
 ) -> EmbeddingPosterior:
     """The last-layer posterior (prior 1) of ``net`` fitted on ``x, y`` with the Hessian pairs and
-    approximation that ``variant`` (``"<all|triplets>-<fix|pos>"``) names."""
+    approximation that ``variant`` (``"<all|triplets>-<fix|pos>"``) names; ``hinge=False``
+    counts every negative pair, whatever its hinge."""
     pairs, approx = variant.split("-")
     miner = "all" if pairs == "all" else TripletMarginMiner(margin=config.margin, type_of_triplets="all")
     # the loader of reproduce's post-hoc fit: batches of lam_batch_size, shuffled by the seed
     loader = DataLoader(
         TensorDataset(x, y), batch_size=config.lam_batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
-    lam = LaplaceEmbedder(net, approx=approx, margin=config.margin, miner=miner, max_pairs=config.max_pairs, progress=False, seed=seed)
+    lam = LaplaceEmbedder(
+        net, approx=approx, margin=config.margin, miner=miner, max_pairs=config.max_pairs, hinge=hinge,
+        progress=False, seed=seed,
+    )
     return lam.fit(loader)
 
 
@@ -71,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--prior", type=float, default=1.0, help="prior precision of every posterior")
+    parser.add_argument("--hinge", choices=["on", "off"], default="on",
+                        help="count a negative pair only while its hinge is active (on) or always (off)")
     args = parser.parse_args(argv)
     config = ReproduceConfig()
     data = _prepare(load_fashionmnist_protocol(), config)
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 posterior = EmbeddingPosterior.load(post_path, net)
             else:
-                posterior = _fit(net, variant, data.fit_x, data.fit_y, seed, config)
+                posterior = _fit(net, variant, data.fit_x, data.fit_y, seed, config, args.hinge == "on")
             posterior = EmbeddingPosterior(
                 net, posterior.param_names, posterior.curvature, args.prior, mean=posterior.mean, config=posterior.config
             )
