@@ -21,6 +21,14 @@ a ``[B*D, B*D]`` matrix G, and the contrastive GGN diagonal of a batch is
 ``diag(J^T G J)`` with ``J`` the ``[B*D, P]`` Jacobian of the outputs. ``approx="fix"``
 keeps only the diagonal blocks of each pair, so G is block diagonal (``[B, D, D]``);
 ``"pos"`` keeps only positive pairs; ``"full"`` keeps everything.
+
+In ``euclidean`` a positive pair's block Hessian is positive semi-definite, so ``"pos"``
+sums are non-negative. In ``arccos`` it is not: ``1 - cos(a, b)`` is not convex in
+``(a, b)``, and its exact block Hessian has a negative eigenvalue for every pair that is
+not exactly aligned (DESIGN section 3 asks for the exact Hessian), so ``"pos"`` sums can
+have negative entries too (a few per cent of the last-layer weights on one batch of the
+paper's CNN). Every sum is therefore treated as signed: a fit keeps it, the posterior
+uses its ``relu`` (``EmbeddingPosterior``), online LAM clamps each step's term.
 """
 
 from __future__ import annotations
