@@ -18,7 +18,7 @@ curvature or, with ``--refit-key``, the posterior refitted at its final weights
 (``--online-posterior refit``). The OoD data are used here to explain a number, never to
 choose a setting of the library.
 
-    python benchmarks/ood_scores.py [--cache runs/fashionmnist/cache] [--seed 1] [--posthoc 1:1] [--posthoc-key HASH]
+    python benchmarks/ood_scores.py [--cache runs/fashionmnist/cache] [--seed 1] [--posthoc 1:1] [--posthoc-key HASH] [--det-key HASH]
     python benchmarks/ood_scores.py --seed 7 --posthoc --online-key 05dbf0cb6b --refit-key 1e8a5f9f2a --online-temperature 1
 """
 
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--online-temperature", type=float, default=1e6)
     parser.add_argument("--posthoc-key", default="*",
                         help="the hash of the post-hoc fit to read, where the cache holds several (e.g. ed6c0a4965)")
+    parser.add_argument("--det-key", default="*",
+                        help="the hash of the deterministic network, where the cache holds several (e.g. addb843424)")
     parser.add_argument("--online-key", default="*",
                         help="the hash of the online-LAM network to read, where the cache holds several (e.g. 05dbf0cb6b)")
     parser.add_argument("--refit-key",
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     s = args.seed
     if args.posthoc:
-        det = _net(_one(args.cache, f"deterministic-seed{s}-*.safetensors"))
+        det = _net(_one(args.cache, f"deterministic-seed{s}-{args.det_key}.safetensors"))
         base = EmbeddingPosterior.load(_one(args.cache, f"lam_posthoc-seed{s}-{args.posthoc_key}.safetensors"), det)
     for spec in args.posthoc:
         prior, temperature = (float(v) for v in spec.split(":"))
