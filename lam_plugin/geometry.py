@@ -27,8 +27,9 @@ sums are non-negative. In ``arccos`` it is not: ``1 - cos(a, b)`` is not convex 
 ``(a, b)``, and its exact block Hessian has a negative eigenvalue for every pair that is
 not exactly aligned (DESIGN section 3 asks for the exact Hessian), so ``"pos"`` sums can
 have negative entries too (6 % of the last-layer weights of the paper's CNN on one
-batch of 16 random images, in a test). Every sum is therefore treated as signed: a fit keeps it, the posterior
-uses its ``relu`` (``EmbeddingPosterior``), online LAM clamps each step's term.
+batch of 16 random images, in a test). Every sum is therefore treated as signed: a fit
+keeps it, the posterior uses its ``relu`` (``EmbeddingPosterior``), online LAM clamps
+each step's term.
 """
 
 from __future__ import annotations
