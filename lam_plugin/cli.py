@@ -84,7 +84,7 @@ def _fraction(value: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lam-plugin``."""
-    from .reproduce import ALL_METHODS, DEFAULT_METHODS
+    from .reproduce import ALL_METHODS, DEFAULT_METHODS, LAM_APPROXES
 
     parser = argparse.ArgumentParser(
         prog="lam-plugin", description="Laplace-approximation uncertainty for PyTorch embedding models."
@@ -186,17 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument(
         "--online-approx",
-        choices=["fix", "pos"],
+        choices=list(LAM_APPROXES),
         default=None,
-        help="curvature approximation of online LAM's running curvature: fix (default) or pos (the paper's "
-        "laplace_online_arccos_pos configuration)",
+        help="curvature approximation of online LAM's running curvature: fix (default), pos or full (the paper's "
+        "laplace_online_arccos_{pos,full} configurations)",
     )
     rep.add_argument(
         "--posthoc-approx",
-        choices=["fix", "pos"],
+        choices=list(LAM_APPROXES),
         default=None,
         help="curvature approximation of the post-hoc fits (post-hoc LAM, --online-posterior refit): "
-        "fix (the paper's, default) or pos",
+        "fix (the paper's, default), pos or full",
     )
     rep.add_argument(
         "--posthoc-pairs",

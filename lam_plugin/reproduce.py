@@ -114,7 +114,7 @@ ONLINE_LATER_DEFAULTS: dict[str, Any] = {"curvature": "pairs", "relu": "per_step
 ONLINE_POSTERIORS: tuple[str, ...] = ("running", "refit")
 #: Curvature approximations of the LAM fits (:attr:`ReproduceConfig.posthoc_approx`,
 #: :attr:`ReproduceConfig.online_approx`).
-LAM_APPROXES: tuple[str, ...] = ("fix", "pos")
+LAM_APPROXES: tuple[str, ...] = ("fix", "pos", "full")
 #: Hessian pairs of the post-hoc fits (:attr:`ReproduceConfig.posthoc_pairs`): every pair
 #: of each batch (DESIGN section 7), or the pairs of the margin-violating triplets (the
 #: paper's post-hoc code).
@@ -263,11 +263,12 @@ class ReproduceConfig:
         online_max_pairs: online LAM's Hessian pairs per batch (default ``max_pairs``);
             the paper's code draws 5,000 triplets, that is 10,000 pairs.
         online_approx: the curvature approximation of online LAM's running curvature:
-            ``"fix"`` (DESIGN section 7, the default) or ``"pos"`` (the paper's
-            ``configs/fashionmnist/laplace_online_arccos_pos.yaml``).
+            ``"fix"`` (DESIGN section 7, the default), ``"pos"`` or ``"full"`` (the paper's
+            ``configs/fashionmnist/laplace_online_arccos_{pos,full}.yaml``).
         posthoc_approx: the curvature approximation of the post-hoc fits (post-hoc LAM and
-            ``online_posterior="refit"``): ``"fix"`` (the paper's, the default) or ``"pos"``
-            (positive pairs only, with the cross terms; DESIGN section 3).
+            ``online_posterior="refit"``): ``"fix"`` (the paper's, the default), ``"pos"``
+            (positive pairs only, with the cross terms) or ``"full"`` (every pair with the
+            cross terms); DESIGN section 3.
         posthoc_pairs: the Hessian pairs of the post-hoc fits: ``"all"`` (every pair of
             each batch, at most ``max_pairs``; DESIGN section 7, the default) or
             ``"triplets"`` (what the paper's post-hoc code fits on: the pairs of the

@@ -260,7 +260,7 @@ def test_online_step_and_fit_online():
     assert post.param_names == ["net.0.weight", "net.0.bias"]
 
 
-@pytest.mark.parametrize("approx", ["fix", "pos"])
+@pytest.mark.parametrize("approx", ["fix", "pos", "full"])
 @pytest.mark.parametrize("curvature", ["pairs", "triplets"])
 def test_online_curvature_update_matches_a_post_hoc_fit_of_the_batch(curvature, approx):
     """One step adds relu(h) times the rescaling of its convention, h the GGN of the batch's

@@ -372,17 +372,23 @@ def test_online_approx_reaches_the_running_curvature_and_the_cache_key(monkeypat
     base = tiny_config(methods=("lam_online",), val_fraction=0.2)
     fix = R.reproduce_fashionmnist(base, tmp_path, data=data, progress=False)
     assert "`--online-approx`" not in (tmp_path / "results.md").read_text()
-    pos = R.reproduce_fashionmnist(R.with_overrides(base, online_approx="pos"), tmp_path, data=data, progress=False)
-    assert [kwargs["approx"] for _, kwargs in seen] == ["fix", "pos"]
-    assert fix.trained and pos.trained and not set(fix.trained) & set(pos.trained)
-    assert "(online LAM's running curvature: `pos`, `--online-approx`)" in (tmp_path / "results.md").read_text()
+    runs = {"fix": fix}
+    for approx in ("pos", "full"):
+        runs[approx] = R.reproduce_fashionmnist(
+            R.with_overrides(base, online_approx=approx), tmp_path, data=data, progress=False
+        )
+        assert f"(online LAM's running curvature: `{approx}`, `--online-approx`)" in (tmp_path / "results.md").read_text()
+    assert [kwargs["approx"] for _, kwargs in seen] == ["fix", "pos", "full"]
+    trained = [set(run.trained) for run in runs.values()]
+    assert all(trained) and not (trained[0] & trained[1] or trained[0] & trained[2] or trained[1] & trained[2])
     from safetensors import safe_open
 
-    net_file = next(n for n in pos.trained if not n.endswith(".posterior.safetensors"))
-    with safe_open(str(tmp_path / "cache" / net_file), "pt") as f:
-        assert json.loads(f.metadata()["spec"])["approx"] == "pos"
+    for approx in ("pos", "full"):
+        net_file = next(n for n in runs[approx].trained if not n.endswith(".posterior.safetensors"))
+        with safe_open(str(tmp_path / "cache" / net_file), "pt") as f:
+            assert json.loads(f.metadata()["spec"])["approx"] == approx
     with pytest.raises(ValueError, match="online_approx"):
-        R.ReproduceConfig(online_approx="full")
+        R.ReproduceConfig(online_approx="exact")
 
 
 def test_posthoc_approx_reaches_the_fit_and_the_cache_key(monkeypatch, tmp_path, data):
@@ -398,12 +404,14 @@ def test_posthoc_approx_reaches_the_fit_and_the_cache_key(monkeypatch, tmp_path,
     fix = R.reproduce_fashionmnist(base, tmp_path, data=data, progress=False)
     assert "`--posthoc-approx`" not in (tmp_path / "results.md").read_text()
     pos = R.reproduce_fashionmnist(R.with_overrides(base, posthoc_approx="pos"), tmp_path, data=data, progress=False)
-    assert approxes == ["fix", "pos"]
-    fits = [[n for n in run.trained if n.startswith("lam_posthoc")] for run in (fix, pos)]
-    assert len(fits[0]) == len(fits[1]) == 1 and fits[0] != fits[1]
     assert "(the post-hoc fits: `pos`, `--posthoc-approx`)" in (tmp_path / "results.md").read_text()
+    full = R.reproduce_fashionmnist(R.with_overrides(base, posthoc_approx="full"), tmp_path, data=data, progress=False)
+    assert "(the post-hoc fits: `full`, `--posthoc-approx`)" in (tmp_path / "results.md").read_text()
+    assert approxes == ["fix", "pos", "full"]
+    fits = [[n for n in run.trained if n.startswith("lam_posthoc")] for run in (fix, pos, full)]
+    assert [len(f) for f in fits] == [1, 1, 1] and len({f[0] for f in fits}) == 3
     with pytest.raises(ValueError, match="posthoc_approx"):
-        R.ReproduceConfig(posthoc_approx="full")
+        R.ReproduceConfig(posthoc_approx="exact")
 
 
 def test_posthoc_pairs_triplets_reach_the_fit_and_the_cache_key(monkeypatch, tmp_path, data):
@@ -549,6 +557,9 @@ def test_cli_parsing():
     assert (R.ReproduceConfig().posthoc_approx, pos.posthoc_approx) == ("fix", "pos")
     online_pos = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-approx", "pos"]))
     assert (R.ReproduceConfig().online_approx, online_pos.online_approx) == ("fix", "pos")
+    online_full = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-approx", "full"]))
+    posthoc_full = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--posthoc-approx", "full"]))
+    assert (online_full.online_approx, posthoc_full.posthoc_approx) == ("full", "full")
     paper_pairs = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--posthoc-pairs", "triplets"]))
     assert (R.ReproduceConfig().posthoc_pairs, paper_pairs.posthoc_pairs) == ("all", "triplets")
     per_epoch = cli.config_from_args(parser.parse_args(["reproduce", "fashionmnist", "--online-relu", "per_epoch"]))
