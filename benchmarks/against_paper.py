@@ -89,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for path in args.results:
         results = json.loads(path.read_text())
+        # every run writes results.json: name those by their folder
+        label = f"{path.parent.name}/{path.name}" if path.name == "results.json" else path.name
         for method, metric, s, (pm, ps) in rows(results):
             print(
-                f"| {path.name if path.name != 'results.json' else path.parent.name + '/' + path.name} | {method} | {metric} | {s['mean']:.3f} ± {s['std']:.3f} ({s['n']}) | "
+                f"| {label} | {method} | {metric} | {s['mean']:.3f} ± {s['std']:.3f} ({s['n']}) | "
                 f"{pm:.2f}{'' if ps is None else f' ± {ps:.2f}'} | {s['better_by']:+.3f} | {s['t']:+.2f} | "
                 f"{s['p']:.3f} |"
             )
