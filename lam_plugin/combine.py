@@ -39,13 +39,13 @@ from .reproduce import (
     ALL_METHODS,
     CONFIG_FIELDS_ABSENT,
     METRICS,
-    SUPPLEMENTARY_METRICS,
     _aggregate,
     _json_safe,
     _per_seed_table,
     _supplementary_markdown,
     results_table,
     seed_counts,
+    supplementary_summary,
 )
 
 __all__ = ["combine_results", "write_combined"]
@@ -200,11 +200,7 @@ def combine_results(
     order = [m for m in ALL_METHODS if m in per_seed] + sorted(m for m in per_seed if m not in ALL_METHODS)
     per_seed = {m: dict(sorted(per_seed[m].items(), key=lambda kv: int(kv[0]))) for m in order}
     summary = {m: {k: _aggregate([row.get(k) for row in per_seed[m].values()]) for k in METRICS} for m in order}
-    supplementary = {
-        m: {k: _aggregate([row.get(k) for row in per_seed[m].values()]) for k in SUPPLEMENTARY_METRICS}
-        for m in order
-        if all(row.get(SUPPLEMENTARY_METRICS[0]) is not None for row in per_seed[m].values())
-    }
+    supplementary = supplementary_summary({m: list(per_seed[m].values()) for m in order})
 
     differences: dict[str, dict[str, dict[str, Any]]] = {}
     for method in order:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import NamedTuple, Union
+from typing import Literal, NamedTuple, Union
 
 import numpy as np
 import torch
@@ -305,15 +305,35 @@ def auroc(scores_id: ArrayLike, scores_ood: ArrayLike) -> float:
     return float(skm.roc_auc_score(*_ood_problem(scores_id, scores_ood)))
 
 
-def auprc(scores_id: ArrayLike, scores_ood: ArrayLike) -> float:
+def auprc(
+    scores_id: ArrayLike, scores_ood: ArrayLike, *, integration: Literal["step", "trapezoid"] = "step"
+) -> float:
     """Area under the precision-recall curve with OoD as the positive class.
 
-    Computed as ``sklearn.metrics.average_precision_score`` (step-wise sum
-    ``sum_n (R_n - R_{n-1}) P_n``), not the trapezoidal ``auc(recall, precision)``,
-    which interpolates linearly between operating points and is optimistic.
-    The chance level is ``M / (N + M)``.
+    ``integration="step"`` (the default) is ``sklearn.metrics.average_precision_score``,
+    the step-wise sum ``sum_n (R_n - R_{n-1}) P_n`` over the operating points.
+
+    ``integration="trapezoid"`` is the number the paper's code reports: torchmetrics'
+    ``AUC(reorder=True)`` over the ``PrecisionRecallCurve`` of its time. That curve is
+    :func:`pr_curve` cut at the first threshold that reaches full recall (as
+    scikit-learn's was before 1.1; the lower thresholds add only false positives);
+    its points are sorted by recall (stably, so points of equal recall keep their
+    order) and joined by straight lines. A straight line between two operating points
+    is not an achievable detector, so this area can differ from the average precision
+    either way.
+
+    The chance level of the average precision is ``M / (N + M)``.
     """
-    return float(skm.average_precision_score(*_ood_problem(scores_id, scores_ood)))
+    target, scores = _ood_problem(scores_id, scores_ood)
+    if integration == "step":
+        return float(skm.average_precision_score(target, scores))
+    if integration == "trapezoid":
+        precision, recall, _ = skm.precision_recall_curve(target, scores)  # recall non-increasing
+        first = np.count_nonzero(recall == 1.0) - 1  # the highest threshold with full recall
+        precision, recall = precision[first:], recall[first:]
+        order = np.argsort(recall, kind="stable")
+        return float(skm.auc(recall[order], precision[order]))
+    raise ValueError(f"integration must be 'step' or 'trapezoid', got {integration!r}")
 
 
 def roc_curve(scores_id: ArrayLike, scores_ood: ArrayLike) -> RocCurve:
@@ -406,57 +426,124 @@ def _mode(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ordered[best, columns], count[best, columns]
 
 
-def reliability_diagram(samples: ArrayLike, labels: ArrayLike, bins: int = 10) -> ReliabilityDiagram:
-    """Confidence against accuracy of the sample-wise 1-NN classifier.
+Certain = Literal["last_bin", "dropped"]
+
+
+def _check_binning(bins: int, certain: str) -> None:
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise ValueError(f"bins must be a positive int, got {bins!r}")
+    if certain not in ("last_bin", "dropped"):
+        raise ValueError(f"certain must be 'last_bin' or 'dropped', got {certain!r}")
+
+
+class NearestNeighbourVotes(NamedTuple):
+    """The sample-wise 1-NN classifier behind the ECE, one entry per query.
+
+    Made by :func:`nearest_neighbour_votes`; its reliability diagram and ECE can then
+    be had under either convention without searching the neighbours again.
+
+    Attributes:
+        prediction: ``[N]`` the label most samples vote for (ties: the smallest label).
+        agreeing: ``[N]`` how many of the ``n_samples`` samples vote for it.
+        correct: ``[N]`` bool, the prediction equals the query's label.
+        n_samples: the number of weight samples ``S``.
+    """
+
+    prediction: np.ndarray
+    agreeing: np.ndarray
+    correct: np.ndarray
+    n_samples: int
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """``[N]`` share of samples that agree with the prediction, in ``(0, 1]``."""
+        return self.agreeing / self.n_samples
+
+    def reliability_diagram(self, bins: int = 10, *, certain: Certain = "last_bin") -> ReliabilityDiagram:
+        """Bin the queries by confidence; see :func:`reliability_diagram`."""
+        _check_binning(bins, certain)
+        keep = self.agreeing < self.n_samples if certain == "dropped" else np.ones(self.agreeing.shape, dtype=bool)
+        bin_index = np.minimum(self.agreeing[keep] * bins // self.n_samples, bins - 1)
+        bin_count = np.bincount(bin_index, minlength=bins)
+        filled = bin_count > 0
+        bin_confidence = np.full(bins, np.nan)
+        bin_accuracy = np.full(bins, np.nan)
+        sums = np.bincount(bin_index, weights=self.confidence[keep], minlength=bins)
+        hits = np.bincount(bin_index, weights=self.correct[keep], minlength=bins)
+        bin_confidence[filled] = sums[filled] / bin_count[filled]
+        bin_accuracy[filled] = hits[filled] / bin_count[filled]
+        return ReliabilityDiagram(bin_confidence, bin_accuracy, bin_count)
+
+    def ece(self, bins: int = 10, *, certain: Certain = "last_bin") -> float:
+        """Expected calibration error; see :func:`ece`."""
+        diagram = self.reliability_diagram(bins, certain=certain)
+        if diagram.bin_count.sum() == 0:
+            raise ValueError(
+                "every query has confidence 1.0: with certain='dropped' no query is left to bin "
+                "(the ECE is undefined; certain='last_bin' counts them)"
+            )
+        filled = diagram.bin_count > 0
+        gaps = np.abs(diagram.bin_accuracy[filled] - diagram.bin_confidence[filled])
+        return float((diagram.bin_count[filled] * gaps).sum() / diagram.bin_count.sum())
+
+
+def nearest_neighbour_votes(samples: ArrayLike, labels: ArrayLike) -> NearestNeighbourVotes:
+    """The sample-wise 1-NN classifier of the paper's ECE.
 
     For every weight sample ``s`` each query takes the label of its nearest
     other item among that sample's embeddings (Euclidean, ties: smaller index).
     The prediction is the mode of those labels over the samples (ties: the
     smallest label), the confidence the share of samples that agree with it,
-    and the query is correct when the prediction equals its label.
-
-    Bins are ``[0, 1/B), [1/B, 2/B), ..., [(B-1)/B, 1]``: the last bin is closed,
-    so confidence 1.0 counts in it. The paper's code instead drops queries with
-    confidence 1.0 from every bin. A confidence ``c / S`` goes to bin
-    ``min(floor(c * B / S), B - 1)`` in exact integer arithmetic, so values such
-    as 0.7 are not pushed across a bin edge by rounding.
+    and the query is correct when the prediction equals its label. This is the
+    costly part of the ECE (``S`` neighbour searches over ``N`` items).
 
     Args:
         samples: ``[S, N, D]`` embeddings of the ``N`` items under ``S`` weight samples.
         labels: ``[N]`` class labels.
-        bins: number of equal-width bins ``B`` on ``[0, 1]``.
     """
     # kept in the input dtype: each [N, D] sample is cast to float64 only when searched
     x = _as_float_array(samples, "samples", "[S, N, D]", cast=False)
     n_samples, n = x.shape[:2]
     _check_at_least_two(n, "samples (dimension N)")
     y = _as_labels(labels, n, "samples (dimension N)")
-    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
-        raise ValueError(f"bins must be a positive int, got {bins!r}")
-
-    _, codes = np.unique(y, return_inverse=True)  # sorted, so the smallest code is the smallest label
+    classes, codes = np.unique(y, return_inverse=True)  # sorted: the smallest code is the smallest label
     votes = np.stack([codes[_knn(x[s].astype(np.float64), 1)[:, 0]] for s in range(n_samples)])
     prediction, agreeing = _mode(votes)
-    correct = prediction == codes
-    confidence = agreeing / n_samples
-    bin_index = np.minimum(agreeing * bins // n_samples, bins - 1)
-
-    bin_count = np.bincount(bin_index, minlength=bins)
-    filled = bin_count > 0
-    bin_confidence = np.full(bins, np.nan)
-    bin_accuracy = np.full(bins, np.nan)
-    bin_confidence[filled] = np.bincount(bin_index, weights=confidence, minlength=bins)[filled] / bin_count[filled]
-    bin_accuracy[filled] = np.bincount(bin_index, weights=correct, minlength=bins)[filled] / bin_count[filled]
-    return ReliabilityDiagram(bin_confidence, bin_accuracy, bin_count)
+    return NearestNeighbourVotes(classes[prediction], agreeing, prediction == codes, n_samples)
 
 
-def ece(samples: ArrayLike, labels: ArrayLike, bins: int = 10) -> float:
-    """Expected calibration error ``sum_b (n_b / N) |acc_b - conf_b|`` over non-empty bins.
+def reliability_diagram(
+    samples: ArrayLike, labels: ArrayLike, bins: int = 10, *, certain: Certain = "last_bin"
+) -> ReliabilityDiagram:
+    """Confidence against accuracy of the sample-wise 1-NN classifier (:func:`nearest_neighbour_votes`).
 
-    See :func:`reliability_diagram` for the classifier and the binning (confidence
-    1.0 counts in the last bin, unlike the paper's code).
+    Bins are ``[0, 1/B), [1/B, 2/B), ..., [(B-1)/B, 1]``: the last bin is closed,
+    so confidence 1.0 counts in it (``certain="last_bin"``, the default). The
+    paper's code instead leaves queries with confidence 1.0 out of every bin, and
+    its ECE then weighs the bins by the queries left (``certain="dropped"``; for a
+    narrow posterior, where most queries are certain, that is an ECE over a few
+    hard queries). A confidence ``c / S`` goes to bin ``min(floor(c * B / S), B - 1)``
+    in exact integer arithmetic, so values such as 0.7 are not pushed across a bin
+    edge by rounding (the paper's code compares with float bin edges, where 0.3
+    falls below the edge ``0.30000000000000004``; that rounding is not copied).
+
+    Args:
+        samples: ``[S, N, D]`` embeddings of the ``N`` items under ``S`` weight samples.
+        labels: ``[N]`` class labels.
+        bins: number of equal-width bins ``B`` on ``[0, 1]``.
+        certain: ``"last_bin"`` or ``"dropped"``, where queries of confidence 1.0 go.
     """
-    diagram = reliability_diagram(samples, labels, bins)
-    filled = diagram.bin_count > 0
-    gaps = np.abs(diagram.bin_accuracy[filled] - diagram.bin_confidence[filled])
-    return float((diagram.bin_count[filled] * gaps).sum() / diagram.bin_count.sum())
+    _check_binning(bins, certain)  # before the costly search
+    return nearest_neighbour_votes(samples, labels).reliability_diagram(bins, certain=certain)
+
+
+def ece(samples: ArrayLike, labels: ArrayLike, bins: int = 10, *, certain: Certain = "last_bin") -> float:
+    """Expected calibration error ``sum_b (n_b / n) |acc_b - conf_b|`` over non-empty bins.
+
+    ``n`` is the number of binned queries: all ``N`` by default, those with
+    confidence below 1.0 with ``certain="dropped"`` (the paper's code), where a
+    posterior with every query certain raises ``ValueError``. See
+    :func:`reliability_diagram` for the classifier and the binning.
+    """
+    _check_binning(bins, certain)  # before the costly search
+    return nearest_neighbour_votes(samples, labels).ece(bins, certain=certain)

@@ -98,6 +98,7 @@ __all__ = [
     "reproduce_fashionmnist",
     "results_table",
     "seed_counts",
+    "supplementary_summary",
 ]
 
 #: The pairs of a contrastive loss: every pair of a batch, or the pairs of the
@@ -145,10 +146,14 @@ ALL_METHODS: tuple[str, ...] = ("deterministic", "deep_ensemble", "pfe", "hib", 
 METRICS: tuple[str, ...] = ("map@1", "map@5", "map@10", "auroc", "auprc", "ausc", "ece")
 #: Metrics that need an uncertainty (undefined for the deterministic embedder).
 UNCERTAINTY_METRICS: tuple[str, ...] = ("auroc", "auprc", "ausc", "ece")
+#: Reported beside the protocol for every method with an uncertainty:
 #: OoD detection scored by the trace of the output's covariance before the L2
-#: normalisation (``Prediction.output_uncertainty``); not the paper's protocol, reported
-#: beside it for every method with an uncertainty.
-SUPPLEMENTARY_METRICS: tuple[str, ...] = ("auroc_output_var", "auprc_output_var")
+#: normalisation (``Prediction.output_uncertainty``), not the paper's protocol; and the
+#: AUPRC and ECE as the paper's code computes them (trapezoidal PR area; queries of
+#: confidence 1.0 left out of the ECE), to compare with its published numbers.
+SUPPLEMENTARY_METRICS: tuple[str, ...] = (
+    "auroc_output_var", "auprc_output_var", "auprc_trapezoid", "ece_certain_dropped"
+)
 
 METHOD_LABELS: Mapping[str, str] = {
     "deterministic": "Deterministic",
@@ -1107,10 +1112,16 @@ def _evaluate(
     curves = None
     if method.uncertain and pred_ood is not None:
         unc_id, unc_ood = pred.uncertainty, pred_ood.uncertainty
+        votes = M.nearest_neighbour_votes(pred.samples, data.test_y)  # the costly part of the ECE, done once
         row["auroc"] = M.auroc(unc_id, unc_ood)
         row["auprc"] = M.auprc(unc_id, unc_ood)
         row["ausc"] = M.ausc(pred.mean, pred.std, data.test_y)
-        row["ece"] = M.ece(pred.samples, data.test_y)
+        row["ece"] = votes.ece()
+        # the paper's code's conventions, supplementary
+        row["auprc_trapezoid"] = M.auprc(unc_id, unc_ood, integration="trapezoid")
+        row["ece_certain_dropped"] = (
+            votes.ece(certain="dropped") if bool((votes.agreeing < votes.n_samples).any()) else None
+        )
         row["uncertainty_id_mean"] = float(unc_id.mean())
         row["uncertainty_ood_mean"] = float(unc_ood.mean())
         row["n_samples"] = int(pred.samples.shape[0]) if pred.samples is not None else None
@@ -1123,7 +1134,7 @@ def _evaluate(
                 roc=M.roc_curve(unc_id, unc_ood),
                 pr=M.pr_curve(unc_id, unc_ood),
                 sparsification=M.sparsification_curve(pred.mean, pred.std, data.test_y),
-                reliability=M.reliability_diagram(pred.samples, data.test_y),
+                reliability=votes.reliability_diagram(),
             )
     else:
         for metric in UNCERTAINTY_METRICS:
@@ -1161,6 +1172,23 @@ def _aggregate(values: Sequence[float | None]) -> dict[str, float | None]:
         return {"mean": None, "std": None}
     arr = np.asarray(values, dtype=float)
     return {"mean": float(arr.mean()), "std": float(arr.std())}
+
+
+def supplementary_summary(
+    rows: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Mean and std over the seeds of each of :data:`SUPPLEMENTARY_METRICS`, per method.
+
+    ``rows``: method -> its per-seed result rows. A metric missing on any seed (an
+    older run, or an ECE with every query certain) has mean and std ``None``; a
+    method with none of them is left out.
+    """
+    summary = {}
+    for name, seed_rows in rows.items():
+        stats = {k: _aggregate([row.get(k) for row in seed_rows]) for k in SUPPLEMENTARY_METRICS}
+        if any(v["mean"] is not None for v in stats.values()):
+            summary[name] = stats
+    return summary
 
 
 # --------------------------------------------------------------------------- reporting
@@ -1445,31 +1473,49 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
 
 
 def _supplementary_markdown(results: Mapping[str, Any]) -> list[str]:
-    """The table of the pre-normalisation OoD score, next to the protocol's score."""
+    """The supplementary tables: the pre-normalisation OoD score, and the paper's code's
+    AUPRC and ECE, each next to the protocol's numbers."""
     supplementary = results.get("supplementary") or {}
-    if not supplementary:
-        return []
-    parts = [
-        "## Supplementary: OoD detection scored before the normalisation",
-        "",
-        "Not the paper's protocol. Score = Σ_d Var(u_d), the trace of the covariance of the network output u "
-        "before the L2 normalisation (`Prediction.output_uncertainty`), from the same samples (LAM: weight "
-        "samples; MC dropout: passes; deep ensemble: members; PFE: its σ², exact); the protocol's score Σ_d std "
-        "of the normalised samples is repeated for comparison.",
-        "",
-        "| Method | AUROC (Σ Var u) | AUPRC (Σ Var u) | AUROC (protocol) | AUPRC (protocol) |",
-        "|---|:---:|:---:|:---:|:---:|",
-    ]
     n_seeds = seed_counts(results)
-    for name, row in supplementary.items():
-        main = results["methods"][name]
-        cells = [row["auroc_output_var"], row["auprc_output_var"], main["auroc"], main["auprc"]]
-        parts.append(
-            f"| {METHOD_LABELS.get(name, name)} | "
-            + " | ".join(_ours(v, n_seeds.get(name), 2) for v in cells)
-            + " |"
-        )
-    return [*parts, ""]
+    tables = [
+        (
+            "## Supplementary: OoD detection scored before the normalisation",
+            "Not the paper's protocol. Score = Σ_d Var(u_d), the trace of the covariance of the network output u "
+            "before the L2 normalisation (`Prediction.output_uncertainty`), from the same samples (LAM: weight "
+            "samples; MC dropout: passes; deep ensemble: members; PFE: its σ², exact); the protocol's score Σ_d std "
+            "of the normalised samples is repeated for comparison.",
+            ["AUROC (Σ Var u)", "AUPRC (Σ Var u)", "AUROC (protocol)", "AUPRC (protocol)"],
+            ["auroc_output_var", "auprc_output_var", "auroc", "auprc"],
+            2,
+        ),
+        (
+            "## Supplementary: the AUPRC and ECE as the paper's code computes them",
+            "The same scores and samples. The paper's code integrates the precision-recall curve with the "
+            "trapezoidal rule (`metrics.auprc(..., integration=\"trapezoid\")`), where the table above uses the "
+            "average precision, and leaves queries of confidence 1.0 out of the ECE "
+            "(`metrics.ece(..., certain=\"dropped\")`), where the table above counts them in the last bin. "
+            "Its published numbers are computed this way.",
+            ["AUPRC (trapezoid)", "AUPRC (protocol)", "ECE (confidence 1.0 dropped)", "ECE (protocol)"],
+            ["auprc_trapezoid", "auprc", "ece_certain_dropped", "ece"],
+            3,
+        ),
+    ]
+    parts: list[str] = []
+    for title, text, labels, keys, decimals in tables:
+        own = [k for k in keys if k in SUPPLEMENTARY_METRICS]
+        names = [n for n, row in supplementary.items() if any(row.get(k, {}).get("mean") is not None for k in own)]
+        if not names:
+            continue
+        parts += [title, "", text, "", "| Method | " + " | ".join(labels) + " |", "|---|" + ":---:|" * len(labels)]
+        for name in names:
+            cells = [(supplementary[name] if k in own else results["methods"][name]).get(k, {}) for k in keys]
+            parts.append(
+                f"| {METHOD_LABELS.get(name, name)} | "
+                + " | ".join(_ours(v, n_seeds.get(name), decimals) for v in cells)
+                + " |"
+            )
+        parts.append("")
+    return parts
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
@@ -1671,12 +1717,7 @@ def reproduce_fashionmnist(
         name: {metric: _aggregate([per_seed[name][str(s)][metric] for s in config.seeds]) for metric in METRICS}
         for name in methods
     }
-    supplementary = {
-        name: {metric: _aggregate([per_seed[name][str(s)].get(metric) for s in config.seeds])
-               for metric in SUPPLEMENTARY_METRICS}
-        for name in methods
-        if all(per_seed[name][str(s)].get(SUPPLEMENTARY_METRICS[0]) is not None for s in config.seeds)
-    }
+    supplementary = supplementary_summary({name: [per_seed[name][str(s)] for s in config.seeds] for name in methods})
     table = results_table(summary, n_seeds={m: len(config.seeds) for m in methods})
     chance = len(tensors.ood_x) / (len(tensors.ood_x) + len(tensors.test_y))
     plot_files = _plots(curves, {m: per_seed[m][str(first)] for m in curves}, out_dir, first, chance)

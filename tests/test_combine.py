@@ -60,6 +60,7 @@ def test_combined_seeds_equal_one_run_over_them(runs):
     assert on_disk["methods"] == json.loads(json.dumps(combined["methods"]))
     text = (root / "combined" / "results.md").read_text()
     assert "seeds 1, 2" in text and str(files["s2"]) in text and "| paper |" in text
+    assert "## Supplementary: the AUPRC and ECE as the paper's code computes them" in text
     assert written == [root / "combined" / "results.json", root / "combined" / "results.md"]
     # a file of seeds 1-2 overlaps both: the same numbers, accepted
     again = combine_results([files["both"], files["s1"], files["s2"]])
@@ -73,6 +74,27 @@ def _edited(path, tmp_path, name, edit):
     target = tmp_path / f"{name}.json"
     target.write_text(json.dumps(results))
     return target
+
+
+def test_runs_without_the_paper_convention_metrics_still_combine(runs, tmp_path):
+    """Results files written before ``auprc_trapezoid`` and ``ece_certain_dropped`` existed."""
+    _, files = runs
+    newer = ("auprc_trapezoid", "ece_certain_dropped")
+
+    def drop(results):
+        for rows in [*results["per_seed"].values(), {"": r for r in results["supplementary"].values()}]:
+            for row in rows.values():
+                for key in newer:
+                    row.pop(key, None)
+
+    older = _edited(files["s1"], tmp_path, "older", drop)
+    combined, _ = write_combined([older, files["s2"]], tmp_path / "out", command="test")
+    stats = combined["supplementary"]["lam_posthoc"]
+    assert all(stats[key] == {"mean": None, "std": None} for key in newer)  # missing on seed 1
+    assert stats["auroc_output_var"]["mean"] is not None
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "## Supplementary: OoD detection scored before the normalisation" in text
+    assert "as the paper's code computes them" not in text  # no method has them on every seed
 
 
 def test_conflicting_numbers_are_refused(runs, tmp_path):

@@ -175,6 +175,36 @@ def test_roc_and_pr_curves_integrate_to_the_scalars() -> None:
     assert -np.sum(np.diff(recall) * precision[:-1]) == pytest.approx(M.auprc(scores_id, scores_ood))
 
 
+
+def test_trapezoidal_auprc_of_the_papers_code_by_hand() -> None:
+    # ID [0.1, 0.4], OoD [0.35, 0.8]. Operating points (recall, precision) from the highest
+    # threshold down: 0.8 -> (1/2, 1); 0.4 -> (1/2, 1/2); 0.35 -> (1, 2/3), full recall, where
+    # the curve stops (0.1 -> (1, 1/2) is cut); plus (0, 1). Sorted by recall:
+    # (0, 1) (1/2, 1/2) (1/2, 1) (1, 2/3) -> 1/2 (1 + 1/2)/2 + 0 + 1/2 (1 + 2/3)/2 = 19/24,
+    # below the average precision 5/6: a straight line is not always the optimistic side.
+    assert M.auprc([0.1, 0.4], [0.35, 0.8], integration="trapezoid") == pytest.approx(19 / 24)
+    # Not cutting at full recall would join (1/2, 1) to (1, 1/2) instead: 3/4.
+    # ID [0.5], OoD [0.5, 0.9]: (0, 1) (1/2, 1) (1, 2/3) -> 1/2 + 1/2 (1 + 2/3)/2 = 11/12 (AP 5/6).
+    assert M.auprc([0.5], [0.5, 0.9], integration="trapezoid") == pytest.approx(11 / 12)
+    assert M.auprc([0.5], [0.5, 0.9], integration="step") == M.auprc([0.5], [0.5, 0.9])
+    # Separable scores: both integrations give 1.
+    assert M.auprc([0.1, 0.2], [0.3, 0.4], integration="trapezoid") == pytest.approx(1.0)
+
+
+def test_trapezoidal_auprc_against_torchmetrics_auc_of_the_cut_curve() -> None:
+    from torchmetrics.utilities.compute import _auc_compute
+
+    rng = np.random.default_rng(4)
+    scores_id, scores_ood = rng.random(300), rng.random(200) + 0.4
+    preds = torch.tensor(np.concatenate([scores_id, scores_ood]))
+    target = torch.cat([torch.zeros(300), torch.ones(200)]).long()
+    precision, recall, _ = tmf.precision_recall_curve(preds, target, task="binary")
+    full = int((recall == 1).sum()) - 1  # the curve of the paper's torchmetrics stopped at full recall
+    reference = _auc_compute(recall[full:], precision[full:], reorder=True).item()
+    assert M.auprc(scores_id, scores_ood, integration="trapezoid") == pytest.approx(reference, abs=1e-6)  # float32
+    assert M.auprc(scores_id, scores_ood, integration="trapezoid") != pytest.approx(M.auprc(scores_id, scores_ood))
+
+
 # --------------------------------------------------------------------------- sparsification
 
 # N = 4 in 2-D: nearest neighbours 0<->1 (distance 1, same label: correct) and
@@ -272,6 +302,26 @@ def test_ece_and_reliability_diagram_by_hand() -> None:
     assert M.ece(samples, labels) == pytest.approx(1 / 6, abs=1e-12)
 
 
+def test_ece_with_certain_queries_dropped_as_the_papers_code_does() -> None:
+    samples, labels = _calibration_samples()
+    # The five confidence-1.0 items leave the last bin; the rest are weighed among themselves:
+    # (1 * .5 + 1 * .6 + 2 * .2) / 4 = 0.375.
+    diagram = M.reliability_diagram(samples, labels, certain="dropped")
+    np.testing.assert_array_equal(diagram.bin_count, [0, 0, 0, 0, 0, 1, 1, 2, 0, 0])
+    assert np.isnan(diagram.bin_confidence[9])
+    assert M.ece(samples, labels, certain="dropped") == pytest.approx(0.375, abs=1e-12)
+    # One neighbour search serves both conventions.
+    votes = M.nearest_neighbour_votes(samples, labels)
+    np.testing.assert_array_equal(votes.prediction, [0, 0, 1, 1, 0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(votes.agreeing, [10, 10, 10, 10, 10, 7, 7, 5, 6])
+    assert votes.ece() == M.ece(samples, labels)
+    assert votes.ece(certain="dropped") == M.ece(samples, labels, certain="dropped")
+    # Every query certain: nothing is left to bin, and that is said rather than a NaN.
+    same = np.repeat(samples[:1], 3, axis=0)
+    with pytest.raises(ValueError, match="every query has confidence 1.0"):
+        M.ece(same, labels, certain="dropped")
+
+
 def test_ece_with_other_bin_counts_and_perfect_calibration() -> None:
     samples, labels = _calibration_samples()
     # bins = 2: [0, .5) empty; [.5, 1] holds all 9: conf (.5 + .6 + .7 + .7 + 5) / 9 = 7.5/9, acc 6/9.
@@ -335,6 +385,8 @@ Y4 = np.array([0, 0, 1, 1])
         (lambda: M.ece(np.zeros((2, 4, 2)), Y4[:3]), ValueError, "labels must have one entry"),
         (lambda: M.reliability_diagram(np.zeros((2, 4, 2)), Y4, bins=0), ValueError, "bins must be a positive int"),
         (lambda: M.ece(np.zeros((0, 4, 2)), Y4), ValueError, "samples must not be empty"),
+        (lambda: M.ece(np.zeros((2, 4, 2)), Y4, certain="none"), ValueError, "certain must be 'last_bin' or 'dropped'"),
+        (lambda: M.auprc([0.1], [0.5], integration="simpson"), ValueError, "integration must be 'step' or 'trapezoid'"),
     ],
 )
 def test_invalid_inputs_raise_clear_errors(call: Callable[[], object], error: type[Exception], message: str) -> None:
