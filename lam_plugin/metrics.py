@@ -314,11 +314,11 @@ def auprc(
     the step-wise sum ``sum_n (R_n - R_{n-1}) P_n`` over the operating points.
 
     ``integration="trapezoid"`` is the number the paper's code reports: torchmetrics'
-    ``AUC(reorder=True)`` over the ``PrecisionRecallCurve`` of its time. That curve is
-    :func:`pr_curve` cut at the first threshold that reaches full recall (as
-    scikit-learn's was before 1.1; the lower thresholds add only false positives);
-    its points are sorted by recall (stably, so points of equal recall keep their
-    order) and joined by straight lines. A straight line between two operating points
+    ``AUC(reorder=True)`` over the ``PrecisionRecallCurve`` of its time, which stopped
+    at the highest threshold that reaches full recall (the lower ones add only false
+    positives). So: the points of :func:`pr_curve` from that threshold up, sorted by
+    recall (stably, so points of equal recall keep their order), joined by straight
+    lines. A straight line between two operating points
     is not an achievable detector, so this area can differ from the average precision
     either way.
 
