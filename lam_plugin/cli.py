@@ -3,7 +3,7 @@
 Subcommands:
 
 ``lam-plugin reproduce fashionmnist [--seeds 1 2 3] [--quick] [--out DIR] [--methods ...]
-[--device cpu|cuda] [--no-progress]``
+[--device cpu|cuda] [--no-progress] [--cached-only]``
     Run the paper's FashionMNIST protocol (:mod:`lam_plugin.reproduce`) and print its table.
 ``lam-plugin combine RUN/results.json ... --out DIR``
     One table over the union of the seeds of several ``reproduce`` runs (:mod:`lam_plugin.combine`).
@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     rep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rep.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="evaluate the models in DIR/cache only; stop with an error, instead of training, where one is missing",
+    )
     rep.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default 20; --quick: 3)")
     rep.add_argument("--samples", type=_positive_int, default=None, help="samples per test image (default 100)")
     rep.add_argument("--train-limit", type=_positive_int, default=None, help="use a random subset of the training split")
@@ -314,6 +319,7 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
         device=args.device,
         progress=not args.no_progress,
         command=" ".join(["lam-plugin", *argv]),
+        cached_only=args.cached_only,
     )
     res = result.results
     print(f"\nFashionMNIST -> MNIST, seeds {' '.join(map(str, res['seeds']))}{' (quick)' if res['quick'] else ''}\n")
@@ -432,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from .data import DatasetNotFoundError
-    from .reproduce import DeviceUnavailableError, MethodUnavailableError
+    from .reproduce import CacheMissError, DeviceUnavailableError, MethodUnavailableError
 
     try:
         with _logging(args.verbose):
@@ -440,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetNotFoundError as err:
         print(f"lam-plugin: error: {err}", file=sys.stderr)
         return 1
-    except (MethodUnavailableError, DeviceUnavailableError) as err:
+    except (MethodUnavailableError, DeviceUnavailableError, CacheMissError) as err:
         print(f"lam-plugin: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

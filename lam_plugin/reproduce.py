@@ -88,6 +88,7 @@ __all__ = [
     "METRICS",
     "METHOD_LABELS",
     "PAPER_FASHIONMNIST",
+    "CacheMissError",
     "DeviceUnavailableError",
     "MethodUnavailableError",
     "ProtocolData",
@@ -223,6 +224,10 @@ class MethodUnavailableError(RuntimeError):
 
 class DeviceUnavailableError(RuntimeError):
     """The requested torch device cannot be used on this machine."""
+
+
+class CacheMissError(RuntimeError):
+    """A run asked to evaluate cached models only (``cached_only``) needs one that is not cached."""
 
 
 # --------------------------------------------------------------------------- configuration
@@ -622,13 +627,20 @@ class _Runner:
     """Builds (trains or loads) the methods of one configuration, with a file cache."""
 
     def __init__(
-        self, config: ReproduceConfig, data: _Tensors, cache_dir: Path, device: torch.device, progress: bool
+        self,
+        config: ReproduceConfig,
+        data: _Tensors,
+        cache_dir: Path,
+        device: torch.device,
+        progress: bool,
+        cached_only: bool = False,
     ) -> None:
         self.config = config
         self.data = data
         self.cache_dir = cache_dir
         self.device = device
         self.progress = progress
+        self.cached_only = cached_only
         self.trained: list[str] = []
         self.loaded: list[str] = []
         self._nets: dict[str, nn.Module] = {}
@@ -648,6 +660,15 @@ class _Runner:
         save_file(state, str(tmp), metadata=meta)
         os.replace(tmp, path)
         self.trained.append(path.name)
+
+    def _miss(self, what: str, seed: int, path: Path) -> None:
+        """Called where ``what`` is about to be trained or fitted because ``path`` is not usable."""
+        if self.cached_only:
+            raise CacheMissError(
+                f"{what}, seed {seed}, is not in the cache: no usable {path}. Evaluating cached models "
+                "only was asked for (cached_only, --cached-only); run without it to train, or give the "
+                "output folder whose cache/ holds this configuration's models"
+            )
 
     def _load(self, path: Path) -> dict[str, Tensor] | None:
         if not path.is_file():
@@ -724,6 +745,7 @@ class _Runner:
         if self._load_into(net, path):
             logger.info("loaded %s seed %d from %s", method, seed, path)
         else:
+            self._miss(f"the {method} network", seed, path)
             logger.info("training %s seed %d (%d images, %d epochs)", method, seed, len(self.data.fit_y), self.config.epochs)
             c = self.config
             train_contrastive(
@@ -830,6 +852,7 @@ class _Runner:
         if self._load_into(head, path):
             pfe.head = head.eval()
         else:
+            self._miss("the PFE head", seed, path)
             logger.info("training the PFE head, seed %d (%d epochs)", seed, epochs)
             pfe.fit(
                 self.data.fit_x, self.data.fit_y, epochs=epochs, batch_size=c.batch_size, lr=c.head_lr, seed=seed,
@@ -862,6 +885,7 @@ class _Runner:
                 logger.warning("cache file %s does not fit HIB (%s); retraining", path, err)
                 self.loaded.remove(path.name)
         if not loaded:
+            self._miss("the HIB network and head", seed, path)
             logger.info("training HIB, seed %d (%d epochs)", seed, epochs)
             hib.fit(
                 self.data.fit_x, self.data.fit_y, epochs=epochs, batch_size=c.batch_size, lr=c.head_lr, seed=seed,
@@ -901,6 +925,7 @@ class _Runner:
                 return posterior
             except ValueError as err:
                 logger.warning("cache file %s does not fit (%s); refitting", path, err)
+        self._miss(what, seed, path)
         logger.info("fitting %s, seed %d", what, seed)
         posterior = self._embedder(net, seed, self.config.posthoc_approx, self.config.posthoc_pairs).fit(
             self.lam_loader(seed)
@@ -1015,6 +1040,7 @@ class _Runner:
                 self.loaded.remove(path.name)
                 net = self.new_net(seed)
         if posterior is None:
+            self._miss("the online-LAM network and its running curvature", seed, path if not path.is_file() else post_path)
             logger.info("training online LAM, seed %d (%d epochs)", seed, c.epochs)
             embedder = self._embedder(net, seed, c.online_approx)
             embedder.hinge = c.online_hinge
@@ -1602,6 +1628,7 @@ def reproduce_fashionmnist(
     device: str | torch.device = "cpu",
     progress: bool = True,
     command: str | None = None,
+    cached_only: bool = False,
 ) -> ReproduceResult:
     """Run the paper's FashionMNIST protocol and write its results into ``out``.
 
@@ -1614,11 +1641,15 @@ def reproduce_fashionmnist(
         device: ``"cpu"`` or ``"cuda"``.
         progress: show tqdm progress bars.
         command: the command line to record (default: ``sys.argv``).
+        cached_only: evaluate models from ``out/cache`` only: a model or fit of this
+            configuration that is not cached raises :class:`CacheMissError` instead of
+            being trained (for re-evaluating finished runs, e.g. after a metric changed).
 
     Raises:
         DatasetNotFoundError: a dataset is missing.
         MethodUnavailableError: a requested method is not available in this installation.
         DeviceUnavailableError: ``device`` is CUDA and no CUDA device is usable.
+        CacheMissError: ``cached_only`` and a model of this configuration is not cached.
     """
     start = time.perf_counter()
     config = config or ReproduceConfig()
@@ -1636,7 +1667,7 @@ def reproduce_fashionmnist(
         data = load_fashionmnist_protocol(data_root)
     tensors = _prepare(data, config)
     logger.info("data: %s", tensors.sizes)
-    runner = _Runner(config, tensors, out_dir / "cache", device, progress)
+    runner = _Runner(config, tensors, out_dir / "cache", device, progress, cached_only)
     methods = [m for m in ALL_METHODS if m in config.methods]
 
     # 1. train or load every method; post-hoc prior candidates on the validation split

@@ -161,8 +161,8 @@ def test_cache_is_used_on_rerun(first_run, data):
     calls = []
     real = R.train_contrastive
     R.train_contrastive = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        second = R.reproduce_fashionmnist(config, out, data=data, progress=False)
+    try:  # every model is cached, so evaluating cached models only must succeed
+        second = R.reproduce_fashionmnist(config, out, data=data, progress=False, cached_only=True)
     finally:
         R.train_contrastive = real
     assert second.trained == [] and calls == []
@@ -174,6 +174,36 @@ def test_cache_is_used_on_rerun(first_run, data):
         for metric, stat in row.items():
             if stat["mean"] is not None:
                 assert again["methods"][name][metric]["mean"] == pytest.approx(stat["mean"], abs=1e-9), (name, metric)
+
+
+def test_cached_only_refuses_to_train_and_names_the_missing_model(monkeypatch, tmp_path, data):
+    calls = training_calls(monkeypatch)
+    config = tiny_config(methods=("deterministic", "lam_posthoc"))
+    with pytest.raises(R.CacheMissError, match=r"the deterministic network, seed 1, is not in the cache") as err:
+        R.reproduce_fashionmnist(config, tmp_path, data=data, progress=False, cached_only=True)
+    assert str(tmp_path / "cache" / "deterministic-seed1-") in str(err.value)
+    assert calls == [] and not (tmp_path / "results.json").exists()
+    # the network cached, its post-hoc fit not: that is the next miss
+    R.reproduce_fashionmnist(R.with_overrides(config, methods=("deterministic",)), tmp_path, data=data, progress=False)
+    with pytest.raises(R.CacheMissError, match="the post-hoc LAM curvature, seed 1"):
+        R.reproduce_fashionmnist(config, tmp_path, data=data, progress=False, cached_only=True)
+
+
+@pytest.mark.skipif(not HAS_ONLINE, reason="needs LaplaceEmbedder.fit_online")
+def test_cached_only_refuses_a_missing_refit_of_cached_online_networks(first_run, data):
+    config, out, _ = first_run
+    refit = R.with_overrides(config, methods=("lam_online",), online_posterior="refit", posthoc_approx="pos")
+    with pytest.raises(R.CacheMissError, match="the post-hoc LAM curvature of online LAM's weights, seed 1"):
+        R.reproduce_fashionmnist(refit, out, data=data, progress=False, cached_only=True)
+
+
+def test_cli_cached_only_with_an_empty_cache_is_a_clean_error(monkeypatch, capsys, tmp_path, data):
+    monkeypatch.setattr(R, "load_fashionmnist_protocol", lambda root=None: data)
+    code = cli.main(["reproduce", "fashionmnist", "--seeds", "2", "--methods", "deterministic", "--epochs", "1",
+                     "--no-progress", "--cached-only", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "is not in the cache" in err and "--cached-only" in err and "Traceback" not in err
 
 
 def test_changed_config_gets_its_own_cache_entry(tmp_path, data):
