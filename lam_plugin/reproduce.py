@@ -1517,9 +1517,9 @@ def _supplementary_markdown(results: Mapping[str, Any]) -> list[str]:
         (
             "## Supplementary: the AUPRC and ECE as the paper's code computes them",
             "The same scores and samples. The paper's code integrates the precision-recall curve with the "
-            "trapezoidal rule (`metrics.auprc(..., integration=\"trapezoid\")`), where the table above uses the "
+            "trapezoidal rule (`metrics.auprc(..., integration=\"trapezoid\")`), where the main table uses the "
             "average precision, and leaves queries of confidence 1.0 out of the ECE "
-            "(`metrics.ece(..., certain=\"dropped\")`), where the table above counts them in the last bin. "
+            "(`metrics.ece(..., certain=\"dropped\")`), where the main table counts them in the last bin. "
             "Its published numbers are computed this way.",
             ["AUPRC (trapezoid)", "AUPRC (protocol)", "ECE (confidence 1.0 dropped)", "ECE (protocol)"],
             ["auprc_trapezoid", "auprc", "ece_certain_dropped", "ece"],
