@@ -1040,7 +1040,8 @@ class _Runner:
                 self.loaded.remove(path.name)
                 net = self.new_net(seed)
         if posterior is None:
-            self._miss("the online-LAM network and its running curvature", seed, path if not path.is_file() else post_path)
+            missing = post_path if path.is_file() else path
+            self._miss("the online-LAM network and its running curvature", seed, missing)
             logger.info("training online LAM, seed %d (%d epochs)", seed, c.epochs)
             embedder = self._embedder(net, seed, c.online_approx)
             embedder.hinge = c.online_hinge
