@@ -318,22 +318,21 @@ def auprc(
     at the highest threshold that reaches full recall (the lower ones add only false
     positives). So: the points of :func:`pr_curve` from that threshold up, sorted by
     recall (stably, so points of equal recall keep their order), joined by straight
-    lines. A straight line between two operating points
-    is not an achievable detector, so this area can differ from the average precision
-    either way.
+    lines. A straight line between two operating points is not an achievable detector,
+    so this area can differ from the average precision either way.
 
     The chance level of the average precision is ``M / (N + M)``.
     """
+    if integration not in ("step", "trapezoid"):
+        raise ValueError(f"integration must be 'step' or 'trapezoid', got {integration!r}")
     target, scores = _ood_problem(scores_id, scores_ood)
     if integration == "step":
         return float(skm.average_precision_score(target, scores))
-    if integration == "trapezoid":
-        precision, recall, _ = skm.precision_recall_curve(target, scores)  # recall non-increasing
-        first = np.count_nonzero(recall == 1.0) - 1  # the highest threshold with full recall
-        precision, recall = precision[first:], recall[first:]
-        order = np.argsort(recall, kind="stable")
-        return float(skm.auc(recall[order], precision[order]))
-    raise ValueError(f"integration must be 'step' or 'trapezoid', got {integration!r}")
+    precision, recall, _ = skm.precision_recall_curve(target, scores)  # recall non-increasing
+    first = np.count_nonzero(recall == 1.0) - 1  # the highest threshold with full recall
+    precision, recall = precision[first:], recall[first:]
+    order = np.argsort(recall, kind="stable")
+    return float(skm.auc(recall[order], precision[order]))
 
 
 def roc_curve(scores_id: ArrayLike, scores_ood: ArrayLike) -> RocCurve:
