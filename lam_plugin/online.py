@@ -47,7 +47,7 @@ curvature comes mostly from the classes the network confuses, so on FashionMNIST
 became its most certain classes, and the uncertainty ranked retrieval errors worse
 (AUSC 0.85 over five seeds) than a post-hoc fit on all pairs at the final weights
 (0.92 with ``fix``, 0.89 with ``pos``), which in turn detected MNIST worse or as well
-(AUROC 0.95, 0.975 against 0.977; docs/results/README.md, item 8).
+(AUROC 0.95, 0.975 against 0.977; docs/results/findings.md, item 8).
 """
 
 from __future__ import annotations
