@@ -40,7 +40,8 @@ from lam_plugin import LaplaceEmbedder, metrics
 from lam_plugin.data.fashionmnist import CLASSES
 from lam_plugin.posterior import EmbeddingPosterior
 from lam_plugin.prediction import Prediction
-from lam_plugin.reproduce import ReproduceConfig, _prepare, load_fashionmnist_protocol
+from lam_plugin.reproduce import ReproduceConfig, load_fashionmnist_protocol
+from lam_plugin.reproduce.protocol import _prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ood_scores import _net  # noqa: E402

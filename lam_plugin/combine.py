@@ -39,14 +39,12 @@ from .reproduce import (
     ALL_METHODS,
     CONFIG_FIELDS_ABSENT,
     METRICS,
-    _aggregate,
-    _json_safe,
-    _per_seed_table,
-    _supplementary_markdown,
     results_table,
     seed_counts,
     supplementary_summary,
 )
+from .reproduce.evaluation import _aggregate
+from .reproduce.report import _json_safe, _per_seed_table, _supplementary_markdown
 
 __all__ = ["combine_results", "write_combined"]
 

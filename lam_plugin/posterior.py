@@ -24,7 +24,7 @@ from torch.func import vmap
 
 from . import __version__
 from .curvature.functorch import functional_forward
-from .curvature.last_layer import Head, apply_head, detect_head, run_with_features
+from .curvature.last_layer import apply_head, detect_head, run_with_features
 from .parameters import architecture, fingerprint, flatten, unflatten
 from .prediction import Prediction
 from .wrapping import Batch, batch_size as batch_size_of, eval_mode, model_device, slice_batch, split_batch, to_device

@@ -13,7 +13,6 @@ import logging
 import pytest
 import torch
 from reference_models import MODELS, build_model
-from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from lam_plugin import LaplaceEmbedder

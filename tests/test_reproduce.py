@@ -14,6 +14,7 @@ from lam_plugin import LaplaceEmbedder, cli, plots
 from lam_plugin import metrics as M
 from lam_plugin import reproduce as R
 from lam_plugin.data import DatasetNotFoundError, ImageDataset
+from lam_plugin.reproduce import runner
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HAS_ONLINE = callable(getattr(LaplaceEmbedder, "fit_online", None))
@@ -159,12 +160,12 @@ def test_cache_is_used_on_rerun(first_run, data):
     assert any(name.startswith("lam_posthoc-seed1-") for name in cached)
 
     calls = []
-    real = R.train_contrastive
-    R.train_contrastive = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = runner.train_contrastive
+    runner.train_contrastive = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:  # every model is cached, so evaluating cached models only must succeed
         second = R.reproduce_fashionmnist(config, out, data=data, progress=False, cached_only=True)
     finally:
-        R.train_contrastive = real
+        runner.train_contrastive = real
     assert second.trained == [] and calls == []
     assert set(second.loaded) == set(cached)
     again = json.loads((out / "results.json").read_text())
@@ -218,13 +219,13 @@ def test_changed_config_gets_its_own_cache_entry(tmp_path, data):
 def training_calls(monkeypatch) -> list[dict]:
     """The keyword arguments of every ``train_contrastive`` call that reproduce makes from now on."""
     seen: list[dict] = []
-    real = R.train_contrastive
+    real = runner.train_contrastive
 
     def spy(*args, **kwargs):
         seen.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(R, "train_contrastive", spy)
+    monkeypatch.setattr(runner, "train_contrastive", spy)
     return seen
 
 
@@ -254,14 +255,14 @@ def test_train_recipe_reaches_training_and_the_cache_key(monkeypatch, tmp_path, 
     seen = training_calls(monkeypatch)
     seen_online = []
     if HAS_ONLINE:
-        real_online = R.LaplaceEmbedder.fit_online
+        real_online = runner.LaplaceEmbedder.fit_online
 
         @functools.wraps(real_online)  # reproduce passes only the arguments the signature names
         def spy_online(self, *args, **kwargs):
             seen_online.append(kwargs)
             return real_online(self, *args, **kwargs)
 
-        monkeypatch.setattr(R.LaplaceEmbedder, "fit_online", spy_online)
+        monkeypatch.setattr(runner.LaplaceEmbedder, "fit_online", spy_online)
     methods = ("deterministic", "lam_online") if HAS_ONLINE else ("deterministic",)
     paper = tiny_config(methods=methods, val_fraction=0.0, prior_precision=1.0).with_recipe("paper")
     adam = paper.with_recipe("adam")
@@ -327,7 +328,7 @@ def spy_fit_online(monkeypatch) -> list[tuple[str, dict]]:
     """Record ``(miner name, {**kwargs, "hinge", "approx"})`` of every ``fit_online`` call,
     which then runs as usual."""
     seen: list[tuple[str, dict]] = []
-    real = R.LaplaceEmbedder.fit_online
+    real = runner.LaplaceEmbedder.fit_online
 
     @functools.wraps(real)  # the same signature, which reproduce inspects
     def spy(self, loader, epochs=20, **kwargs):
@@ -335,7 +336,7 @@ def spy_fit_online(monkeypatch) -> list[tuple[str, dict]]:
         seen.append((miner, {**kwargs, "hinge": self.hinge, "approx": self.approx}))
         return real(self, loader, epochs, **kwargs)
 
-    monkeypatch.setattr(R.LaplaceEmbedder, "fit_online", spy)
+    monkeypatch.setattr(runner.LaplaceEmbedder, "fit_online", spy)
     return seen
 
 
@@ -375,13 +376,13 @@ def test_online_posterior_refit_reuses_the_network_and_fits_at_its_weights(monke
     running = R.reproduce_fashionmnist(base, tmp_path, data=data, progress=False)
     assert "--online-posterior refit" not in (tmp_path / "results.md").read_text()
     fitted = []
-    real_fit = R.LaplaceEmbedder.fit
+    real_fit = runner.LaplaceEmbedder.fit
 
     def spy(self, loader, *args, **kwargs):
         fitted.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
         return real_fit(self, loader, *args, **kwargs)
 
-    monkeypatch.setattr(R.LaplaceEmbedder, "fit", spy)
+    monkeypatch.setattr(runner.LaplaceEmbedder, "fit", spy)
     refit = R.reproduce_fashionmnist(R.with_overrides(base, online_posterior="refit"), tmp_path, data=data, progress=False)
     # the online network and its running curvature come from the cache; only the fit is new
     assert set(refit.loaded) >= set(running.trained)
@@ -430,13 +431,13 @@ def test_online_approx_reaches_the_running_curvature_and_the_cache_key(monkeypat
 
 def test_posthoc_approx_reaches_the_fit_and_the_cache_key(monkeypatch, tmp_path, data):
     approxes = []
-    real_init = R.LaplaceEmbedder.__init__
+    real_init = runner.LaplaceEmbedder.__init__
 
     def spy(self, model, **kwargs):
         approxes.append(kwargs["approx"])
         real_init(self, model, **kwargs)
 
-    monkeypatch.setattr(R.LaplaceEmbedder, "__init__", spy)
+    monkeypatch.setattr(runner.LaplaceEmbedder, "__init__", spy)
     base = tiny_config(methods=("lam_posthoc",), prior_precision=1.0)
     fix = R.reproduce_fashionmnist(base, tmp_path, data=data, progress=False)
     assert "`--posthoc-approx`" not in (tmp_path / "results.md").read_text()
@@ -453,13 +454,13 @@ def test_posthoc_approx_reaches_the_fit_and_the_cache_key(monkeypatch, tmp_path,
 
 def test_posthoc_pairs_triplets_reach_the_fit_and_the_cache_key(monkeypatch, tmp_path, data):
     seen = []
-    real_init = R.LaplaceEmbedder.__init__
+    real_init = runner.LaplaceEmbedder.__init__
 
     def spy(self, model, **kwargs):
         seen.append((kwargs["miner"], kwargs["hinge"], kwargs["max_pairs"]))
         real_init(self, model, **kwargs)
 
-    monkeypatch.setattr(R.LaplaceEmbedder, "__init__", spy)
+    monkeypatch.setattr(runner.LaplaceEmbedder, "__init__", spy)
     base = tiny_config(methods=("lam_posthoc",), prior_precision=1.0)
     every = R.reproduce_fashionmnist(base, tmp_path, data=data, progress=False)
     assert "`--posthoc-pairs triplets`" not in (tmp_path / "results.md").read_text()
@@ -468,7 +469,7 @@ def test_posthoc_pairs_triplets_reach_the_fit_and_the_cache_key(monkeypatch, tmp
     (all_miner, all_hinge, all_max), (miner, hinge, max_pairs) = seen
     assert (all_miner, all_hinge, all_max) == ("all", True, base.max_pairs)
     # the paper's post-hoc code: margin-violating triplets, no hinge test, max_pairs triplets
-    assert isinstance(miner, R.TripletMarginMiner) and miner.margin == base.margin
+    assert isinstance(miner, runner.TripletMarginMiner) and miner.margin == base.margin
     assert miner.type_of_triplets == "all" and hinge is False and max_pairs == 2 * base.max_pairs
     fits = [[n for n in run.trained if n.startswith("lam_posthoc")] for run in (every, triplets)]
     assert len(fits[0]) == len(fits[1]) == 1 and fits[0] != fits[1]
@@ -485,7 +486,7 @@ def test_posthoc_pairs_triplets_reach_the_fit_and_the_cache_key(monkeypatch, tmp
 
 
 def test_lam_online_without_fit_online(monkeypatch, tmp_path, data):
-    monkeypatch.delattr(R.LaplaceEmbedder, "fit_online", raising=False)
+    monkeypatch.delattr(runner.LaplaceEmbedder, "fit_online", raising=False)
     with pytest.raises(R.MethodUnavailableError, match="fit_online"):
         R.reproduce_fashionmnist(tiny_config(methods=("lam_online",)), tmp_path, data=data, progress=False)
     assert not (tmp_path / "cache").exists()
