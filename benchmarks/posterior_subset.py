@@ -69,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--calibration-images", type=int, default=500, help="validation images for the temperature")
     args = parser.parse_args(argv)
-    if args.prior != "marglik" and not float(args.prior) > 0:
-        parser.error(f"--prior must be a positive number or 'marglik', got {args.prior!r}")
+    if args.prior != "marglik":
+        try:
+            valid = float(args.prior) > 0
+        except ValueError:
+            valid = False
+        if not valid:
+            parser.error(f"--prior must be a positive number or 'marglik', got {args.prior!r}")
     config = ReproduceConfig()
     data = _prepare(load_fashionmnist_protocol(), config)
     test_x, test_y, ood_x = data.test_x, data.test_y, data.ood_x
