@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pattern", default="*-seed*.safetensors", help="glob of network files in the cache")
     parser.add_argument("--tol", type=float, default=1e-20, help="a filter is dead when every |weight| is below this")
     args = parser.parse_args(argv)
-    files = sorted(f for f in args.cache.glob(args.pattern) if f.suffixes[-2:-1] not in ([".posterior"], [".refit"]))
+    files = sorted(f for f in args.cache.glob(args.pattern) if not {".posterior", ".refit"} & set(f.suffixes))
     if not files:
         raise SystemExit(f"no network matches {args.pattern!r} in {args.cache}")
     for f in files:

@@ -117,10 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         calibration_s = time.perf_counter() - start
         start = time.perf_counter()
-        test, ood = (
-            posterior.predict(x, n=args.samples, generator=torch.Generator().manual_seed(seed), batch_size=1000)
-            for x in (test_x, ood_x)
-        )
+        test = posterior.predict(test_x, n=args.samples, generator=torch.Generator().manual_seed(seed), batch_size=1000)
+        ood = posterior.predict(ood_x, n=args.samples, generator=torch.Generator().manual_seed(seed), batch_size=1000)
         predict_s = time.perf_counter() - start
         print(
             f"seed {seed} subset {args.subset} ({len(fitted.mean):,} weights), {args.approx}, prior {prior:.3g}, "
