@@ -1,0 +1,69 @@
+"""Checking and batching what users pass to the index: inputs, arrays, ids, counts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+__all__ = ["as_ids", "batches", "float32", "positive_int"]
+
+
+def batches(data: Any, batch_size: int, name: str) -> tuple[Iterable[Any], int | None]:
+    """Batches of posterior inputs from a tensor, a dict of tensors or an iterable of
+    batches ``x`` or ``(x, y, ...)``, and their number (``None`` if unknown)."""
+    if isinstance(data, Tensor):
+        if data.ndim == 0:
+            raise ValueError(f"{name} must be a batch [B, ...], got a scalar tensor")
+        n = data.shape[0]
+        return (data[i : i + batch_size] for i in range(0, n, batch_size)), -(-n // batch_size)
+    if isinstance(data, Mapping):
+        lengths = {key: value.shape[0] for key, value in data.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"the tensors of {name} must have the same batch size, got {lengths}")
+        n = next(iter(lengths.values()))
+        return (
+            {key: value[i : i + batch_size] for key, value in data.items()} for i in range(0, n, batch_size)
+        ), -(-n // batch_size)
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        total = len(data) if hasattr(data, "__len__") else None
+        return (b[0] if isinstance(b, (tuple, list)) else b for b in data), total
+    raise TypeError(
+        f"{name} must be a Prediction, a tensor, a dict of tensors or an iterable of batches, "
+        f"got {type(data).__name__}"
+    )
+
+
+def float32(x: Tensor | np.ndarray, name: str) -> np.ndarray:
+    """``x`` as a C-contiguous float32 numpy array; NaN or infinite entries are refused."""
+    arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} has NaN or infinite entries")
+    return arr
+
+
+def as_ids(ids: Sequence[int] | np.ndarray | Tensor, n: int) -> np.ndarray:
+    """``ids`` as ``[n]`` int64, checked to be distinct non-negative integers."""
+    arr = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
+    if arr.shape != (n,):
+        raise ValueError(f"ids must have shape ({n},), got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if (arr < 0).any():
+        raise ValueError("ids must be non-negative (-1 marks empty result slots)")
+    if np.unique(arr).size != n:
+        raise ValueError("ids has duplicates")
+    return arr
+
+
+def positive_int(value: int, name: str) -> int:
+    """``value`` as an int of at least 1; bools and non-integers are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return int(value)
