@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.func import vmap
 
-from . import __version__
+from . import __version__, file_format
 from .curvature.functorch import functional_forward
 from .curvature.last_layer import apply_head, detect_head, run_with_features
 from .parameters import architecture, fingerprint, flatten, unflatten
@@ -322,7 +320,8 @@ class EmbeddingPosterior:
         return h.hexdigest()
 
     def save(self, path: str | Path) -> None:
-        """Write a safetensors file (tensors plus JSON metadata; nothing executable)."""
+        """Write a safetensors file (tensors plus JSON metadata; nothing executable; see
+        :mod:`lam_plugin.file_format`)."""
         prior = self.prior_precision
         tensors = {
             "curvature": self.curvature.detach().cpu().contiguous(),
@@ -330,8 +329,6 @@ class EmbeddingPosterior:
             "prior_precision": (prior if isinstance(prior, Tensor) else torch.tensor([prior])).detach().cpu().contiguous(),
         }
         meta = {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
             "lam_plugin_version": __version__,
             "param_names": json.dumps(self.param_names),
             "architecture": json.dumps(architecture(self.model)),
@@ -339,27 +336,14 @@ class EmbeddingPosterior:
             "config": json.dumps(asdict(self.config)),
             "stats": json.dumps(asdict(self.stats)),
         }
-        save_file(tensors, str(path), metadata=meta)
+        file_format.write(path, tensors, meta, format_name=FORMAT, version=FORMAT_VERSION, framework="pt")
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module) -> "EmbeddingPosterior":
         """Read a file written by :meth:`save` for ``model``; refuse one made for another model."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no posterior file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{path} is not a lam-plugin posterior file ({err})") from err
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a lam-plugin posterior file (format {meta.get('format')!r})")
-        if meta.get("format_version") != str(FORMAT_VERSION):
-            raise ValueError(
-                f"{path} has posterior format version {meta.get('format_version')}, this lam-plugin "
-                f"({__version__}) reads version {FORMAT_VERSION}"
-            )
+        tensors, meta = file_format.read(
+            path, format_name=FORMAT, version=FORMAT_VERSION, what="lam-plugin posterior", framework="pt"
+        )
         saved_arch = json.loads(meta["architecture"])
         arch = architecture(model)
         if saved_arch != arch:

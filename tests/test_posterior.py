@@ -411,5 +411,5 @@ def test_load_refuses_other_format_version(tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     meta["format_version"] = "999"
     save_file(tensors, str(tmp_path / "future.safetensors"), metadata=meta)
-    with pytest.raises(ValueError, match="format version 999"):
+    with pytest.raises(ValueError, match="format version '999'"):
         EmbeddingPosterior.load(tmp_path / "future.safetensors", model)

@@ -390,9 +390,7 @@ class _Runner:
             self.lam_loader(seed)
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        posterior.save(tmp)
-        os.replace(tmp, path)
+        posterior.save(path)  # written to a temporary file, then renamed
         self.trained.append(path.name)
         return posterior
 
@@ -508,9 +506,7 @@ class _Runner:
                 embedder.miner = TripletMarginMiner(margin=c.margin, type_of_triplets="all")
             posterior = embedder.fit_online(self.lam_loader(seed), epochs=c.epochs, **kwargs)
             self._save(net.state_dict(), path, spec)
-            tmp = post_path.with_name(post_path.name + ".tmp")
-            posterior.save(tmp)
-            os.replace(tmp, post_path)
+            posterior.save(post_path)
             self.trained.append(post_path.name)
         net.eval()
         if c.online_posterior == "refit":

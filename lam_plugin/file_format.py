@@ -1,0 +1,79 @@
+"""Versioned safetensors files: the one way lam-plugin writes tensors to disk.
+
+A file holds tensors and string metadata only, nothing executable. The metadata name
+the file's format and its version; reading refuses a missing file, one safetensors
+cannot parse, another format and another version, each with an error that says which.
+Writing goes through a temporary file renamed at the end, so an interrupted write never
+leaves a truncated file under the final name.
+
+Used by :class:`lam_plugin.EmbeddingPosterior` (torch tensors) and
+:class:`lam_plugin.UncertainIndex` (numpy arrays).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import safetensors.numpy
+import safetensors.torch
+from safetensors import SafetensorError, safe_open
+
+from . import __version__
+
+__all__ = ["read", "write"]
+
+Framework = Literal["pt", "np"]
+
+
+def write(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, Any],
+    metadata: Mapping[str, str],
+    *,
+    format_name: str,
+    version: int,
+    framework: Framework,
+) -> None:
+    """Write ``tensors`` (torch tensors for ``"pt"``, numpy arrays for ``"np"``) and
+    ``metadata`` under ``format_name`` and ``version`` to ``path``."""
+    path = Path(path)
+    meta = {"format": format_name, "format_version": str(version), **metadata}
+    save = safetensors.torch.save_file if framework == "pt" else safetensors.numpy.save_file
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save(dict(tensors), str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read(
+    path: str | os.PathLike[str], *, format_name: str, version: int, what: str, framework: Framework
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(tensors, metadata)`` of a file :func:`write` made with ``format_name`` and
+    ``version``; ``what`` names the file kind in errors (e.g. ``"lam-plugin posterior"``).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a file safetensors cannot read, or of another format or version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    try:
+        with safe_open(str(path), framework=framework) as f:
+            meta = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a {what} file: safetensors cannot read it ({err})") from err
+    if meta.get("format") != format_name:
+        raise ValueError(f"{path} is not a {what} file (format {meta.get('format')!r})")
+    if meta.get("format_version") != str(version):
+        raise ValueError(
+            f"{path} has {what} format version {meta.get('format_version')!r}; this lam-plugin "
+            f"({__version__}) reads version {version} only"
+        )
+    return tensors, meta
