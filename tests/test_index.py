@@ -191,6 +191,8 @@ def test_save_load_round_trip_and_refusals(tmp_path) -> None:
     garbage.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="safetensors cannot read it"):
         UncertainIndex.load(garbage)
+    with pytest.raises(FileNotFoundError, match="no lam-plugin UncertainIndex file at"):
+        UncertainIndex.load(tmp_path / "missing.safetensors")
 
     with safe_open(str(path), framework="np") as f:
         meta, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
