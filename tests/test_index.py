@@ -406,6 +406,56 @@ def test_cuda_device_needs_faiss_gpu() -> None:
         UncertainIndex(device="cuda")
 
 
+class _GpuCopy:
+    """Stands in for a faiss GPU index: a CPU clone that counts its searches."""
+
+    def __init__(self, index) -> None:
+        self.inner, self.searches = faiss.clone_index(index), 0
+
+    def search(self, q, k):
+        self.searches += 1
+        return self.inner.search(q, k)
+
+
+class _GpuParameterSpace:
+    def set_index_parameters(self, copy: _GpuCopy, params: str) -> None:
+        faiss.ParameterSpace().set_index_parameters(copy.inner, params)
+
+
+def test_gpu_copy_is_refreshed_and_searched_with_a_stand_in_faiss_gpu_api(tmp_path, monkeypatch) -> None:
+    """The wiring of ``device="cuda:1"`` without a GPU: faiss's GPU calls are replaced by
+    stand-ins that copy the CPU index and record what they got."""
+    copies: list[tuple[int, _GpuCopy]] = []
+
+    def cpu_to_gpu(resources, gpu, index):
+        copies.append((gpu, _GpuCopy(index)))
+        return copies[-1][1]
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: "resources", raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", cpu_to_gpu, raising=False)
+    monkeypatch.setattr(faiss, "GpuParameterSpace", _GpuParameterSpace, raising=False)
+    gallery, queries = gaussian_prediction(600, 8, 31), gaussian_prediction(20, 8, 32)
+    cpu = index_of(gallery, index_factory="IVF8,Flat")
+    half = [Prediction(mean=gallery.mean[part], std=gallery.std[part]) for part in (slice(0, 300), slice(300, None))]
+    gpu = index_of(half[0], index_factory="IVF8,Flat", device="cuda:1")
+    gpu.add(half[1])
+    assert [(device, copy.inner.ntotal) for device, copy in copies] == [(1, 300), (1, 600)]  # fresh after every add
+    for index in (cpu, gpu):
+        index.set_search_parameters("nprobe=8")  # every list: exact, whatever the training
+    assert faiss.extract_index_ivf(copies[-1][1].inner).nprobe == 8
+    expected = cpu.search(queries, 5)
+    np.testing.assert_array_equal(gpu.search(queries, 5).ids, expected.ids)
+    assert copies[-1][1].searches == 1
+    gpu.save(tmp_path / "gpu.safetensors")
+    loaded = UncertainIndex.load(tmp_path / "gpu.safetensors", device="cuda:1")
+    assert len(copies) == 3 and copies[-1][1].inner.ntotal == 600
+    np.testing.assert_array_equal(loaded.search(queries, 5).ids, expected.ids)
+    assert copies[-1][1].searches == 1
+    with pytest.raises(RuntimeError, match="faiss sees 2 CUDA device"):
+        UncertainIndex(device="cuda:2")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and _faiss_has_gpu()), reason="needs CUDA and faiss with GPU support")
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
