@@ -17,7 +17,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..prediction import Prediction
-
 from . import moments, storage
 from .faiss_backend import gpu_device_id, new_index, to_gpu
 from .inputs import as_ids, batches, float32, positive_int
@@ -78,7 +77,7 @@ class UncertainIndex:
         n_samples: weight samples per embedding (``n`` of ``posterior.predict``).
         batch_size: inputs per posterior call when embedding images.
         variance: ``"closed_form"`` stores the per-dimension variance of each item
-            (``4 D`` bytes) and uses the closed forms of the module docstring;
+            (``4 D`` bytes) and uses the closed forms of :mod:`lam_plugin.index`;
             ``"mc"`` stores ``n_samples`` samples of each item (``4 n D`` bytes) drawn
             under weight samples shared with the queries, and uses sample moments.
         seed: seed of the generator passed to the posterior for every batch, so that
