@@ -3,7 +3,7 @@
 A file holds tensors and string metadata only, nothing executable. The metadata name
 the file's format and its version; reading refuses a missing file, one safetensors
 cannot parse, another format and another version, each with an error that says which.
-Writing goes through a temporary file renamed at the end, so an interrupted write never
+Writing goes through a temporary file in the same folder, renamed at the end, so an interrupted write never
 leaves a truncated file under the final name.
 
 Used by :class:`lam_plugin.EmbeddingPosterior` (torch tensors) and
@@ -13,6 +13,7 @@ Used by :class:`lam_plugin.EmbeddingPosterior` (torch tensors) and
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +43,9 @@ def write(
     path = Path(path)
     meta = {"format": format_name, "format_version": str(version), **metadata}
     save = safetensors.torch.save_file if framework == "pt" else safetensors.numpy.save_file
-    tmp = path.with_name(path.name + ".tmp")
+    # a temporary name of its own, so that two processes saving to one path never share it
+    # (not mkstemp: its files are private, 0600, whatever the user's umask)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         save(dict(tensors), str(tmp), metadata=meta)
         os.replace(tmp, path)
