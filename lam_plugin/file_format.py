@@ -3,11 +3,13 @@
 A file holds tensors and string metadata only, nothing executable. The metadata name
 the file's format and its version; reading refuses a missing file, one safetensors
 cannot parse, another format and another version, each with an error that says which.
-Writing goes through a temporary file in the same folder, renamed at the end, so an interrupted write never
-leaves a truncated file under the final name.
+Writing goes through a temporary file of its own in the same folder, renamed at the
+end, so an interrupted write never leaves a truncated file under the final name and two
+processes saving to one path never write into each other's file.
 
 Used by :class:`lam_plugin.EmbeddingPosterior` (torch tensors) and
-:class:`lam_plugin.UncertainIndex` (numpy arrays).
+:class:`lam_plugin.UncertainIndex` (numpy arrays); ``lam-plugin reproduce`` writes its
+cache through :func:`save_atomically` too, without the header.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import __version__
 
-__all__ = ["read", "write"]
+__all__ = ["read", "save_atomically", "write"]
 
 Framework = Literal["pt", "np"]
 
@@ -40,14 +42,21 @@ def write(
 ) -> None:
     """Write ``tensors`` (torch tensors for ``"pt"``, numpy arrays for ``"np"``) and
     ``metadata`` under ``format_name`` and ``version`` to ``path``."""
-    path = Path(path)
     meta = {"format": format_name, "format_version": str(version), **metadata}
+    save_atomically(path, tensors, meta, framework=framework)
+
+
+def save_atomically(
+    path: str | os.PathLike[str], tensors: Mapping[str, Any], metadata: Mapping[str, str], *, framework: Framework
+) -> None:
+    """``safetensors`` ``save_file`` to a temporary file beside ``path``, renamed to ``path``
+    at the end; the temporary file is removed if anything fails."""
+    path = Path(path)
     save = safetensors.torch.save_file if framework == "pt" else safetensors.numpy.save_file
     # a temporary name of its own, so that two processes saving to one path never share it
-    # (not mkstemp: its files are private, 0600, whatever the user's umask)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        save(dict(tensors), str(tmp), metadata=meta)
+        save(dict(tensors), str(tmp), metadata=dict(metadata))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -7,7 +7,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +14,11 @@ from typing import Any
 
 import torch
 from pytorch_metric_learning.miners import TripletMarginMiner
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .. import __version__
+from .. import __version__, file_format
 from ..baselines import HIB, PFE, DeepEnsemble, DeterministicEmbedder, MCDropout
 from ..baselines.base import default_feature_fn, variance_head
 from ..baselines.mc_dropout import dropout_modules
@@ -113,11 +112,10 @@ class _Runner:
 
     def _save(self, tensors: Mapping[str, Tensor], path: Path, spec: Mapping[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"lam_plugin_version": __version__, "spec": json.dumps(spec, sort_keys=True, default=str)}
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        # no format header: cache files keep the layout of the caches already on disk
+        file_format.save_atomically(path, state, meta, framework="pt")
         self.trained.append(path.name)
 
     def _miss(self, what: str, seed: int, path: Path) -> None:
