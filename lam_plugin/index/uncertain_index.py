@@ -252,13 +252,11 @@ class UncertainIndex:
                 (``k <= candidates <= len(self)``; default ``k``).
 
         The probabilities use a Gaussian approximation of ``d^2`` (see
-        :meth:`SearchResult.prob_within`). For the order of neighbours ``j`` and ``l``
-        of one query, ``D = d_j^2 - d_l^2`` is taken as normal with mean
-        ``E[d_j^2] - E[d_l^2]`` and, because both share the query's noise,
-        ``Var[D] = u_j + u_l + 4 sum_d a_d (mu_j,d - mu_l,d)^2`` with
-        ``u = 2 sum_d b_d (b_d + 2 a_d + 2 delta_d^2)`` (for ip:
-        ``u = sum_d b_d (mu_q,d^2 + a_d)`` and factor 1 instead of 4); in ``"mc"`` mode the
-        sample mean and variance of ``D``. ``P(j nearer) = Phi(-E[D] / sqrt(Var[D]))``.
+        :meth:`SearchResult.prob_within`). For the order of neighbours ``j`` and ``j+1``
+        of one query, ``D = d_j^2 - d_(j+1)^2`` is taken as normal, with a variance that
+        counts the query's noise shared by both (:mod:`lam_plugin.index.moments` has the
+        formulas; in ``"mc"`` mode the sample moments of ``D``):
+        ``P(j nearer) = Phi(-E[D] / sqrt(Var[D]))``.
         """
         k = positive_int(k, "k")
         c = k if candidates is None else positive_int(candidates, "candidates")
