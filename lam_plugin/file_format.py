@@ -5,7 +5,9 @@ the file's format and its version; reading refuses a missing file, one safetenso
 cannot parse, another format and another version, each with an error that says which.
 Writing goes through a temporary file of its own in the same folder, renamed at the
 end, so an interrupted write never leaves a truncated file under the final name and two
-processes saving to one path never write into each other's file.
+processes saving to one path never write into each other's file. The file gets the
+permissions ``open()`` would give it (those of the file it replaces, else 0o666 less the
+umask), not the owner-only 0o600 of safetensors' own temporary file.
 
 Used by :class:`lam_plugin.EmbeddingPosterior` (torch tensors) and
 :class:`lam_plugin.UncertainIndex` (numpy arrays); ``lam-plugin reproduce`` writes its
@@ -15,6 +17,7 @@ cache through :func:`save_atomically` too, without the header.
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,9 +60,34 @@ def save_atomically(
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         save(dict(tensors), str(tmp), metadata=dict(metadata))
+        os.chmod(tmp, _file_mode(path))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _file_mode(path: Path) -> int:
+    """Permission bits for a file written to ``path``: those of the file already there,
+    else what ``open()`` gives a new file, 0o666 less the process's umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    # Linux reports the umask in /proc; elsewhere it can only be read by setting it,
+    # which for an instant changes it for the other threads too.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read(

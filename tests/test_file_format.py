@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +58,20 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         file_format.write(path, {"x": np.zeros(3, dtype=np.float32)}, {}, format_name="test/kind", version=3, framework="np")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_files_get_the_permissions_open_would_give(tmp_path, umask) -> None:
+    # safetensors writes through an owner-only (0o600) temporary file of its own
+    x = {"x": np.zeros(2, dtype=np.float32)}
+    path = tmp_path / "f.safetensors"
+    old = os.umask(umask)
+    try:
+        file_format.write(path, x, {}, format_name="test/kind", version=3, framework="np")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+        path.chmod(0o640)  # a file being replaced keeps its permissions
+        file_format.write(path, x, {}, format_name="test/kind", version=3, framework="np")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
