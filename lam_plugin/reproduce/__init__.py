@@ -298,8 +298,8 @@ def reproduce_fashionmnist(
         "paper": {m: {k: (None if v is None else {"mean": v[0], "std": v[1]}) for k, v in row.items()}
                   for m, row in PAPER_FASHIONMNIST.items()},
         "timings": timings,
-        "trained": list(runner.trained),
-        "loaded_from_cache": list(runner.loaded),
+        "trained": list(runner.cache.trained),
+        "loaded_from_cache": list(runner.cache.loaded),
         "config": asdict(config),
         "train_recipe": config.recipe,
         "versions": {"lam_plugin": __version__, "torch": torch.__version__, "numpy": np.__version__},
@@ -314,7 +314,7 @@ def reproduce_fashionmnist(
         json.dump(_json_safe(results), stream, indent=2, allow_nan=False)
         stream.write("\n")
     logger.info("wrote %s in %.0f s", ", ".join(p.name for p in files), results["wall_time_s"])
-    return ReproduceResult(results, table, out_dir, files, list(runner.trained), list(runner.loaded))
+    return ReproduceResult(results, table, out_dir, files, list(runner.cache.trained), list(runner.cache.loaded))
 
 def reproduce(dataset: str, config: ReproduceConfig | None = None, **kwargs: Any) -> ReproduceResult:
     """Run the protocol for ``dataset`` (only ``"fashionmnist"`` here); ``kwargs`` go to it."""

@@ -1,11 +1,9 @@
-"""Training, fitting and caching of every method (:class:`_Runner`), and the fitted
-methods it hands to the evaluation (:class:`_Method`)."""
+"""Training and fitting of every method (:class:`_Runner`), through the file cache of
+:mod:`.cache`, and the fitted methods it hands to the evaluation (:class:`_Method`)."""
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,11 +12,10 @@ from typing import Any
 
 import torch
 from pytorch_metric_learning.miners import TripletMarginMiner
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .. import __version__, file_format
+from .. import __version__
 from ..baselines import HIB, PFE, DeepEnsemble, DeterministicEmbedder, MCDropout
 from ..baselines.base import default_feature_fn, variance_head
 from ..baselines.mc_dropout import dropout_modules
@@ -29,11 +26,11 @@ from ..posterior import EmbeddingPosterior
 from ..prediction import Prediction
 from ..prior import marglik_prior_precision
 from ..training import seeded, train_contrastive
+from .cache import ModelCache, short_hash
 from .config import (
     CACHE_VERSION,
     CALIBRATION_TEMPERATURES,
     ONLINE_LATER_DEFAULTS,
-    CacheMissError,
     MethodUnavailableError,
     ReproduceConfig,
     _prior_name,
@@ -52,10 +49,6 @@ class _Method:
     predict: Callable[[Tensor, bool], Prediction]
     uncertain: bool = True
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def _short_hash(spec: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _online_kwargs(config: ReproduceConfig, progress: bool) -> dict[str, Any]:
@@ -82,7 +75,8 @@ def _require_online() -> None:
 
 
 class _Runner:
-    """Builds (trains or loads) the methods of one configuration, with a file cache."""
+    """Builds (trains or loads) the methods of one configuration, with a file cache
+    (:attr:`cache`, a :class:`~.cache.ModelCache` of ``cache_dir``)."""
 
     def __init__(
         self,
@@ -95,60 +89,13 @@ class _Runner:
     ) -> None:
         self.config = config
         self.data = data
-        self.cache_dir = cache_dir
+        self.cache = ModelCache(cache_dir, cached_only)
         self.device = device
         self.progress = progress
-        self.cached_only = cached_only
-        self.trained: list[str] = []
-        self.loaded: list[str] = []
         self._nets: dict[str, nn.Module] = {}
         self.prior_values: dict[int, dict[str, float]] = {}
         self.curvature_stats: dict[int, dict[str, float | int]] = {}
         self.temperatures: dict[int, dict[str, float]] = {}
-
-    # -- cache -----------------------------------------------------------------------------
-    def _path(self, method: str, seed: int, spec: Mapping[str, Any], suffix: str = "") -> Path:
-        return self.cache_dir / f"{method}-seed{seed}-{_short_hash(spec)}{suffix}.safetensors"
-
-    def _save(self, tensors: Mapping[str, Tensor], path: Path, spec: Mapping[str, Any]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        meta = {"lam_plugin_version": __version__, "spec": json.dumps(spec, sort_keys=True, default=str)}
-        # no format header: cache files keep the layout of the caches already on disk
-        file_format.save_atomically(path, state, meta, framework="pt")
-        self.trained.append(path.name)
-
-    def _miss(self, what: str, seed: int, path: Path) -> None:
-        """Called where ``what`` is about to be trained or fitted because ``path`` is not usable."""
-        if self.cached_only:
-            raise CacheMissError(
-                f"{what}, seed {seed}, is not in the cache: no usable {path}. Evaluating cached models "
-                "only was asked for (cached_only, --cached-only); run without it to train, or give the "
-                "output folder whose cache/ holds this configuration's models"
-            )
-
-    def _load(self, path: Path) -> dict[str, Tensor] | None:
-        if not path.is_file():
-            return None
-        try:
-            state = load_file(str(path))
-        except Exception as err:  # a truncated or foreign file: retrain rather than fail
-            logger.warning("ignoring unreadable cache file %s (%s)", path, err)
-            return None
-        self.loaded.append(path.name)
-        return state
-
-    def _load_into(self, module: nn.Module, path: Path) -> bool:
-        state = self._load(path)
-        if state is None:
-            return False
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as err:
-            logger.warning("cache file %s does not fit the model (%s); retraining", path, err)
-            self.loaded.remove(path.name)
-            return False
-        return True
 
     # -- networks --------------------------------------------------------------------------
     def new_net(self, seed: int, dropout: float = 0.0) -> nn.Module:
@@ -195,14 +142,14 @@ class _Runner:
         """A contrastively trained network (deterministic, ensemble member or MC dropout)."""
         method = "mc_dropout" if dropout > 0 else "deterministic"
         spec = self.net_spec(dropout)
-        path = self._path(method, seed, spec)
+        path = self.cache.path(method, seed, spec)
         if path.name in self._nets:
             return self._nets[path.name]
         net = self.new_net(seed, dropout)
-        if self._load_into(net, path):
+        if self.cache.load_into(net, path):
             logger.info("loaded %s seed %d from %s", method, seed, path)
         else:
-            self._miss(f"the {method} network", seed, path)
+            self.cache.miss(f"the {method} network", seed, path)
             logger.info("training %s seed %d (%d images, %d epochs)", method, seed, len(self.data.fit_y), self.config.epochs)
             c = self.config
             train_contrastive(
@@ -223,7 +170,7 @@ class _Runner:
                 device=self.device,
                 progress=self.progress,
             )
-            self._save(net.state_dict(), path, spec)
+            self.cache.save(net.state_dict(), path, spec)
         net.eval()
         self._nets[path.name] = net
         return net
@@ -297,26 +244,26 @@ class _Runner:
         pfe = PFE(det, hidden=c.head_hidden, n=c.n_samples)
         epochs = c.pfe_epochs or c.epochs
         spec = {
-            "parent": _short_hash(self.net_spec(0.0)),
+            "parent": short_hash(self.net_spec(0.0)),
             "head_hidden": c.head_hidden,
             "epochs": epochs,
             "lr": c.head_lr,
             "batch_size": c.batch_size,
             "input_scale": "rms",  # the head divides its input by the features' RMS (InputScale)
         }
-        path = self._path("pfe", seed, spec)
+        path = self.cache.path("pfe", seed, spec)
         head = variance_head(self._feature_dim(det), c.embedding_dim, c.head_hidden).to(self.device)
-        if self._load_into(head, path):
+        if self.cache.load_into(head, path):
             pfe.head = head.eval()
         else:
-            self._miss("the PFE head", seed, path)
+            self.cache.miss("the PFE head", seed, path)
             logger.info("training the PFE head, seed %d (%d epochs)", seed, epochs)
             pfe.fit(
                 self.data.fit_x, self.data.fit_y, epochs=epochs, batch_size=c.batch_size, lr=c.head_lr, seed=seed,
                 progress=self.progress,
             )
             assert pfe.head is not None
-            self._save(pfe.head.state_dict(), path, spec)
+            self.cache.save(pfe.head.state_dict(), path, spec)
         return _Method("pfe", lambda x, keep: pfe.predict(x, return_samples=keep))
 
     def _build_hib(self, seed: int) -> _Method:
@@ -326,9 +273,9 @@ class _Runner:
         epochs = c.hib_epochs or c.epochs
         spec = {**self.net_spec(0.0), "lr": c.head_lr, "method": "hib", "head_hidden": c.head_hidden, "epochs": epochs, "k": hib.k,
                 "beta": hib.beta, "input_scale": "rms"}
-        path = self._path("hib", seed, spec)
+        path = self.cache.path("hib", seed, spec)
         head = variance_head(self._feature_dim(net), c.embedding_dim, c.head_hidden).to(self.device)
-        state = self._load(path)
+        state = self.cache.load(path)
         loaded = False
         if state is not None:
             try:
@@ -340,9 +287,9 @@ class _Runner:
                 loaded = True
             except (RuntimeError, KeyError) as err:
                 logger.warning("cache file %s does not fit HIB (%s); retraining", path, err)
-                self.loaded.remove(path.name)
+                self.cache.loaded.remove(path.name)
         if not loaded:
-            self._miss("the HIB network and head", seed, path)
+            self.cache.miss("the HIB network and head", seed, path)
             logger.info("training HIB, seed %d (%d epochs)", seed, epochs)
             hib.fit(
                 self.data.fit_x, self.data.fit_y, epochs=epochs, batch_size=c.batch_size, lr=c.head_lr, seed=seed,
@@ -352,7 +299,7 @@ class _Runner:
             tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
             tensors.update({f"head.{k}": v for k, v in hib.head.state_dict().items()})
             tensors.update(raw_a=hib.raw_a.data, b=hib.b.data)
-            self._save(tensors, path, spec)
+            self.cache.save(tensors, path, spec)
         net.eval()
         return _Method("hib", lambda x, keep: hib.predict(x, return_samples=keep))
 
@@ -360,7 +307,7 @@ class _Runner:
         """The cache spec of a post-hoc fit (:meth:`_embedder`) of the network of spec ``parent``."""
         c = self.config
         spec: dict[str, Any] = {
-            "parent": _short_hash(parent),
+            "parent": short_hash(parent),
             "subset": "last_layer",
             "approx": c.posthoc_approx,
             "geometry": "arccos",
@@ -378,24 +325,24 @@ class _Runner:
         if path.is_file():
             try:
                 posterior = EmbeddingPosterior.load(path, net)
-                self.loaded.append(path.name)
+                self.cache.loaded.append(path.name)
                 return posterior
             except ValueError as err:
                 logger.warning("cache file %s does not fit (%s); refitting", path, err)
-        self._miss(what, seed, path)
+        self.cache.miss(what, seed, path)
         logger.info("fitting %s, seed %d", what, seed)
         posterior = self._embedder(net, seed, self.config.posthoc_approx, self.config.posthoc_pairs).fit(
             self.lam_loader(seed)
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         posterior.save(path)  # written to a temporary file, then renamed
-        self.trained.append(path.name)
+        self.cache.trained.append(path.name)
         return posterior
 
     def lam_posthoc_base(self, seed: int) -> EmbeddingPosterior:
         """The post-hoc posterior of the deterministic network of ``seed`` (prior 1, cached)."""
         det = self.contrastive_net(seed)
-        path = self._path("lam_posthoc", seed, self._fit_spec(self.net_spec(0.0)))
+        path = self.cache.path("lam_posthoc", seed, self._fit_spec(self.net_spec(0.0)))
         return self._fit_cached(det, seed, path, "the post-hoc LAM curvature")
 
     def _calibrated(self, posterior: EmbeddingPosterior, seed: int) -> tuple[EmbeddingPosterior, float]:
@@ -483,32 +430,32 @@ class _Runner:
             "loss_miner": c.online_loss_miner,
         }
         spec.update({k: v for k, v in chosen.items() if v != ONLINE_LATER_DEFAULTS[k]})
-        path = self._path("lam_online", seed, spec)
-        post_path = self._path("lam_online", seed, spec, suffix=".posterior")
+        path = self.cache.path("lam_online", seed, spec)
+        post_path = self.cache.path("lam_online", seed, spec, suffix=".posterior")
         posterior: EmbeddingPosterior | None = None
-        if path.is_file() and post_path.is_file() and self._load_into(net, path):
+        if path.is_file() and post_path.is_file() and self.cache.load_into(net, path):
             try:
                 posterior = EmbeddingPosterior.load(post_path, net)
-                self.loaded.append(post_path.name)
+                self.cache.loaded.append(post_path.name)
             except ValueError as err:
                 logger.warning("cache file %s does not fit (%s); retraining", post_path, err)
-                self.loaded.remove(path.name)
+                self.cache.loaded.remove(path.name)
                 net = self.new_net(seed)
         if posterior is None:
             missing = post_path if path.is_file() else path
-            self._miss("the online-LAM network and its running curvature", seed, missing)
+            self.cache.miss("the online-LAM network and its running curvature", seed, missing)
             logger.info("training online LAM, seed %d (%d epochs)", seed, c.epochs)
             embedder = self._embedder(net, seed, c.online_approx)
             embedder.hinge = c.online_hinge
             if c.online_loss_miner == "triplets":
                 embedder.miner = TripletMarginMiner(margin=c.margin, type_of_triplets="all")
             posterior = embedder.fit_online(self.lam_loader(seed), epochs=c.epochs, **kwargs)
-            self._save(net.state_dict(), path, spec)
+            self.cache.save(net.state_dict(), path, spec)
             posterior.save(post_path)
-            self.trained.append(post_path.name)
+            self.cache.trained.append(post_path.name)
         net.eval()
         if c.online_posterior == "refit":
-            refit_path = self._path("lam_online", seed, self._fit_spec(spec), suffix=".refit")
+            refit_path = self.cache.path("lam_online", seed, self._fit_spec(spec), suffix=".refit")
             posterior = self._fit_cached(net, seed, refit_path, "the post-hoc LAM curvature of online LAM's weights")
         # the running curvature of online LAM sets the posterior's scale only up to the
         # rescaling of its batch sums: its temperature is chosen on validation ECE
