@@ -5,7 +5,7 @@ Subcommands:
 ``lam-plugin reproduce fashionmnist [--seeds 1 2 3] [--quick] [--out DIR] [--methods ...]
 [--device cpu|cuda] [--no-progress] [--cached-only]``
     Run the paper's FashionMNIST protocol (:mod:`lam_plugin.reproduce`) and print its table.
-``lam-plugin combine RUN/results.json ... --out DIR``
+``lam-plugin combine RUN/results.json ... --out DIR [--only FILE=METHOD[,METHOD...]]``
     One table over the union of the seeds of several ``reproduce`` runs (:mod:`lam_plugin.combine`).
 ``lam-plugin info``
     Versions of lam_plugin and its main dependencies, and which datasets are found.
@@ -80,6 +80,14 @@ def _fraction(value: str) -> float:
     if not 0.0 <= number < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
     return number
+
+
+def _only(value: str) -> tuple[str, list[str]]:
+    path, sep, methods = value.rpartition("=")
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if not sep or not path or not names:
+        raise argparse.ArgumentTypeError(f"expected FILE=METHOD[,METHOD...], got {value!r}")
+    return path, names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="combine a method's seeds from runs whose configurations differ (they are listed in results.md)",
     )
+    comb.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        type=_only,
+        metavar="FILE=METHOD[,METHOD...]",
+        help="take only these methods from FILE, one of the results files (repeatable); e.g. "
+        "--only runs/a/results.json=mc_dropout",
+    )
     comb.set_defaults(handler=_cmd_combine)
 
     info = sub.add_parser("info", help="versions and available datasets")
@@ -335,6 +352,13 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _merged_only(pairs: Sequence[tuple[str, list[str]]]) -> dict[str, list[str]]:
+    merged: dict[str, list[str]] = {}
+    for path, names in pairs:
+        merged.setdefault(path, []).extend(n for n in names if n not in merged.get(path, []))
+    return merged
+
+
 def _cmd_combine(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .combine import write_combined
     from .reproduce import results_table, seed_counts
@@ -345,6 +369,7 @@ def _cmd_combine(args: argparse.Namespace, argv: Sequence[str]) -> int:
             args.out,
             command=" ".join(["lam-plugin", *argv]),
             allow_config_differences=args.allow_config_differences,
+            only=_merged_only(args.only),
         )
     except (OSError, ValueError) as err:
         print(f"lam-plugin combine: error: {err}", file=sys.stderr)

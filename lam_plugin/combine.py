@@ -17,6 +17,10 @@ Rules:
   affect MC dropout), but some do (the MC-dropout layout), and this module does not
   know which; ``allow_config_differences=True`` combines anyway and lists every
   difference per method in ``config_differences`` and in the markdown;
+* ``only`` takes some methods from a file and leaves its others out, for a table whose
+  methods come from different runs (say, MC dropout from one combination and the other
+  methods from another); a file named there must be among the inputs and hold each
+  method named for it;
 * a combined ``results.json`` may itself be combined again: it stands for its sources,
   each with the seeds it gave and its configuration, so new seeds join an earlier
   combination without the files it was made from. Combined files written before the
@@ -31,7 +35,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +136,36 @@ def _sources(path: Path, results: Mapping[str, Any]) -> list[_Source]:
     return sources
 
 
+def _methods_taken(
+    files: Sequence[Path], runs: Sequence[Mapping[str, Any]], only: Mapping[str | os.PathLike[str], Sequence[str]]
+) -> list[set[str] | None]:
+    """Per file, the methods ``only`` takes from it (``None``: all), checked against the file."""
+    named = {Path(p).resolve(): list(methods) for p, methods in only.items()}
+    unknown = [str(p) for p in only if Path(p).resolve() not in {f.resolve() for f in files}]
+    if unknown:
+        raise ValueError(f"only names {', '.join(unknown)}, which is not among the results files")
+    taken: list[set[str] | None] = []
+    for f, run in zip(files, runs):
+        wanted = named.get(f.resolve())
+        if wanted is None:
+            taken.append(None)
+            continue
+        if not wanted:
+            raise ValueError(f"only: no method named for {f}")
+        held = sorted(run["per_seed"])
+        missing = [m for m in wanted if m not in run["per_seed"]]
+        if missing:
+            raise ValueError(f"only: {f} has no results of {', '.join(missing)} (it has {', '.join(held)})")
+        taken.append(set(wanted))
+    return taken
+
+
+def _restricted(unit: _Source, methods: set[str] | None) -> _Source:
+    if methods is None:
+        return unit
+    return replace(unit, per_seed={m: rows for m, rows in unit.per_seed.items() if m in methods})
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=0.0, abs_tol=1e-12)
@@ -139,7 +173,9 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def combine_results(
-    paths: Sequence[str | os.PathLike[str]], allow_config_differences: bool = False
+    paths: Sequence[str | os.PathLike[str]],
+    allow_config_differences: bool = False,
+    only: Mapping[str | os.PathLike[str], Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """The results of ``paths`` (``results.json`` files) as one run over the union of their seeds.
 
@@ -155,11 +191,14 @@ def combine_results(
         paths: the ``results.json`` files, at least two; earlier combined files allowed.
         allow_config_differences: combine a method's seeds from runs whose configurations
             differ (beyond their seeds and methods) instead of raising.
+        only: ``{path: methods}``: from the file ``path`` (as given in ``paths``), take
+            these methods and leave out the others; files not named give every method.
 
     Raises:
         ValueError: fewer than two files, runs of different data, one (method, seed)
-            with different numbers in two files, or (unless allowed) configurations
-            that differ between the sources of one method.
+            with different numbers in two files, (unless allowed) configurations
+            that differ between the sources of one method, or an ``only`` that names a
+            file not in ``paths`` or a method its file does not hold.
     """
     files = [Path(p) for p in paths]
     if len(files) < 2:
@@ -176,7 +215,10 @@ def combine_results(
                 f"differ from {files[0]}'s ({first['data'].get('fingerprint')}, {first['data'].get('sizes')})"
             )
 
-    units = [unit for f, run in zip(files, runs) for unit in _sources(f, run)]
+    taken = _methods_taken(files, runs, only or {})
+    units = [
+        _restricted(unit, taken[i]) for i, (f, run) in enumerate(zip(files, runs)) for unit in _sources(f, run)
+    ]
     per_seed: dict[str, dict[str, dict[str, Any]]] = {}
     origin: dict[str, dict[str, int]] = {}  # method -> seed -> index of the source it came from
     for i, unit in enumerate(units):
@@ -295,14 +337,21 @@ def _markdown(combined: Mapping[str, Any], command: str | None) -> str:
         *_supplementary_markdown(combined),
     ]
     parts += ["## Sources", ""]
-    for source in combined["sources"]:
-        took = "; ".join(f"{m} {', '.join(map(str, s))}" for m, s in source["seeds_by_method"].items()) or "nothing"
+    used = [source for source in combined["sources"] if source["seeds_by_method"]]
+    for source in used:
+        took = "; ".join(f"{m} {', '.join(map(str, s))}" for m, s in source["seeds_by_method"].items())
         wall = source.get("wall_time_s")
         parts.append(
             f"- `{source['file']}`: {took}. Command: `{source.get('command')}`"
             + (f", {wall:,.0f} s" if isinstance(wall, (int, float)) else "")
             + (f" on {source['machine']}" if source.get("machine") else "")
             + "."
+        )
+    unused = len(combined["sources"]) - len(used)
+    if unused:
+        parts.append(
+            f"- {unused} more source(s) gave nothing: their seeds came from an earlier file, or `only` "
+            "(`--only`) left their methods out (`sources` in results.json lists them)."
         )
     parts.append("")
     differences = combined["config_differences"]
@@ -332,12 +381,13 @@ def write_combined(
     out: str | os.PathLike[str],
     command: str | None = None,
     allow_config_differences: bool = False,
+    only: Mapping[str | os.PathLike[str], Sequence[str]] | None = None,
 ) -> tuple[dict[str, Any], list[Path]]:
     """Combine ``paths`` (:func:`combine_results`) and write ``results.json`` and ``results.md`` to ``out``.
 
     Returns the combined results and the two files written.
     """
-    combined = combine_results(paths, allow_config_differences)
+    combined = combine_results(paths, allow_config_differences, only)
     if command is not None:
         combined["command"] = command
     out_dir = Path(out)

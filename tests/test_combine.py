@@ -261,3 +261,44 @@ def test_a_combined_file_whose_sources_name_missing_seeds_is_refused(runs, tmp_p
                      lambda r: r["per_seed"]["lam_posthoc"].pop("2"))
     with pytest.raises(ValueError, match="source .*s2.* lists seeds that the file's per_seed lacks"):
         combine_results([broken, files["s1"]])
+
+
+def test_only_takes_some_methods_of_a_file(runs, tmp_path):
+    _, files = runs
+
+    def shift(r):  # another configuration of lam_posthoc on seed 1: would conflict
+        r["per_seed"]["lam_posthoc"]["1"]["auroc"] += 0.01
+
+    other = _edited(files["s1"], tmp_path, "other", shift)
+    with pytest.raises(ValueError, match="different results"):
+        combine_results([files["both"], other])
+    combined = combine_results([files["both"], other], only={other: ["deterministic"]})
+    both = json.loads(files["both"].read_text())
+    assert combined["methods"] == both["methods"]
+    assert [s["seeds_by_method"] for s in combined["sources"]] == [
+        {"deterministic": [1, 2], "lam_posthoc": [1, 2]},
+        {},  # its deterministic seed 1 is the first file's already
+    ]
+    # only lam_posthoc of seed 2's file, deterministic of seed 1's
+    only = {files["s1"]: ["deterministic"], files["s2"]: ["lam_posthoc"]}
+    mixed = combine_results([files["s1"], files["s2"]], only=only)
+    assert mixed["seeds_by_method"] == {"deterministic": [1], "lam_posthoc": [2]}
+    assert mixed["per_seed"]["lam_posthoc"]["2"] == both["per_seed"]["lam_posthoc"]["2"]
+    with pytest.raises(ValueError, match="has no results of mc_dropout .it has deterministic, lam_posthoc"):
+        combine_results([files["s1"], files["s2"]], only={files["s1"]: ["mc_dropout"]})
+    with pytest.raises(ValueError, match="not among the results files"):
+        combine_results([files["s1"], files["s2"]], only={tmp_path / "x.json": ["deterministic"]})
+    with pytest.raises(ValueError, match="no method named"):
+        combine_results([files["s1"], files["s2"]], only={files["s1"]: []})
+
+
+def test_cli_combine_only(runs, tmp_path, capsys):
+    _, files = runs
+    argv = ["combine", str(files["s1"]), str(files["s2"]), "--out", str(tmp_path / "c"),
+            "--only", f"{files['s2']}=lam_posthoc", "--only", f"{files['s1']}=deterministic,lam_posthoc"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "deterministic: seeds 1\n" in out and "lam_posthoc: seeds 1 2" in out
+    with pytest.raises(SystemExit):
+        cli.main(["combine", str(files["s1"]), str(files["s2"]), "--out", str(tmp_path / "d"), "--only", "nomethods"])
+    assert "expected FILE=METHOD" in capsys.readouterr().err
