@@ -72,6 +72,30 @@ class DictModel(nn.Module):
         return {"logits": self.aux(h), "embedding": self.proj(h)}
 
 
+class Block(nn.Module):
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.fc(x))
+
+
+class NestedModules(nn.Module):
+    """Containers of the user's own classes calling modules only (no functional
+    operation), with a Tanh after the last Linear."""
+
+    def __init__(self, d_in: int = 10, dim: int = 4) -> None:
+        super().__init__()
+        self.block = Block(d_in, 12)
+        self.fc = nn.Linear(12, dim)
+        self.out = nn.Tanh()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.fc(self.block(x)))
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
@@ -99,6 +123,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], str, str | None, bool]] = {
     "res_cnn_bn": (lambda: randomize_bn(ResCNN(4)), "image8", None, True),
     "layernorm_gelu_mlp": (lambda: NormMLP(10, 4), "vector", None, False),
     "dict_output": (lambda: DictModel(10, 3), "vector", "embedding", True),
+    "nested_modules": (lambda: NestedModules(10, 4), "vector", None, True),
 }
 
 

@@ -26,7 +26,7 @@ from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from backpack.custom_module.graph_utils import BackpackTracer
 from torch import Tensor, nn
 from torch.func import vjp, vmap
-from torch.fx import Graph
+from torch.fx import Graph, GraphModule
 
 from ..modules import L2Normalize
 from ..wrapping import Batch, OutputKey, call_model, select_output
@@ -145,7 +145,13 @@ def backpack_support(model: nn.Module) -> tuple[nn.Module | None, str | None]:
         return None, f"a forward that torch.fx cannot trace ({type(err).__name__}: {err})"
     if all(node.op in _GRAPH_OPS_OK for node in graph.nodes):
         reason = _unsupported(net, graph)
-        return (None, reason) if reason else (extend(net), None)
+        if reason:
+            return None, reason
+        # Run the traced graph rather than the model: BackPACK passes over a GraphModule
+        # (or a Sequential) as a container, but a container of the user's own class would
+        # reach its backward hook and fail there for want of an extension. The graph's
+        # modules keep their qualified names, so the parameters keep theirs.
+        return extend(GraphModule(net, graph)), None
     try:
         gm = extend(net, use_converter=True)
     except Exception as err:  # the converter refuses graphs it cannot rewrite
