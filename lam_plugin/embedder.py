@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .curvature.backpack import BackpackBackend, backpack_support
 from .curvature.base import CurvatureBackend, HessianFn, UnsupportedModelError
 from .curvature.functorch import FunctorchBackend
-from .curvature.last_layer import LastLayerCurvature, probe_last_layer
+from .curvature.last_layer import HeadMismatchError, LastLayerCurvature, probe_last_layer
 from .geometry import APPROXES, GEOMETRIES, OutputHessian, output_hessian
 from .numerics import flush_denormals
 from .online import OnlineLaplace, dataset_size_of, first_input
@@ -146,7 +146,16 @@ class LaplaceEmbedder:
                     if y.shape[0] != batch_size(x):
                         raise ValueError(f"a batch has {batch_size(x)} inputs but {y.shape[0]} labels")
                     x, y = to_device(x, device), y.to(device)
-                    diag, out = engine.batch(x, self._hessian_fn(y, selection))
+                    try:
+                        diag, out = engine.batch(x, self._hessian_fn(y, selection))
+                    except HeadMismatchError as err:
+                        # the closed form was exact on every earlier batch (each is
+                        # checked); the general backend takes over from this one
+                        engine.close()
+                        engine, head = self._engine(names, None, None), None
+                        logger.warning("%s; using the %s backend from here on", err, engine.name)
+                        bar.set_description(f"curvature ({engine.name})")
+                        diag, out = engine.batch(x, self._hessian_fn(y, selection))
                     total = diag.double() if total is None else total + diag.double()
                     n_data += y.shape[0]
                     n_batches += 1

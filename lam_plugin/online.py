@@ -52,6 +52,7 @@ became its most certain classes, and the uncertainty ranked retrieval errors wor
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
@@ -61,7 +62,7 @@ from pytorch_metric_learning.miners import TripletMarginMiner
 from torch import Tensor
 
 from .curvature.functorch import FunctorchBackend, functional_forward
-from .curvature.last_layer import LastLayerCurvature, capture_io, probe_last_layer
+from .curvature.last_layer import LastLayerCurvature, capture_io, head_holds, probe_last_layer
 from .geometry import output_hessian
 from .losses import ContrastiveBatchLoss
 from .numerics import flush_denormals
@@ -73,6 +74,8 @@ from .wrapping import Batch, eval_mode, model_device, split_batch, to_device
 
 if TYPE_CHECKING:
     from .embedder import LaplaceEmbedder
+
+logger = logging.getLogger(__name__)
 
 
 class OnlineLaplace:
@@ -181,6 +184,8 @@ class OnlineLaplace:
             if self.head is not None:
                 with capture_io(self.engine.layer) as io:  # type: ignore[union-attr]
                     out = functional_forward(model, sampled, x, emb.output_key)
+                if not head_holds(io["output"].detach(), out.detach(), self.head):  # type: ignore[arg-type]
+                    self._leave_closed_form()
             else:
                 out = functional_forward(model, sampled, x, emb.output_key)
             losses.append(self.loss_fn(out, y))
@@ -206,6 +211,19 @@ class OnlineLaplace:
                 self.H.add_(h.clamp_min(0) if self.relu == "per_step" else h)
         self.steps += 1
         return float(loss.detach())
+
+    def _leave_closed_form(self) -> None:
+        """Switch to the general backend: on this batch the model output is not the head of
+        the last layer's output. Every earlier step's curvature was exact (each is checked)."""
+        emb = self.embedder
+        logger.warning(
+            "the model output is not '%s' of the output of layer %r on this batch; using the torch.func "
+            "backend from here on",
+            self.head,
+            self.layer,
+        )
+        self.engine = FunctorchBackend(emb.model, emb.output_key, self.names, emb.chunk_size)
+        self.head = None
 
     def _batch_to_data(self, n_pairs: int, batch_size: int) -> float:
         """The factor that rescales one batch's curvature sum to the data set."""

@@ -22,7 +22,7 @@ from torch.func import vmap
 
 from . import __version__, file_format
 from .curvature.functorch import functional_forward
-from .curvature.last_layer import apply_head, detect_head, run_with_features
+from .curvature.last_layer import apply_head, head_holds, run_with_features
 from .parameters import architecture, fingerprint, flatten, unflatten
 from .prediction import Prediction
 from .wrapping import Batch, batch_size as batch_size_of, eval_mode, model_device, slice_batch, split_batch, to_device
@@ -208,7 +208,9 @@ class EmbeddingPosterior:
     def _embed(self, x: Batch, weights: Tensor, chunk_size: int | None) -> Tensor:
         """``[n, B, D]`` model outputs of ``x`` under the weight samples ``[n, P]``."""
         if self.config.head is not None:
-            return self._sample_last_layer(x, weights)
+            fast = self._sample_last_layer(x, weights)
+            if fast is not None:
+                return fast
         params = unflatten(weights, self.model, self.param_names)
         key = self.config.output_key
 
@@ -237,14 +239,15 @@ class EmbeddingPosterior:
             stats=self.stats,
         )
 
-    def _sample_last_layer(self, x: Batch, weights: Tensor) -> Tensor:
+    def _sample_last_layer(self, x: Batch, weights: Tensor) -> Tensor | None:
+        """The outputs from one forward pass and the sampled last layer, or None where the
+        model output does not follow from that layer by the head on this batch (an
+        elementwise nonlinearity after it, say): the general path then samples them."""
         layer = dict(self.model.named_modules())[self.config.layer]
         feats, u, out = run_with_features(self.model, layer, x, self.config.output_key)
-        if detect_head(u, out) != self.config.head:
-            raise RuntimeError(
-                f"the model output no longer follows from layer {self.config.layer!r} by "
-                f"'{self.config.head}'; was the model changed after fit?"
-            )
+        if not head_holds(u, out, self.config.head):  # type: ignore[arg-type]
+            logger.debug("the head does not hold on this batch; sampling through the whole model")
+            return None
         params = unflatten(weights, self.model, self.param_names)
         w = params[f"{self.config.layer}.weight"]
         u_s = torch.einsum("bi,noi->nbo", feats, w)

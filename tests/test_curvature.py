@@ -68,7 +68,7 @@ def reference_curvature(model, names, batches, geometry, approx, output_key=None
 
 
 def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
 def _fit(model, batches, key, **kw):
@@ -161,3 +161,53 @@ def test_miner_pairs_count_as_given():
             total += c * reference_curvature(model, post.param_names, sub, "arccos", "pos", key)
     assert post.stats.n_positive == sum(len(lmu.get_all_triplets_indices(y)[0]) for _, y in batches)
     assert _relerr(post.curvature, total) <= 1e-6
+
+
+def _relu_head_case():
+    """A ReLU after the last Linear, and two batches: on the first it looks like the
+    identity (no output clipped), on the second it is not."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(10, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4), torch.nn.ReLU()
+    ).double().eval()
+    with torch.no_grad():
+        model[2].bias.fill_(0.3)
+        x = torch.randn(200, 10, dtype=torch.float64)
+        clipped = (model(x) == 0).any(1)
+    first, second = x[~clipped][:6], torch.cat([x[clipped][:3], x[~clipped][6:9]])
+    batches = [(first, torch.tensor([0, 0, 0, 1, 1, 1])), (second, torch.tensor([0, 1, 0, 1, 0, 1]))]
+    return model, batches
+
+
+def test_a_head_that_looks_like_the_identity_on_the_first_batch(caplog):
+    """The closed form of the last layer is checked on every batch: where the model output
+    is not the layer's output, the general backend takes over and the curvature stays exact."""
+    model, batches = _relu_head_case()
+    with caplog.at_level(logging.WARNING, logger="lam_plugin"):
+        post = _fit(model, batches, None, approx="pos")
+    assert post.stats.backend == "backpack" and post.config.head is None
+    assert any("is not 'identity' of the output of layer '2'" in r.getMessage() for r in caplog.records)
+    ref = reference_curvature(model, post.param_names, batches, "arccos", "pos")
+    assert _relerr(post.curvature, ref) <= 1e-6
+    # a posterior whose fit saw only unclipped outputs samples clipped ones through the model
+    fast = _fit(model, batches[:1], None, approx="pos")
+    assert fast.config.head == "identity"
+    x = batches[1][0]
+    weights = fast.sample_weights(5, torch.Generator().manual_seed(0))
+    params = {n: w for n, w in zip(fast.param_names, weights[0].split([48, 4]))}
+    expected = functional_call(model, {"2.weight": params["2.weight"].view(4, 12), "2.bias": params["2.bias"]}, (x,))
+    got = fast.sample(x, n=5, generator=torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(got, torch.nn.functional.normalize(expected, dim=-1))
+    assert (expected == 0).any()  # the clipped outputs were sampled, not refused
+
+
+def test_online_leaves_the_closed_form_where_the_head_does_not_hold(caplog):
+    model, batches = _relu_head_case()
+    lam = LaplaceEmbedder(model, approx="pos", prior_precision=1e12, progress=False)  # sampled weights = mean
+    trainer = lam.online(batches[0][0], dataset_size=12, lr=1e-9)
+    trainer.step(*batches[0])
+    assert trainer.engine.name == "last_layer"
+    with caplog.at_level(logging.WARNING, logger="lam_plugin"):
+        trainer.step(*batches[1])
+    assert trainer.engine.name == "torch.func" and trainer.posterior().config.head is None
+    assert any("torch.func backend from here on" in r.getMessage() for r in caplog.records)

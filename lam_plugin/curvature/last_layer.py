@@ -60,25 +60,33 @@ def apply_head(u: Tensor, head: Head) -> Tensor:
     return torch.nn.functional.normalize(u, dim=-1) if head == "normalize" else u
 
 
+def head_holds(u: Tensor, out: Tensor, head: Head) -> bool:
+    """Whether ``out`` is ``head`` applied to the last layer's output ``u``, on every item."""
+    return u.ndim == 2 and u.shape == out.shape and torch.allclose(out, apply_head(u, head), rtol=1e-4, atol=1e-5)
+
+
 def detect_head(u: Tensor, out: Tensor) -> Head | None:
     """Which parameter-free head maps the last layer's output ``u`` to the model output, if any."""
-    if u.ndim != 2 or u.shape != out.shape:
-        return None
-    tol = dict(rtol=1e-4, atol=1e-5)
-    if torch.allclose(out, u, **tol):
-        return "identity"
-    if torch.allclose(out, apply_head(u, "normalize"), **tol):
-        return "normalize"
+    for head in ("identity", "normalize"):
+        if head_holds(u, out, head):  # type: ignore[arg-type]
+            return head  # type: ignore[return-value]
     return None
+
+
+class HeadMismatchError(RuntimeError):
+    """On some batch the model output is not the head of the last layer's output (an
+    elementwise nonlinearity after it, such as a ReLU, can look like the identity on the
+    items probed first)."""
 
 
 def probe_last_layer(model: nn.Module, example: Batch, output_key: OutputKey) -> tuple[str, Head | None]:
     """The last ``nn.Linear`` run in the forward pass, and the head after it (None if none).
 
-    Runs one no-grad forward on the first two items of ``example``.
+    Runs one no-grad forward on all of ``example``; :class:`LastLayerCurvature` checks
+    the head again on every batch it is given.
     """
     layer = last_linear(model, head_of_batch(example, 2))
-    _, u, out = run_with_features(model, dict(model.named_modules())[layer], head_of_batch(example, 2), output_key)
+    _, u, out = run_with_features(model, dict(model.named_modules())[layer], example, output_key)
     return layer, detect_head(u, out)
 
 
@@ -129,8 +137,22 @@ class LastLayerCurvature(CurvatureBackend):
         self.head = head
 
     def batch(self, x: Batch, hessian_fn: HessianFn) -> tuple[Tensor, Tensor]:
+        """As :meth:`CurvatureBackend.batch`.
+
+        Raises:
+            HeadMismatchError: the model output does not follow from the layer's output
+                by the head on this batch (checked before ``hessian_fn`` is called).
+        """
         feats, u, out = run_with_features(self.model, self.layer, x, self.output_key)
+        self.check_head(u, out)
         return self.from_features(feats, u, hessian_fn(out)), out
+
+    def check_head(self, u: Tensor, out: Tensor) -> None:
+        """Raise :class:`HeadMismatchError` unless ``out`` is the head of ``u``."""
+        if not head_holds(u, out, self.head):
+            raise HeadMismatchError(
+                f"the model output is not '{self.head}' of the output of layer {self.layer_name!r} on this batch"
+            )
 
     def from_features(self, feats: Tensor, u: Tensor, g: OutputHessian) -> Tensor:
         """``diag(J^T G J)`` over the layer's parameters from its input ``feats [B, in]`` and
