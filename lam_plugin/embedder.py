@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .arguments import check_prior, number, positive_int
 from .curvature.backpack import BackpackBackend, backpack_support
 from .curvature.base import CurvatureBackend, HessianFn, UnsupportedModelError
 from .curvature.functorch import FunctorchBackend
@@ -22,7 +23,7 @@ from .pairs import Miner, PairSelection
 from .parameters import Subset, flatten, resolve_subset
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
-from .wrapping import Batch, OutputKey, batch_size, eval_mode, model_device, split_batch, to_device
+from .wrapping import Batch, OutputKey, batch_size, eval_mode, model_device, prepare_inputs, split_batch
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +91,14 @@ class LaplaceEmbedder:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not (isinstance(margin, (int, float)) and margin > 0):
             raise ValueError(f"margin must be a positive number, got {margin!r}")
-        if not (isinstance(hessian_scale, (int, float)) and hessian_scale > 0):
-            raise ValueError(f"hessian_scale must be a positive number, got {hessian_scale!r}")
+        number(hessian_scale, "hessian_scale", low=0.0)
         if max_pairs is not None and (not isinstance(max_pairs, int) or max_pairs < 1):
             raise ValueError(f"max_pairs must be a positive int or None, got {max_pairs!r}")
-        if isinstance(prior_precision, str) and prior_precision != "marglik":
-            raise ValueError(f"prior_precision must be a positive number or 'marglik', got {prior_precision!r}")
+        check_prior(prior_precision)
+        if chunk_size is not None:
+            positive_int(chunk_size, "chunk_size")
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
         if not isinstance(hinge, bool):
             raise TypeError(f"hinge must be a bool, got {type(hinge).__name__}")
         if isinstance(miner, str) and miner != "all":
@@ -128,7 +131,7 @@ class LaplaceEmbedder:
         """
         first = _first_batch(loader)
         device = model_device(self.model)
-        x0 = to_device(split_batch(first)[0], device)
+        x0 = prepare_inputs(split_batch(first)[0], self.model)
         selection = PairSelection(
             self.miner, self.margin, self.max_pairs, torch.Generator().manual_seed(self.seed), self.hinge
         )
@@ -145,7 +148,7 @@ class LaplaceEmbedder:
                     x, y = split_batch(batch)
                     if y.shape[0] != batch_size(x):
                         raise ValueError(f"a batch has {batch_size(x)} inputs but {y.shape[0]} labels")
-                    x, y = to_device(x, device), y.to(device)
+                    x, y = prepare_inputs(x, self.model), y.to(device)
                     try:
                         diag, out = engine.batch(x, self._hessian_fn(y, selection))
                     except HeadMismatchError as err:
@@ -221,7 +224,7 @@ class LaplaceEmbedder:
     def online(self, example: Batch, dataset_size: int, **kwargs: Any) -> OnlineLaplace:
         """A step-wise online-LAM trainer (``.step(x, y)``, ``.end_epoch()``, ``.posterior()``)
         for use inside your own training loop; ``kwargs`` go to :class:`OnlineLaplace`."""
-        return OnlineLaplace(self, to_device(example, model_device(self.model)), dataset_size, **kwargs)
+        return OnlineLaplace(self, prepare_inputs(example, self.model), dataset_size, **kwargs)
 
     def fit_online(
         self,

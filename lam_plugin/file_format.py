@@ -55,6 +55,8 @@ def save_atomically(
     """``safetensors`` ``save_file`` to a temporary file beside ``path``, renamed to ``path``
     at the end; the temporary file is removed if anything fails."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save {path}: there is no folder {path.parent}")
     save = safetensors.torch.save_file if framework == "pt" else safetensors.numpy.save_file
     # a temporary name of its own, so that two processes saving to one path never share it
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")

@@ -61,6 +61,7 @@ import torch
 from pytorch_metric_learning.miners import TripletMarginMiner
 from torch import Tensor
 
+from .arguments import number, positive_int
 from .curvature.functorch import FunctorchBackend, functional_forward
 from .curvature.last_layer import LastLayerCurvature, capture_io, head_holds, probe_last_layer
 from .geometry import output_hessian
@@ -70,7 +71,7 @@ from .pairs import Miner, PairSelection
 from .parameters import resolve_subset, unflatten
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
-from .wrapping import Batch, eval_mode, model_device, split_batch, to_device
+from .wrapping import Batch, batch_size, eval_mode, model_device, prepare_inputs, split_batch
 
 if TYPE_CHECKING:
     from .embedder import LaplaceEmbedder
@@ -118,12 +119,14 @@ class OnlineLaplace:
         relu: Literal["per_step", "on_use", "per_epoch"] = "per_step",
         generator: torch.Generator | None = None,
     ) -> None:
-        if dataset_size < 1:
-            raise ValueError(f"dataset_size must be positive, got {dataset_size}")
-        if not 0 < memory_factor <= 1:
-            raise ValueError(f"memory_factor must be in (0, 1], got {memory_factor}")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be positive, got {n_samples}")
+        positive_int(dataset_size, "dataset_size")
+        number(lr, "lr", low=0.0)
+        number(weight_decay, "weight_decay", low=0.0, low_open=False)
+        number(lr_decay, "lr_decay", low=0.0, high=1.0, high_open=False)
+        number(memory_factor, "memory_factor", low=0.0, high=1.0, high_open=False)
+        positive_int(n_samples, "n_samples")
+        if max_pairs is not None:
+            positive_int(max_pairs, "max_pairs")
         if curvature not in self.CURVATURES:
             raise ValueError(f"curvature must be one of {self.CURVATURES}, got {curvature!r}")
         if relu not in self.RELUS:
@@ -143,6 +146,12 @@ class OnlineLaplace:
         params = dict(model.named_parameters())
         n_params = sum(params[n].numel() for n in self.names)
         self.H = torch.full((n_params,), float(dataset_size), dtype=params[self.names[0]].dtype, device=model_device(model))
+        prior = embedder.prior_precision
+        if isinstance(prior, Tensor) and prior.numel() not in (1, n_params):
+            raise ValueError(
+                f"prior_precision must be a scalar or one value per weight of the posterior ({n_params}), "
+                f"got {prior.numel()}"
+            )
         self.optimizer = torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=lr_decay)
         self.loss_fn = ContrastiveBatchLoss(embedder.margin, embedder.miner)
@@ -161,9 +170,15 @@ class OnlineLaplace:
         self.selection = PairSelection(hessian_miner, embedder.margin, max_pairs, self.generator, embedder.hinge)
 
     @property
-    def prior(self) -> float:
+    def prior(self) -> float | Tensor:
+        """The prior precision of the sampled weights: a number, or ``[P]`` on ``H``'s device
+        (``"marglik"`` samples with 1 until the end, where :meth:`posterior` chooses it)."""
         p = self.embedder.prior_precision
-        return 1.0 if isinstance(p, str) else float(p)
+        if isinstance(p, str):
+            return 1.0
+        if isinstance(p, Tensor):
+            return float(p) if p.numel() == 1 else p.to(self.H)
+        return float(p)
 
     @flush_denormals()
     def step(self, x: Batch, y: Tensor) -> float:
@@ -171,7 +186,10 @@ class OnlineLaplace:
         emb = self.embedder
         model = emb.model
         device = model_device(model)
-        x, y = to_device(x, device), y.to(device)
+        x = prepare_inputs(x, model)
+        y = torch.as_tensor(y, device=device)
+        if y.ndim != 1 or y.shape[0] != batch_size(x):
+            raise ValueError(f"y must hold one label per input ({batch_size(x)}), got shape {tuple(y.shape)}")
         params = dict(model.named_parameters())
         sigma = (self.H.clamp_min(0) + self.prior).rsqrt()
         losses, curvatures = [], []
@@ -242,7 +260,7 @@ class OnlineLaplace:
         emb = self.embedder
         mean = torch.cat([dict(emb.model.named_parameters())[n].detach().reshape(-1) for n in self.names])
         curvature = self.H.clamp_min(0)
-        prior: float = self.prior
+        prior = self.prior
         if emb.prior_precision == "marglik":
             prior = marglik_prior_precision(curvature, mean, n_data or self.dataset_size, 1)
         config = PosteriorConfig(

@@ -25,7 +25,8 @@ from .curvature.functorch import functional_forward
 from .curvature.last_layer import apply_head, head_holds, run_with_features
 from .parameters import architecture, fingerprint, flatten, unflatten
 from .prediction import Prediction
-from .wrapping import Batch, batch_size as batch_size_of, eval_mode, model_device, slice_batch, split_batch, to_device
+from .wrapping import Batch, eval_mode, model_device, prepare_inputs, slice_batch, split_batch
+from .wrapping import batch_size as batch_size_of
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class EmbeddingPosterior:
     ) -> Tensor:
         """``[n, B, D]`` model outputs of ``x`` under ``n`` weight samples, before any normalisation."""
         weights = self.sample_weights(n, generator)
-        x = to_device(x, model_device(self.model))
+        x = prepare_inputs(x, self.model)
         size = batch_size_of(x)
         step = size if batch_size is None else batch_size
         if step < 1:
@@ -229,7 +230,7 @@ class EmbeddingPosterior:
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         config = replace(self.config, hessian_scale=self.config.hessian_scale / temperature)
-        return EmbeddingPosterior(
+        tempered = EmbeddingPosterior(
             self.model,
             self.param_names,
             self.curvature,
@@ -238,6 +239,13 @@ class EmbeddingPosterior:
             config=config,
             stats=self.stats,
         )
+        precision = tempered.precision
+        if not bool(torch.isfinite(precision).all() and (precision > 0).all()):
+            raise ValueError(
+                f"temperature {temperature!r} takes the precision out of the range of {precision.dtype} "
+                "(it overflows or underflows)"
+            )
+        return tempered
 
     def _sample_last_layer(self, x: Batch, weights: Tensor) -> Tensor | None:
         """The outputs from one forward pass and the sampled last layer, or None where the

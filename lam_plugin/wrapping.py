@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -67,11 +68,44 @@ def head_of_batch(x: Batch, k: int) -> Batch:
     return slice_batch(x, 0, k)
 
 
-def to_device(x: Batch, device: torch.device) -> Batch:
-    """Move a tensor or dict-of-tensors batch to ``device``."""
+def prepare_inputs(x: Any, model: nn.Module) -> Batch:
+    """A batch of inputs checked and moved to ``model``'s device.
+
+    ``x`` must be a tensor or a dict of tensors (other dict values pass unchanged) with
+    at least one item; floating tensors must be finite, and are cast to the dtype of the
+    model's floating parameters when those share one (so float64 data from numpy meets a
+    float32 model). Raises ``TypeError`` or ``ValueError`` that say what was wrong.
+    """
     if isinstance(x, Mapping):
-        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in x.items()}
-    return x.to(device)
+        tensors = {k: v for k, v in x.items() if isinstance(v, Tensor)}
+        if not tensors:
+            raise TypeError("the input dict holds no tensor")
+    elif isinstance(x, Tensor):
+        tensors = {"inputs": x}
+    else:
+        hint = "torch.from_numpy(x)" if isinstance(x, np.ndarray) else "for an (x, y) batch or a loader, its inputs x"
+        raise TypeError(f"inputs must be a torch.Tensor or a dict of tensors, got {type(x).__name__} ({hint})")
+    if batch_size(x) == 0:
+        raise ValueError("the inputs are empty (0 items)")
+    for key, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            where = "the inputs" if isinstance(x, Tensor) else f"input {key!r}"
+            raise ValueError(f"{where} contain {bad} NaN or infinite value(s) of {v.numel()}")
+    device, dtype = model_device(model), _float_dtype(model)
+
+    def move(v: Tensor) -> Tensor:
+        return v.to(device, dtype=dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+
+    if isinstance(x, Mapping):
+        return {k: move(v) if isinstance(v, Tensor) else v for k, v in x.items()}
+    return move(x)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's floating parameters if they share one, else None."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def split_batch(batch: Any) -> tuple[Batch, Tensor]:

@@ -234,6 +234,96 @@ def test_bad_arguments_have_clear_errors():
         LaplaceEmbedder(DictModel(), progress=False).fit(_loader((10,)))
     with pytest.raises(RuntimeError, match="fit"):
         LaplaceEmbedder(model).sample_embeddings(torch.randn(2, 10))
+    # the prior precision is checked when the embedder is made, before any fit
+    for bad in (0, -1.0, float("nan"), float("inf"), torch.tensor([1.0, -1.0]), torch.tensor([[1.0]])):
+        with pytest.raises(ValueError, match="prior_precision"):
+            LaplaceEmbedder(model, prior_precision=bad)
+    with pytest.raises(TypeError, match="prior_precision must be a number, got bool"):
+        LaplaceEmbedder(model, prior_precision=True)
+    with pytest.raises(ValueError, match="hessian_scale"):
+        LaplaceEmbedder(model, hessian_scale=float("inf"))
+    with pytest.raises(TypeError, match="chunk_size"):
+        LaplaceEmbedder(model, chunk_size="a")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="normalize"):
+        LaplaceEmbedder(model, normalize="no")  # type: ignore[arg-type]
+
+
+def test_inputs_are_checked_and_cast_to_the_model_dtype(tmp_path):
+    model = NormMLP(10, 4)
+    loader = _loader((10,))
+    post = LaplaceEmbedder(model, progress=False).fit(loader)
+    x = torch.randn(5, 10)
+    # float64 data (from numpy, say) meets a float32 model: cast, same result
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(0)
+
+    as_float64 = post.predict(x.double(), generator=seeded()).mean
+    torch.testing.assert_close(as_float64, post.predict(x, generator=seeded()).mean)
+    refit = LaplaceEmbedder(model, progress=False).fit([(a.double(), b) for a, b in loader])
+    assert refit.curvature.dtype == torch.float32
+    with pytest.raises(TypeError, match="got ndarray .torch.from_numpy"):
+        post.predict(x.numpy())
+    with pytest.raises(TypeError, match="got list .for an .x, y. batch"):
+        post.predict([x, torch.zeros(5)])
+    with pytest.raises(ValueError, match="empty .0 items"):
+        post.predict(x[:0])
+    nan = x.clone()
+    nan[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN or infinite value"):
+        post.predict(nan)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        LaplaceEmbedder(model, progress=False).fit([(nan, torch.tensor([0, 0, 1, 1, 2]))])
+    with pytest.raises(ValueError, match="temperature 1e-300 takes the precision out of the range"):
+        post.tempered(1e-300)
+    with pytest.raises(FileNotFoundError, match="there is no folder"):
+        post.save(tmp_path / "missing" / "p.safetensors")
+
+
+def test_online_refuses_bad_input_and_options_before_training():
+    """Nothing of the model changes: no weight, no BatchNorm statistic."""
+    model = nn.Sequential(nn.Linear(10, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 4))
+    before = _snapshot(model)
+    loader = _loader((10,))
+    lam = LaplaceEmbedder(model, progress=False)
+    bad_options = [
+        dict(max_pairs=0), dict(max_pairs=-5), dict(max_pairs=2.5), dict(lr_decay=0.0), dict(lr_decay=-1.0),
+        dict(lr_decay=2.0), dict(lr=float("inf")), dict(weight_decay=float("nan")), dict(n_samples=1.5),
+        dict(dataset_size=2.5), dict(dataset_size="24"),
+    ]
+    for options in bad_options:
+        with pytest.raises((ValueError, TypeError), match=next(iter(options))):
+            lam.fit_online(loader, epochs=1, **options)
+    x, y = next(iter(loader))
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        lam.fit_online([(x, y)], epochs=1, dataset_size=8)
+    trainer = lam.online(next(iter(loader))[0], dataset_size=24)
+    with pytest.raises(ValueError, match="NaN"):
+        trainer.step(x, y)
+    with pytest.raises(ValueError, match="one label per input"):
+        trainer.step(torch.zeros(4, 10), y)
+    with pytest.raises(ValueError, match="one value per weight of the posterior .52., got 3"):
+        LaplaceEmbedder(model, prior_precision=torch.ones(3)).online(x[1:], dataset_size=24)
+    after = _snapshot(model)
+    for key in ("state", "training", "requires_grad", "hooks"):
+        assert _equal(after[key], before[key]), key
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+def test_online_with_a_prior_precision_per_weight():
+    torch.manual_seed(0)
+    model = NormMLP(10, 4)
+    loader = _loader((10,))
+    prior = torch.linspace(1.0, 2.0, 52)
+    post = LaplaceEmbedder(model, prior_precision=prior, progress=False).fit_online(loader, epochs=1)
+    torch.testing.assert_close(post.prior_precision, prior)
 
 
 def test_online_step_and_fit_online():

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-__all__ = ["as_ids", "batches", "float32", "positive_int"]
+__all__ = ["as_ids", "batches", "float32"]
 
 
 def batches(data: Any, batch_size: int, name: str) -> tuple[Iterable[Any], int | None]:
@@ -58,12 +58,3 @@ def as_ids(ids: Sequence[int] | np.ndarray | Tensor, n: int) -> np.ndarray:
     if np.unique(arr).size != n:
         raise ValueError("ids has duplicates")
     return arr
-
-
-def positive_int(value: int, name: str) -> int:
-    """``value`` as an int of at least 1; bools and non-integers are refused."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
-    return int(value)

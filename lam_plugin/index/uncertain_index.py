@@ -16,10 +16,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..arguments import positive_int
 from ..prediction import Prediction
 from . import moments, storage
 from .faiss_backend import gpu_device_id, new_index, to_gpu
-from .inputs import as_ids, batches, float32, positive_int
+from .inputs import as_ids, batches, float32
 from .locking import ReadWriteLock
 from .result import SearchResult, confidence_bound, normal_cdf, prob_within
 
