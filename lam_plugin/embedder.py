@@ -20,7 +20,7 @@ from .geometry import APPROXES, GEOMETRIES, OutputHessian, output_hessian
 from .numerics import flush_denormals
 from .online import OnlineLaplace, dataset_size_of, first_input
 from .pairs import Miner, PairSelection
-from .parameters import Subset, flatten, resolve_subset
+from .parameters import Subset, check_affects_output, flatten, resolve_subset
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
 from .wrapping import Batch, OutputKey, batch_size, eval_mode, model_device, prepare_inputs, split_batch
@@ -141,6 +141,8 @@ class LaplaceEmbedder:
         with eval_mode(self.model):
             layer, head = probe_last_layer(self.model, x0, self.output_key) if self.subset == "last_layer" else (None, None)
             names = resolve_subset(self.model, self.subset, layer)
+            if layer is None:
+                check_affects_output(self.model, names, x0, self.output_key)
             engine = self._engine(names, layer, head)
             try:
                 bar = tqdm(loader, desc=f"curvature ({engine.name})", disable=not self.progress, leave=False)

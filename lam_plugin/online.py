@@ -68,7 +68,7 @@ from .geometry import output_hessian
 from .losses import ContrastiveBatchLoss
 from .numerics import flush_denormals
 from .pairs import Miner, PairSelection
-from .parameters import resolve_subset, unflatten
+from .parameters import check_affects_output, resolve_subset, unflatten
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
 from .wrapping import Batch, batch_size, eval_mode, model_device, prepare_inputs, split_batch
@@ -139,6 +139,8 @@ class OnlineLaplace:
             with eval_mode(model):
                 self.layer, self.head = probe_last_layer(model, example, embedder.output_key)
         self.names = resolve_subset(model, embedder.subset, self.layer)
+        if self.layer is None:
+            check_affects_output(model, self.names, example, embedder.output_key)
         self.dataset_size = int(dataset_size)
         self.memory_factor = memory_factor
         self.n_samples = n_samples

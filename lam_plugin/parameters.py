@@ -7,13 +7,14 @@ parameters in ``model.named_parameters()`` order.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Union
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from .wrapping import Batch, call_model, eval_mode
+from .wrapping import Batch, OutputKey, call_model, eval_mode, head_of_batch, select_output
 
 Subset = Union[str, Sequence[str]]
 
@@ -66,6 +67,33 @@ def resolve_subset(model: nn.Module, subset: Subset, last_layer: str | None = No
     if not chosen:
         raise ValueError(f"subset={subset!r} selects no parameter")
     return chosen
+
+
+def check_affects_output(model: nn.Module, names: Sequence[str], example: Batch, output_key: OutputKey) -> None:
+    """Raise ``ValueError`` unless some parameter in ``names`` changes the model output.
+
+    One forward and backward pass on (at most two items of) ``example``, in eval mode,
+    through ``torch.func.functional_call``: the model's weights and ``.grad`` stay as
+    they are.
+    """
+    wanted = set(names)
+    params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters() if n in wanted}
+    x = head_of_batch(example, 2)
+    with eval_mode(model), torch.enable_grad():
+        if isinstance(x, Mapping):
+            raw = functional_call(model, params, (), dict(x))
+        else:
+            raw = functional_call(model, params, (x,))
+        out = select_output(raw, output_key)
+        used = out.requires_grad and any(
+            g is not None for g in torch.autograd.grad(out.sum(), list(params.values()), allow_unused=True)
+        )
+    if not used:
+        shown = ", ".join(list(names)[:4]) + (", ..." if len(names) > 4 else "")
+        raise ValueError(
+            f"the posterior's parameters ({shown}) do not affect the model output: the forward pass never "
+            "uses them; choose a subset that it does"
+        )
 
 
 def _has_prefix(name: str, prefix: str) -> bool:

@@ -289,6 +289,13 @@ def test_pfe_diverging_head_is_a_clear_error():
         PFE(model, feature_fn=lambda t: t, head=head).fit(x, y, epochs=1, batch_size=30)
 
 
+def test_pfe_without_any_positive_pair_is_a_clear_error():
+    """Labels that never repeat within a batch leave nothing to learn: refused, not NaN losses."""
+    x, _ = two_classes(n=32)
+    with pytest.raises(ValueError, match="PFE: no batch of 8 had a pair to learn from"):
+        PFE(mlp_embedder(D_IN, D)).fit(x, torch.arange(32), epochs=2, batch_size=8)
+
+
 def test_default_head_is_blind_to_the_feature_scale():
     """The default head divides its input by the features' RMS: features 1e4 times larger
     (a network trained with a large learning rate) train the same head, instead of one

@@ -317,6 +317,29 @@ def _equal(a, b) -> bool:
     return a == b
 
 
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(10, 4)
+        self.unused = nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+@pytest.mark.parametrize("backend", ["auto", "backpack", "torch.func"])
+def test_a_subset_the_output_does_not_use_is_refused(backend):
+    loader = _loader((10,))
+    lam = LaplaceEmbedder(_TwoHeads(), subset=["unused"], backend=backend, progress=False)
+    with pytest.raises(ValueError, match=r"parameters \(unused.weight, unused.bias\) do not affect the model output"):
+        lam.fit(loader)
+    with pytest.raises(ValueError, match="do not affect the model output"):
+        lam.fit_online(loader, epochs=1)
+    # within a larger subset they are allowed: their curvature is zero
+    post = LaplaceEmbedder(_TwoHeads(), subset="all", backend=backend, progress=False).fit(loader)
+    assert post.curvature[-44:].abs().max() == 0 and post.curvature[:44].abs().max() > 0
+
+
 def test_online_with_a_prior_precision_per_weight():
     torch.manual_seed(0)
     model = NormMLP(10, 4)

@@ -243,6 +243,7 @@ class VarianceHeadBaseline(UncertaintyBaseline):
         Raises:
             FloatingPointError: a batch loss is not finite (the head diverged), before
                 that step is taken.
+            ValueError: ``epochs > 0`` and no batch gave a loss, so nothing was trained.
         """
         opt = torch.optim.Adam(params, lr=lr)
         generator = torch.Generator().manual_seed(seed)
@@ -267,4 +268,9 @@ class VarianceHeadBaseline(UncertaintyBaseline):
                 total += history.batch_losses[-1]
                 steps += 1
             history.epoch_losses.append(total / steps if steps else float("nan"))
+        if epochs > 0 and not history.batch_losses:
+            raise ValueError(
+                f"{self.method_name}: no batch of {batch_size} had a pair to learn from (two items with one "
+                "label), so nothing was trained; use larger batches or data whose labels repeat"
+            )
         return history

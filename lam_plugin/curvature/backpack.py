@@ -26,7 +26,7 @@ from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from backpack.custom_module.graph_utils import BackpackTracer
 from torch import Tensor, nn
 from torch.func import vjp, vmap
-from torch.fx import Graph, GraphModule
+from torch.fx import Graph
 
 from ..modules import L2Normalize
 from ..wrapping import Batch, OutputKey, call_model, select_output
@@ -147,11 +147,15 @@ def backpack_support(model: nn.Module) -> tuple[nn.Module | None, str | None]:
         reason = _unsupported(net, graph)
         if reason:
             return None, reason
-        # Run the traced graph rather than the model: BackPACK passes over a GraphModule
-        # (or a Sequential) as a container, but a container of the user's own class would
-        # reach its backward hook and fail there for want of an extension. The graph's
-        # modules keep their qualified names, so the parameters keep theirs.
-        return extend(GraphModule(net, graph)), None
+        # Extend exactly the modules the graph calls. BackPACK's own extend() hooks every
+        # module it visits but its containers (Sequential, ...), so a container of the
+        # user's own class would reach its backward hook and fail there for want of an
+        # extension; unhooked, it is passed over as a Sequential is.
+        modules = dict(net.named_modules())
+        for node in graph.nodes:
+            if node.op == "call_module":
+                extend(modules[node.target])
+        return net, None
     try:
         gm = extend(net, use_converter=True)
     except Exception as err:  # the converter refuses graphs it cannot rewrite
