@@ -161,7 +161,7 @@ class EmbeddingPosterior:
 
     def sample_weights(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``[n, P]`` weight samples ``theta* + eps / sqrt(precision)``, ``eps ~ N(0, I)``."""
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         dev = generator.device if generator is not None else self.mean.device
         eps = torch.randn(n, self.mean.numel(), generator=generator, dtype=self.mean.dtype, device=dev)
@@ -360,6 +360,12 @@ class EmbeddingPosterior:
         if saved_arch != arch:
             diff = _arch_diff(saved_arch, arch)
             raise ValueError(f"{path} was made for another model architecture; differing parameters: {diff[:10]}")
+        saved_dtype, model_dtype = tensors["mean"].dtype, flatten(model, json.loads(meta["param_names"])[:1]).dtype
+        if saved_dtype != model_dtype:
+            raise ValueError(
+                f"{path} was fitted on a {saved_dtype} model; this model's parameters are {model_dtype}: "
+                "convert the model back (e.g. model.float()), or refit"
+            )
         if meta["model_fingerprint"] != fingerprint(model):
             raise ValueError(
                 f"{path} was fitted on other weights than this model's (same architecture, different "

@@ -121,7 +121,13 @@ def split_batch(batch: Any) -> tuple[Batch, Tensor]:
             f"got {type(batch).__name__}"
         )
     if not isinstance(y, Tensor):
+        if isinstance(y, (list, tuple)) and any(isinstance(v, str) for v in y):
+            raise TypeError("labels must be numbers, got strings: map them to ints first")
         y = torch.as_tensor(y)
+    if y.ndim == 0:
+        raise ValueError(
+            "labels must have shape [B], got a single label: pass batches (a DataLoader), not single items (a Dataset)"
+        )
     if y.ndim != 1:
         raise ValueError(f"labels must have shape [B], got {tuple(y.shape)}")
     return x, y

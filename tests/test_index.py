@@ -364,6 +364,7 @@ def test_adds_while_searching_are_safe() -> None:
         (lambda ix, q: ix.search(q, 5, candidates=3), ValueError, "candidates must be at least k=5"),
         (lambda ix, q: ix.search(q, 5, min_prob=0.5), ValueError, "min_prob needs a threshold"),
         (lambda ix, q: ix.search(q, 5, rerank="best"), ValueError, "rerank must be"),
+        (lambda ix, q: ix.search(q, 5, rerank="lcb", z=float("nan")), ValueError, "z must be finite"),
         (lambda ix, q: ix.search(gaussian_prediction(3, 9, 0), 5), ValueError, "queries have dimension 9, the index has dimension 8"),
         (lambda ix, q: ix.search(Prediction(q.mean[0], q.std[0]), 5), ValueError, r"queries.mean must have shape \[B, D\]"),
         (lambda ix, q: ix.search(Prediction(q.mean, q.std[:, :4]), 5), ValueError, "queries.std must have the shape"),
@@ -394,6 +395,10 @@ def test_bad_configuration_is_refused() -> None:
         UncertainIndex(FakePosterior(), progress=False).add(3)
     with pytest.raises(ValueError, match="nothing to save"):
         UncertainIndex().save("unused.safetensors")
+    with pytest.raises(TypeError, match="takes a fitted posterior .* not the model"):
+        UncertainIndex(torch.nn.Linear(4, 4))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="n_samples must be an int"):
+        UncertainIndex(n_samples=2.7)  # type: ignore[arg-type]
 
 
 def _faiss_has_gpu() -> bool:

@@ -166,6 +166,8 @@ def test_save_load_identical_samples_and_refusals(tmp_path):
         other_weights[0].weight.add_(1e-3)
     with pytest.raises(ValueError, match="other weights"):
         EmbeddingPosterior.load(path, other_weights)
+    with pytest.raises(ValueError, match="fitted on a torch.float32 model; this model's parameters are torch.float64"):
+        EmbeddingPosterior.load(path, copy.deepcopy(model).double())
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a lam-plugin posterior"):
@@ -273,6 +275,12 @@ def test_inputs_are_checked_and_cast_to_the_model_dtype(tmp_path):
         post.predict(nan)
     with pytest.raises(ValueError, match="NaN or infinite"):
         LaplaceEmbedder(model, progress=False).fit([(nan, torch.tensor([0, 0, 1, 1, 2]))])
+    with pytest.raises(ValueError, match="n must be a positive int, got True"):
+        post.sample(x, n=True)
+    with pytest.raises(TypeError, match="labels must be numbers, got strings"):
+        LaplaceEmbedder(model, progress=False).fit([(x, ["a", "b", "a", "b", "a"])])
+    with pytest.raises(ValueError, match="not single items .a Dataset"):
+        LaplaceEmbedder(model, progress=False).fit(TensorDataset(x, torch.arange(5)))
     with pytest.raises(ValueError, match="temperature 1e-300 takes the precision out of the range"):
         post.tempered(1e-300)
     with pytest.raises(FileNotFoundError, match="there is no folder"):

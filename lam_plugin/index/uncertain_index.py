@@ -107,10 +107,13 @@ class UncertainIndex:
             raise ValueError(f"metric must be 'l2', 'ip' or 'cosine', got {metric!r}")
         if variance not in ("closed_form", "mc"):
             raise ValueError(f"variance must be 'closed_form' or 'mc', got {variance!r}")
-        if int(n_samples) < 2:
+        if isinstance(posterior, torch.nn.Module):
+            raise TypeError(
+                "UncertainIndex takes a fitted posterior (LaplaceEmbedder(model).fit(loader)), not the model"
+            )
+        if positive_int(n_samples, "n_samples") < 2:
             raise ValueError(f"n_samples must be at least 2, got {n_samples}")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        positive_int(batch_size, "batch_size")
         self.posterior = posterior
         self.metric: str = metric
         self.index_factory = "Flat" if index_factory is None else index_factory
@@ -272,6 +275,8 @@ class UncertainIndex:
             raise ValueError(f"threshold must be finite, got {threshold}")
         if rerank not in (None, "expected", "lcb"):
             raise ValueError(f"rerank must be None, 'expected' or 'lcb', got {rerank!r}")
+        if rerank == "lcb" and not np.isfinite(z):
+            raise ValueError(f"z must be finite, got {z}")
         if len(self) and c > len(self):  # checked again under the lock; fail before embedding
             raise ValueError(f"{'k' if c == k else 'candidates'}={c} exceeds the {len(self)} items in the index")
         q, a, q_samples, query_std = self._prepare(queries, "queries")
