@@ -60,6 +60,13 @@ def calibrate_temperature(
     """
     if not temperatures:
         raise ValueError("temperatures must hold at least one candidate")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n must be an int of at least 2 (one weight sample has no spread to calibrate), got {n!r}")
+    labels = torch.as_tensor(labels)
+    if labels.numel() == 0:
+        raise ValueError("labels is empty")
+    if int(torch.unique(labels, return_counts=True)[1].max()) < 2:
+        raise ValueError("labels: no label occurs twice, so no item has a correct neighbour to be confident about")
     scores: dict[float, float] = {}
 
     def score(tau: float) -> float:

@@ -320,6 +320,8 @@ class EmbeddingPosterior:
                 break
             x = split_batch(batch)[0] if isinstance(batch, (tuple, list, dict)) else batch
             out.append(self.predict(x, n=n).uncertainty)
+        if not out:
+            raise ValueError("data yielded no batch")
         return torch.cat(out)
 
     # -- persistence --------------------------------------------------------------------

@@ -508,6 +508,12 @@ def test_tempered_and_calibrated_posterior():
         assert score == pytest.approx(ece(samples, y))
     assert report.ece == min(report.scores.values())
     torch.testing.assert_close(calibrated.precision, post.precision / report.temperature)
+    with pytest.raises(ValueError, match="n must be an int of at least 2"):
+        calibrate_temperature(post, x, y, n=1)
+    with pytest.raises(ValueError, match="no label occurs twice"):
+        calibrate_temperature(post, x[:5], torch.arange(5))
+    with pytest.raises(ValueError, match="data yielded no batch"):
+        post.summary([])
 
 
 def test_loader_shape_errors():
