@@ -143,6 +143,7 @@ class EmbeddingPosterior:
         self.prior_precision = _check_prior(prior_precision, self.mean)
         self.config = config or PosteriorConfig()
         self.stats = stats or FitStats()
+        self._moved_warned = False
 
     # -- the Gaussian -------------------------------------------------------------------
     @property
@@ -197,6 +198,7 @@ class EmbeddingPosterior:
         """``[n, B, D]`` model outputs of ``x`` under ``n`` weight samples, before any normalisation."""
         weights = self.sample_weights(n, generator)
         x = prepare_inputs(x, self.model)
+        self._warn_if_moved()
         size = batch_size_of(x)
         step = size if batch_size is None else batch_size
         if step < 1:
@@ -204,6 +206,20 @@ class EmbeddingPosterior:
         with eval_mode(self.model):
             return torch.cat(
                 [self._embed(slice_batch(x, i, i + step), weights, chunk_size) for i in range(0, size, step)], dim=1
+            )
+
+    def _warn_if_moved(self) -> None:
+        """Log once when the model's weights in the subset are no longer the posterior's mean
+        (the model was trained further after the fit): samples are still drawn around the
+        mean, with the rest of the model as it is now. The backbone cannot be checked as
+        cheaply; :meth:`fingerprint` covers the whole model."""
+        if self._moved_warned:
+            return
+        if not torch.equal(flatten(self.model, self.param_names).to(self.mean), self.mean):
+            self._moved_warned = True
+            logger.warning(
+                "the model's weights in the posterior's subset have changed since the fit; samples are drawn "
+                "around the fitted weights, with the rest of the model as it is now. Refit after training"
             )
 
     def _embed(self, x: Batch, weights: Tensor, chunk_size: int | None) -> Tensor:

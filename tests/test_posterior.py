@@ -348,6 +348,22 @@ def test_a_subset_the_output_does_not_use_is_refused(backend):
     assert post.curvature[-44:].abs().max() == 0 and post.curvature[:44].abs().max() > 0
 
 
+def test_a_model_trained_after_the_fit_is_reported_once(caplog):
+    model = NormMLP(10, 4)
+    post = LaplaceEmbedder(model, progress=False).fit(_loader((10,)))
+    x = torch.randn(3, 10)
+    with caplog.at_level("WARNING", logger="lam_plugin"):
+        post.predict(x)
+        assert not caplog.records
+        with torch.no_grad():
+            model.net[3].weight.add_(0.1)
+        post.predict(x)
+        post.predict(x)
+    assert [r.getMessage()[:60] for r in caplog.records] == [
+        "the model's weights in the posterior's subset have changed s"
+    ]
+
+
 def test_online_with_a_prior_precision_per_weight():
     torch.manual_seed(0)
     model = NormMLP(10, 4)
