@@ -69,13 +69,25 @@ def head_of_batch(x: Batch, k: int) -> Batch:
 
 
 def prepare_inputs(x: Any, model: nn.Module) -> Batch:
-    """A batch of inputs checked and moved to ``model``'s device.
+    """A batch of inputs checked (:func:`check_inputs`) and moved to ``model``'s device.
 
-    ``x`` must be a tensor or a dict of tensors (other dict values pass unchanged) with
-    at least one item; floating tensors must be finite, and are cast to the dtype of the
-    model's floating parameters when those share one (so float64 data from numpy meets a
-    float32 model). Raises ``TypeError`` or ``ValueError`` that say what was wrong.
+    Floating tensors are cast to the dtype of the model's floating parameters when those
+    share one, so float64 data from numpy meets a float32 model.
     """
+    check_inputs(x)
+    device, dtype = model_device(model), _float_dtype(model)
+
+    def move(v: Tensor) -> Tensor:
+        return v.to(device, dtype=dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+
+    if isinstance(x, Mapping):
+        return {k: move(v) if isinstance(v, Tensor) else v for k, v in x.items()}
+    return move(x)
+
+
+def check_inputs(x: Any) -> None:
+    """Refuse, with what was wrong, inputs that are not a tensor or a dict of tensors (other
+    dict values may come along), that hold no item, or whose floating tensors are not finite."""
     if isinstance(x, Mapping):
         tensors = {k: v for k, v in x.items() if isinstance(v, Tensor)}
         if not tensors:
@@ -92,14 +104,6 @@ def prepare_inputs(x: Any, model: nn.Module) -> Batch:
             bad = int((~torch.isfinite(v)).sum())
             where = "the inputs" if isinstance(x, Tensor) else f"input {key!r}"
             raise ValueError(f"{where} contain {bad} NaN or infinite value(s) of {v.numel()}")
-    device, dtype = model_device(model), _float_dtype(model)
-
-    def move(v: Tensor) -> Tensor:
-        return v.to(device, dtype=dtype) if dtype is not None and v.is_floating_point() else v.to(device)
-
-    if isinstance(x, Mapping):
-        return {k: move(v) if isinstance(v, Tensor) else v for k, v in x.items()}
-    return move(x)
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype | None:

@@ -296,6 +296,20 @@ def test_pfe_without_any_positive_pair_is_a_clear_error():
         PFE(mlp_embedder(D_IN, D)).fit(x, torch.arange(32), epochs=2, batch_size=8)
 
 
+def test_every_baseline_refuses_bad_inputs(fitted_pfe):
+    pfe, _, _ = fitted_pfe
+    methods = make_methods(pfe)
+    x = torch.randn(4, D_IN)
+    x[1, 2] = float("nan")
+    for name, method in methods.items():
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            method.predict(x)
+        with pytest.raises(ValueError, match="empty"):
+            method.predict(x[:0])
+        with pytest.raises(TypeError, match="got ndarray"):
+            method.predict(x.numpy())
+
+
 def test_default_head_is_blind_to_the_feature_scale():
     """The default head divides its input by the features' RMS: features 1e4 times larger
     (a network trained with a large learning rate) train the same head, instead of one

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from lam_plugin.numerics import flush_denormals
 from lam_plugin.prediction import Prediction
 from lam_plugin.training import TrainingHistory, model_device, seeded
-from lam_plugin.wrapping import eval_mode
+from lam_plugin.wrapping import check_inputs, eval_mode
 
 __all__ = [
     "UncertaintyBaseline",
@@ -51,11 +51,13 @@ class UncertaintyBaseline(ABC):
     @torch.no_grad()
     def sample(self, x: Tensor, n: int | None = None) -> Tensor:
         """``[n, B, D]`` unit-norm embedding samples for the ``B`` inputs ``x``."""
+        check_inputs(x)
         return torch.nn.functional.normalize(self.sample_outputs(x, n), dim=-1)
 
     @torch.no_grad()
     def predict(self, x: Tensor, n: int | None = None, return_samples: bool = False) -> Prediction:
         """Mean, per-dimension std, ``output_var`` (and optionally the samples) of the embeddings of ``x``."""
+        check_inputs(x)
         return Prediction.from_outputs(self.sample_outputs(x, n), keep_samples=return_samples)
 
     def __call__(self, x: Tensor, n: int | None = None, return_samples: bool = False) -> Prediction:

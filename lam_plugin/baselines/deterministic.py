@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from lam_plugin.baselines.base import UncertaintyBaseline, eval_forward, normalized_forward
 from lam_plugin.prediction import Prediction
+from lam_plugin.wrapping import check_inputs
 
 __all__ = ["DeterministicEmbedder"]
 
@@ -31,6 +32,7 @@ class DeterministicEmbedder(UncertaintyBaseline):
 
     @torch.no_grad()
     def predict(self, x: Tensor, n: int | None = None, return_samples: bool = False) -> Prediction:
+        check_inputs(x)
         z = normalized_forward(self.model, x)
         samples = z.unsqueeze(0).repeat(self._n(n), 1, 1) if return_samples else None
         return Prediction(mean=z, std=torch.zeros_like(z), samples=samples, output_var=torch.zeros_like(z))

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from lam_plugin.baselines.base import VarianceHeadBaseline, positive_pairs
 from lam_plugin.prediction import Prediction
 from lam_plugin.training import TrainingHistory, _check_data, model_device, seeded
-from lam_plugin.wrapping import eval_mode
+from lam_plugin.wrapping import check_inputs, eval_mode
 
 __all__ = ["PFE", "mls_loss"]
 
@@ -148,6 +148,7 @@ class PFE(VarianceHeadBaseline):
 
     @torch.no_grad()
     def predict(self, x: Tensor, n: int | None = None, return_samples: bool = False) -> Prediction:
+        check_inputs(x)
         mu, log_var = self.mean_log_var(x)
         sigma = (0.5 * log_var).exp()
         samples = nn.functional.normalize(self._draw(mu, sigma, self._n(n)), dim=-1) if return_samples else None
