@@ -62,7 +62,7 @@ from pytorch_metric_learning.miners import TripletMarginMiner
 from torch import Tensor
 
 from .arguments import number, positive_int
-from .curvature.functorch import FunctorchBackend, functional_forward
+from .curvature.functorch import FunctorchBackend
 from .curvature.last_layer import LastLayerCurvature, capture_io, head_holds, probe_last_layer
 from .geometry import output_hessian
 from .losses import ContrastiveBatchLoss
@@ -71,7 +71,7 @@ from .pairs import Miner, PairSelection
 from .parameters import check_affects_output, resolve_subset, unflatten
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
-from .wrapping import Batch, batch_size, eval_mode, model_device, prepare_inputs, split_batch
+from .wrapping import Batch, batch_size, eval_mode, functional_forward, model_device, prepare_inputs, split_batch
 
 if TYPE_CHECKING:
     from .embedder import LaplaceEmbedder

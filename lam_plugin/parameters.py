@@ -7,14 +7,13 @@ parameters in ``model.named_parameters()`` order.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from .wrapping import Batch, OutputKey, call_model, eval_mode, head_of_batch, select_output
+from .wrapping import Batch, OutputKey, call_model, eval_mode, functional_forward, head_of_batch
 
 Subset = Union[str, Sequence[str]]
 
@@ -78,13 +77,8 @@ def check_affects_output(model: nn.Module, names: Sequence[str], example: Batch,
     """
     wanted = set(names)
     params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters() if n in wanted}
-    x = head_of_batch(example, 2)
     with eval_mode(model), torch.enable_grad():
-        if isinstance(x, Mapping):
-            raw = functional_call(model, params, (), dict(x))
-        else:
-            raw = functional_call(model, params, (x,))
-        out = select_output(raw, output_key)
+        out = functional_forward(model, params, head_of_batch(example, 2), output_key)
         used = out.requires_grad and any(
             g is not None for g in torch.autograd.grad(out.sum(), list(params.values()), allow_unused=True)
         )

@@ -21,11 +21,10 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from . import __version__, file_format
-from .curvature.functorch import functional_forward
 from .curvature.last_layer import apply_head, head_holds, run_with_features
 from .parameters import architecture, fingerprint, flatten, unflatten
 from .prediction import Prediction
-from .wrapping import Batch, eval_mode, model_device, prepare_inputs, slice_batch, split_batch
+from .wrapping import Batch, eval_mode, functional_forward, model_device, prepare_inputs, slice_batch, split_batch
 from .wrapping import batch_size as batch_size_of
 
 logger = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 Batch = Union[Tensor, Mapping[str, Tensor]]
 OutputKey = Union[str, int, None]
@@ -43,6 +44,17 @@ def call_model(model: nn.Module, x: Batch) -> Any:
     if isinstance(x, Mapping):
         return model(**x)
     return model(x)
+
+
+def functional_forward(
+    model: nn.Module, params: Mapping[str, Tensor], x: Batch, output_key: OutputKey
+) -> Tensor:
+    """The ``[B, D]`` embedding of ``x`` with ``params`` substituted into ``model``."""
+    if isinstance(x, Mapping):
+        out: Any = functional_call(model, dict(params), (), dict(x))
+    else:
+        out = functional_call(model, dict(params), (x,))
+    return select_output(out, output_key)
 
 
 def batch_size(x: Batch) -> int:

@@ -9,26 +9,14 @@ fallback and the reference; memory is ``B * D * P`` for the Jacobians of one bat
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import jacrev, vmap
 from torch.utils._pytree import tree_map
 
-from ..wrapping import Batch, OutputKey, select_output
+from ..wrapping import Batch, OutputKey, functional_forward
 from .base import CurvatureBackend, HessianFn, check_finite, flat_jacobian
-
-
-def functional_forward(
-    model: nn.Module, params: Mapping[str, Tensor], x: Batch, output_key: OutputKey
-) -> Tensor:
-    """The ``[B, D]`` embedding of ``x`` with ``params`` substituted into ``model``."""
-    if isinstance(x, Mapping):
-        out: Any = functional_call(model, dict(params), (), dict(x))
-    else:
-        out = functional_call(model, dict(params), (x,))
-    return select_output(out, output_key)
 
 
 class FunctorchBackend(CurvatureBackend):
