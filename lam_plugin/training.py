@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lam_plugin import wrapping
+from lam_plugin.arguments import check_schedule
 from lam_plugin.losses import ContrastiveBatchLoss
 from lam_plugin.metrics import map_at_k
 from lam_plugin.numerics import flush_denormals
@@ -190,6 +191,7 @@ def train_contrastive(
         The :class:`TrainingHistory` of per-epoch and per-step losses.
     """
     _check_data(images, labels)
+    epochs, batch_size, lr = check_schedule(epochs, batch_size, lr)
     if validation is not None:
         _check_data(*validation)
     if keep_best and validation is None:

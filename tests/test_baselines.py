@@ -222,6 +222,38 @@ def test_ensemble_needs_two_members():
         DeepEnsemble([mlp_embedder(D_IN, D)])
 
 
+def test_ensemble_members_of_different_output_sizes_are_named():
+    members = [mlp_embedder(D_IN, D), mlp_embedder(D_IN, D), mlp_embedder(D_IN, D + 1)]
+    with pytest.raises(ValueError, match=r"member 0 gives \(5, 4\), member 2 gives \(5, 5\)"):
+        DeepEnsemble(members).predict(torch.randn(5, D_IN))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"batch_size": 0}, ValueError, "batch_size must be at least 1, got 0"),
+        ({"batch_size": 2.5}, TypeError, "batch_size must be an int, got float"),
+        ({"epochs": -1}, ValueError, "epochs must be at least 0, got -1"),
+        ({"epochs": True}, TypeError, "epochs must be an int, got bool"),
+        ({"lr": 0.0}, ValueError, r"lr must be a finite number in \(0, inf\)"),
+        ({"lr": float("nan")}, ValueError, "lr must be a finite number"),
+    ],
+)
+@pytest.mark.parametrize("fit", ["pfe", "hib", "train_contrastive"])
+def test_training_schedules_are_checked_before_any_change(fit, kwargs, error, match):
+    x, y = two_classes(n=40)
+    model = mlp_embedder(D_IN, D)
+    snap = snapshot(model)
+    call = {
+        "pfe": lambda: PFE(model).fit(x, y, **kwargs),
+        "hib": lambda: HIB(model).fit(x, y, **kwargs),
+        "train_contrastive": lambda: train_contrastive(model, x, y, progress=False, **kwargs),
+    }[fit]
+    with pytest.raises(error, match=match):
+        call()
+    assert_unchanged(model, snap)
+
+
 # ---------------------------------------------------------------- PFE
 
 

@@ -399,6 +399,12 @@ def test_bad_configuration_is_refused() -> None:
         UncertainIndex(torch.nn.Linear(4, 4))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="n_samples must be an int"):
         UncertainIndex(n_samples=2.7)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="index_factory must be a FAISS factory string"):
+        UncertainIndex(index_factory="")
+    bad = UncertainIndex(index_factory="NoSuchIndex", progress=False)
+    with pytest.raises(ValueError, match="index_factory 'NoSuchIndex' cannot build an index of dimension 4"):
+        bad.add(gaussian_prediction(10, 4, 0))
+    assert len(bad) == 0  # nothing half-added: the next add with a valid index starts clean
 
 
 def _faiss_has_gpu() -> bool:

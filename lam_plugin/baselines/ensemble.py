@@ -33,4 +33,11 @@ class DeepEnsemble(UncertaintyBaseline):
 
     @torch.no_grad()
     def sample_outputs(self, x: Tensor, n: int | None = None) -> Tensor:
-        return torch.stack([eval_forward(m, x) for m in self.models])
+        outputs = [eval_forward(m, x) for m in self.models]
+        for i, out in enumerate(outputs[1:], start=1):
+            if out.shape != outputs[0].shape:
+                raise ValueError(
+                    f"ensemble members must give outputs of one shape: member 0 gives {tuple(outputs[0].shape)}, "
+                    f"member {i} gives {tuple(out.shape)}"
+                )
+        return torch.stack(outputs)

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from lam_plugin.arguments import check_schedule
 from lam_plugin.baselines.base import VarianceHeadBaseline
 from lam_plugin.training import TrainingHistory, _check_data, model_device, preserve_modes, seeded
 from lam_plugin.wrapping import eval_mode
@@ -128,6 +129,7 @@ class HIB(VarianceHeadBaseline):
         The model's module modes are restored at the end either way.
         """
         _check_data(images, labels)
+        epochs, batch_size, lr = check_schedule(epochs, batch_size, lr)
         device = model_device(self.model)
         with seeded(seed, device), preserve_modes(self.model):
             head = self._prepare_head(images, device)

@@ -7,6 +7,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from lam_plugin.arguments import check_schedule
 from lam_plugin.baselines.base import VarianceHeadBaseline, positive_pairs
 from lam_plugin.prediction import Prediction
 from lam_plugin.training import TrainingHistory, _check_data, model_device, seeded
@@ -100,6 +101,7 @@ class PFE(VarianceHeadBaseline):
         same head.
         """
         _check_data(images, labels)
+        epochs, batch_size, lr = check_schedule(epochs, batch_size, lr)
         if feature_cache_bytes < 0:
             raise ValueError(f"feature_cache_bytes must be >= 0, got {feature_cache_bytes}")
         device = model_device(self.model)

@@ -22,7 +22,10 @@ def new_index(train_on: np.ndarray, factory: str, metric: str) -> Any:
     trained on ``train_on`` ``[N, D]`` if it needs training."""
     n, dim = train_on.shape
     faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    index = faiss.index_factory(dim, factory, faiss_metric)
+    try:
+        index = faiss.index_factory(dim, factory, faiss_metric)
+    except RuntimeError as err:
+        raise ValueError(f"index_factory {factory!r} cannot build an index of dimension {dim}: {err}") from err
     if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
         raise ValueError("UncertainIndex keeps the ids itself: remove 'IDMap' from index_factory")
     if not index.is_trained:

@@ -114,6 +114,8 @@ class UncertainIndex:
         if positive_int(n_samples, "n_samples") < 2:
             raise ValueError(f"n_samples must be at least 2, got {n_samples}")
         positive_int(batch_size, "batch_size")
+        if index_factory is not None and (not isinstance(index_factory, str) or not index_factory.strip()):
+            raise ValueError(f"index_factory must be a FAISS factory string such as 'Flat', got {index_factory!r}")
         self.posterior = posterior
         self.metric: str = metric
         self.index_factory = "Flat" if index_factory is None else index_factory
