@@ -15,6 +15,7 @@ from lam_plugin import metrics as M
 from lam_plugin import reproduce as R
 from lam_plugin.data import DatasetNotFoundError, ImageDataset
 from lam_plugin.reproduce import runner
+from lam_plugin.reproduce.report import _cache_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HAS_ONLINE = callable(getattr(LaplaceEmbedder, "fit_online", None))
@@ -170,6 +171,9 @@ def test_cache_is_used_on_rerun(first_run, data):
     assert set(second.loaded) == set(cached)
     again = json.loads((out / "results.json").read_text())
     assert again["trained"] == []
+    # the report says that its wall time excludes the training of the loaded models
+    assert f"trained 0 model file(s) and loaded {len(cached)} from the cache" in (out / "results.md").read_text()
+    assert _cache_text({"trained": first.trained, "loaded_from_cache": []}) == ""  # a run that trained all
     # same models, same seeds: identical numbers
     for name, row in first.results["methods"].items():
         for metric, stat in row.items():

@@ -155,6 +155,17 @@ def _per_seed_table(per_seed: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> 
     return "\n".join(lines)
 
 
+def _cache_text(results: Mapping[str, Any]) -> str:
+    """What the wall time covers: how many models this run trained and how many it loaded."""
+    trained, loaded = len(results.get("trained", [])), len(results.get("loaded_from_cache", []))
+    if not loaded:
+        return ""
+    return (
+        f" This run trained {trained} model file(s) and loaded {loaded} from the cache (written by earlier runs of "
+        "the same configuration; results.json lists them), so the wall time does not include their training."
+    )
+
+
 def _markdown(results: Mapping[str, Any], table: str) -> str:
     c = results["config"]
     sizes = results["data"]["sizes"]
@@ -165,7 +176,7 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
         "",
         f"{'**Quick smoke run** (reduced data, epochs and samples: not comparable to the paper). ' if results['quick'] else ''}"
         f"Seeds {seeds}; mean ± std over seeds (population std; one seed: the mean alone, its std 0 in results.json). "
-        f"Wall time {results['wall_time_s']:.0f} s on {results['machine']['summary']}.",
+        f"Wall time {results['wall_time_s']:.0f} s on {results['machine']['summary']}.{_cache_text(results)}",
         "",
         f"Command: `{results['command']}`",
         "",
