@@ -172,7 +172,7 @@ def test_cache_is_used_on_rerun(first_run, data):
     again = json.loads((out / "results.json").read_text())
     assert again["trained"] == []
     # the report says that its wall time excludes the training of the loaded models
-    assert f"trained 0 model file(s) and loaded {len(cached)} from the cache" in (out / "results.md").read_text()
+    assert f"trained or fitted 0 model(s) and loaded {len(cached)} from the cache" in (out / "results.md").read_text()
     assert _cache_text({"trained": first.trained, "loaded_from_cache": []}) == ""  # a run that trained all
     # same models, same seeds: identical numbers
     for name, row in first.results["methods"].items():

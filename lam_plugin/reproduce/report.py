@@ -161,7 +161,7 @@ def _cache_text(results: Mapping[str, Any]) -> str:
     if not loaded:
         return ""
     return (
-        f" This run trained {trained} model file(s) and loaded {loaded} from the cache (written by earlier runs of "
+        f" This run trained or fitted {trained} model(s) and loaded {loaded} from the cache (written by earlier runs of "
         "the same configuration; results.json lists them), so the wall time does not include their training."
     )
 
