@@ -13,26 +13,27 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["check_prior", "check_schedule", "number", "positive_int"]
+__all__ = ["check_prior", "check_schedule", "integer", "number", "positive_int"]
+
+
+def integer(value: Any, name: str, *, low: int) -> int:
+    """``value`` as an int of at least ``low``; bools and non-integers are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+    return int(value)
 
 
 def positive_int(value: Any, name: str) -> int:
     """``value`` as an int of at least 1; bools and non-integers are refused."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
-    return int(value)
+    return integer(value, name, low=1)
 
 
 def check_schedule(epochs: Any, batch_size: Any, lr: Any) -> tuple[int, int, float]:
     """A training loop's ``epochs`` (an int, 0 allowed), ``batch_size`` (an int of at least
     1) and ``lr`` (a positive finite number), checked before any weight changes."""
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)):
-        raise TypeError(f"epochs must be an int, got {type(epochs).__name__}")
-    if epochs < 0:
-        raise ValueError(f"epochs must be at least 0, got {epochs}")
-    return int(epochs), positive_int(batch_size, "batch_size"), number(lr, "lr", low=0.0)
+    return integer(epochs, "epochs", low=0), positive_int(batch_size, "batch_size"), number(lr, "lr", low=0.0)
 
 
 def number(

@@ -355,7 +355,10 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _merged_only(pairs: Sequence[tuple[str, list[str]]]) -> dict[str, list[str]]:
     merged: dict[str, list[str]] = {}
     for path, names in pairs:
-        merged.setdefault(path, []).extend(n for n in names if n not in merged.get(path, []))
+        kept = merged.setdefault(path, [])
+        for name in names:
+            if name not in kept:
+                kept.append(name)
     return merged
 
 

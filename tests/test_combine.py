@@ -302,3 +302,8 @@ def test_cli_combine_only(runs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["combine", str(files["s1"]), str(files["s2"]), "--out", str(tmp_path / "d"), "--only", "nomethods"])
     assert "expected FILE=METHOD" in capsys.readouterr().err
+
+
+def test_repeated_only_options_merge_per_file_without_duplicates():
+    pairs = [("a.json", ["pfe", "pfe"]), ("b.json", ["hib"]), ("a.json", ["mc_dropout", "pfe"])]
+    assert cli._merged_only(pairs) == {"a.json": ["pfe", "mc_dropout"], "b.json": ["hib"]}
