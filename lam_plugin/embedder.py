@@ -23,7 +23,9 @@ from .pairs import Miner, PairSelection
 from .parameters import Subset, check_affects_output, flatten, resolve_subset
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
-from .wrapping import Batch, OutputKey, batch_size, eval_mode, model_device, prepare_inputs, split_batch
+from .batches import labelled
+from .calling import Batch, Convention, ModelCall, OutputKey
+from .wrapping import batch_size, eval_mode, model_device, prepare_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ class LaplaceEmbedder:
         prior_precision: PriorPrecision = 1.0,
         backend: BackendName = "auto",
         output_key: OutputKey = None,
+        call: Convention = "auto",
         normalize: bool = True,
         hessian_scale: float = 1.0,
         max_pairs: int | None = None,
@@ -113,6 +116,8 @@ class LaplaceEmbedder:
         self.prior_precision = prior_precision
         self.backend = backend
         self.output_key = output_key
+        self.call = call
+        self.model_call = ModelCall(output_key, call)
         self.normalize = normalize
         self.hessian_scale = float(hessian_scale)
         self.max_pairs = max_pairs
@@ -131,7 +136,7 @@ class LaplaceEmbedder:
         """
         first = _first_batch(loader)
         device = model_device(self.model)
-        x0 = prepare_inputs(split_batch(first)[0], self.model)
+        x0 = prepare_inputs(labelled(first)[0], self.model)
         selection = PairSelection(
             self.miner, self.margin, self.max_pairs, torch.Generator().manual_seed(self.seed), self.hinge
         )
@@ -139,15 +144,15 @@ class LaplaceEmbedder:
         n_data = n_batches = 0
         out_dim = 0
         with eval_mode(self.model):
-            layer, head = probe_last_layer(self.model, x0, self.output_key) if self.subset == "last_layer" else (None, None)
+            layer, head = probe_last_layer(self.model, x0, self.model_call) if self.subset == "last_layer" else (None, None)
             names = resolve_subset(self.model, self.subset, layer)
             if layer is None:
-                check_affects_output(self.model, names, x0, self.output_key)
+                check_affects_output(self.model, names, x0, self.model_call)
             engine = self._engine(names, layer, head)
             try:
                 bar = tqdm(loader, desc=f"curvature ({engine.name})", disable=not self.progress, leave=False)
                 for batch in bar:
-                    x, y = split_batch(batch)
+                    x, y = labelled(batch)
                     if y.shape[0] != batch_size(x):
                         raise ValueError(f"a batch has {batch_size(x)} inputs but {y.shape[0]} labels")
                     x, y = prepare_inputs(x, self.model), y.to(device)
@@ -177,6 +182,7 @@ class LaplaceEmbedder:
             margin=self.margin,
             hessian_scale=self.hessian_scale,
             output_key=self.output_key,
+            call=self.call,
             normalize=self.normalize,
             layer=layer if head is not None else None,
             head=head,
@@ -203,16 +209,16 @@ class LaplaceEmbedder:
     def _engine(self, names: Sequence[str], layer: str | None, head: str | None) -> CurvatureBackend:
         """The curvature backend for this fit (DESIGN section 4)."""
         if layer is not None and head is not None and self.backend == "auto":
-            return LastLayerCurvature(self.model, self.output_key, names, layer, head)  # type: ignore[arg-type]
+            return LastLayerCurvature(self.model, self.model_call, names, layer, head)  # type: ignore[arg-type]
         if self.backend == "torch.func":
-            return FunctorchBackend(self.model, self.output_key, names, self.chunk_size)
+            return FunctorchBackend(self.model, self.model_call, names, self.chunk_size)
         converted, reason = backpack_support(self.model)
         if converted is not None:
-            return BackpackBackend(self.model, self.output_key, names, converted=converted)
+            return BackpackBackend(self.model, self.model_call, names, converted=converted)
         if self.backend == "backpack":
             raise UnsupportedModelError(f"backend='backpack' cannot run this model: BackPACK does not support {reason}")
         logger.warning("BackPACK does not support %s; using the torch.func backend", reason)
-        return FunctorchBackend(self.model, self.output_key, names, self.chunk_size)
+        return FunctorchBackend(self.model, self.model_call, names, self.chunk_size)
 
     def _hessian_fn(self, y: Tensor, selection: PairSelection) -> HessianFn:
         """Outputs -> pairs (miner, hinge, subsample) -> the batch's output Hessian."""
@@ -283,7 +289,7 @@ class LaplaceEmbedder:
             bar = tqdm(total=epochs * _len_or_none(loader, 1), desc="online LAM", disable=not self.progress)
             for _ in range(epochs):
                 for batch in loader:
-                    x, y = split_batch(batch)
+                    x, y = labelled(batch)
                     loss = trainer.step(x, y)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")

@@ -71,7 +71,9 @@ from .pairs import Miner, PairSelection
 from .parameters import check_affects_output, resolve_subset, unflatten
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
-from .wrapping import Batch, batch_size, eval_mode, functional_forward, model_device, prepare_inputs, split_batch
+from .batches import inputs as inputs_of
+from .calling import Batch
+from .wrapping import batch_size, eval_mode, model_device, prepare_inputs
 
 if TYPE_CHECKING:
     from .embedder import LaplaceEmbedder
@@ -137,10 +139,10 @@ class OnlineLaplace:
         self.head: str | None = None
         if embedder.subset == "last_layer":
             with eval_mode(model):
-                self.layer, self.head = probe_last_layer(model, example, embedder.output_key)
+                self.layer, self.head = probe_last_layer(model, example, embedder.model_call)
         self.names = resolve_subset(model, embedder.subset, self.layer)
         if self.layer is None:
-            check_affects_output(model, self.names, example, embedder.output_key)
+            check_affects_output(model, self.names, example, embedder.model_call)
         self.dataset_size = int(dataset_size)
         self.memory_factor = memory_factor
         self.n_samples = n_samples
@@ -159,9 +161,9 @@ class OnlineLaplace:
         self.loss_fn = ContrastiveBatchLoss(embedder.margin, embedder.miner)
         self.engine: LastLayerCurvature | FunctorchBackend
         if self.head is not None and self.layer is not None:
-            self.engine = LastLayerCurvature(model, embedder.output_key, self.names, self.layer, self.head)  # type: ignore[arg-type]
+            self.engine = LastLayerCurvature(model, embedder.model_call, self.names, self.layer, self.head)  # type: ignore[arg-type]
         else:
-            self.engine = FunctorchBackend(model, embedder.output_key, self.names, embedder.chunk_size)
+            self.engine = FunctorchBackend(model, embedder.model_call, self.names, embedder.chunk_size)
         self.steps = 0
         self.curvature = curvature
         self.relu = relu
@@ -203,11 +205,11 @@ class OnlineLaplace:
             sampled = {n: params[n] + noise[n] for n in self.names}
             if self.head is not None:
                 with capture_io(self.engine.layer) as io:  # type: ignore[union-attr]
-                    out = functional_forward(model, sampled, x, emb.output_key)
+                    out = emb.model_call.functional(model, sampled, x)
                 if not head_holds(io["output"].detach(), out.detach(), self.head):  # type: ignore[arg-type]
                     self._leave_closed_form()
             else:
-                out = functional_forward(model, sampled, x, emb.output_key)
+                out = emb.model_call.functional(model, sampled, x)
             losses.append(self.loss_fn(out, y))
             with torch.no_grad():
                 pairs = self.selection(y, out.detach())
@@ -242,7 +244,7 @@ class OnlineLaplace:
             self.head,
             self.layer,
         )
-        self.engine = FunctorchBackend(emb.model, emb.output_key, self.names, emb.chunk_size)
+        self.engine = FunctorchBackend(emb.model, emb.model_call, self.names, emb.chunk_size)
         self.head = None
 
     def _batch_to_data(self, n_pairs: int, batch_size: int) -> float:
@@ -271,6 +273,7 @@ class OnlineLaplace:
             margin=emb.margin,
             hessian_scale=1.0,
             output_key=emb.output_key,
+            call=emb.call,
             normalize=emb.normalize,
             layer=self.layer if self.head is not None else None,
             head=self.head,
@@ -305,5 +308,5 @@ def dataset_size_of(loader: Iterable[Any]) -> int:
 def first_input(loader: Iterable[Any]) -> Batch:
     """The inputs of the loader's first batch."""
     for batch in loader:
-        return split_batch(batch)[0]
+        return inputs_of(batch)
     raise ValueError("the loader yielded no batch")

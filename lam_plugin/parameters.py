@@ -13,12 +13,13 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .wrapping import Batch, OutputKey, call_model, eval_mode, functional_forward, head_of_batch
+from .calling import Batch, ModelCall
+from .wrapping import eval_mode, head_of_batch
 
 Subset = Union[str, Sequence[str]]
 
 
-def last_linear(model: nn.Module, example: Batch) -> str:
+def last_linear(model: nn.Module, example: Batch, call: ModelCall) -> str:
     """Name (as in ``named_modules``) of the last ``nn.Linear`` run in ``model``'s forward."""
     order: list[str] = []
     handles = [
@@ -28,7 +29,7 @@ def last_linear(model: nn.Module, example: Batch) -> str:
     ]
     try:
         with torch.no_grad(), eval_mode(model):
-            call_model(model, example)
+            call(model, example)
     finally:
         for h in handles:
             h.remove()
@@ -68,7 +69,7 @@ def resolve_subset(model: nn.Module, subset: Subset, last_layer: str | None = No
     return chosen
 
 
-def check_affects_output(model: nn.Module, names: Sequence[str], example: Batch, output_key: OutputKey) -> None:
+def check_affects_output(model: nn.Module, names: Sequence[str], example: Batch, call: ModelCall) -> None:
     """Raise ``ValueError`` unless some parameter in ``names`` changes the model output.
 
     One forward and backward pass on (at most two items of) ``example``, in eval mode,
@@ -78,7 +79,7 @@ def check_affects_output(model: nn.Module, names: Sequence[str], example: Batch,
     wanted = set(names)
     params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters() if n in wanted}
     with eval_mode(model), torch.enable_grad():
-        out = functional_forward(model, params, head_of_batch(example, 2), output_key)
+        out = call.functional(model, params, head_of_batch(example, 2))
         used = out.requires_grad and any(
             g is not None for g in torch.autograd.grad(out.sum(), list(params.values()), allow_unused=True)
         )

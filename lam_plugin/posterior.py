@@ -24,7 +24,9 @@ from . import __version__, file_format
 from .curvature.last_layer import apply_head, head_holds, run_with_features
 from .parameters import architecture, fingerprint, flatten, unflatten
 from .prediction import Prediction
-from .wrapping import Batch, eval_mode, functional_forward, model_device, prepare_inputs, slice_batch, split_batch
+from .calling import Batch, ModelCall, OutputKey
+from .batches import inputs as inputs_of
+from .wrapping import eval_mode, model_device, prepare_inputs, slice_batch
 from .wrapping import batch_size as batch_size_of
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ class FitStats:
 class PosteriorConfig:
     """How the posterior was built and how it maps weights to embeddings.
 
+    ``output_key`` and ``call`` say how the model is called and its embedding taken
+    (:class:`~lam_plugin.calling.ModelCall`); a callable ``output_key`` is saved by its
+    name (``output_fn``) and must be passed again to :meth:`EmbeddingPosterior.load`.
     ``layer`` and ``head`` are set for a last-layer posterior whose model output is the
     layer's output or its L2 normalisation: sampling then runs the backbone once.
     """
@@ -57,7 +62,9 @@ class PosteriorConfig:
     approx: str = "fix"
     margin: float = 0.7
     hessian_scale: float = 1.0
-    output_key: str | int | None = None
+    output_key: OutputKey = None
+    call: str = "auto"
+    output_fn: str | None = None
     normalize: bool = True
     layer: str | None = None
     head: str | None = None
@@ -144,6 +151,11 @@ class EmbeddingPosterior:
         self.stats = stats or FitStats()
         self._moved_warned = False
 
+    @property
+    def model_call(self) -> ModelCall:
+        """How the model is called and its embedding taken."""
+        return ModelCall(self.config.output_key, self.config.call)  # type: ignore[arg-type]
+
     # -- the Gaussian -------------------------------------------------------------------
     @property
     def precision(self) -> Tensor:
@@ -228,10 +240,10 @@ class EmbeddingPosterior:
             if fast is not None:
                 return fast
         params = unflatten(weights, self.model, self.param_names)
-        key = self.config.output_key
+        call = self.model_call
 
         def embed(p: dict[str, Tensor]) -> Tensor:
-            return functional_forward(self.model, p, x, key)
+            return call.functional(self.model, p, x)
 
         with torch.no_grad():
             return vmap(embed, chunk_size=chunk_size)(params)
@@ -267,7 +279,7 @@ class EmbeddingPosterior:
         model output does not follow from that layer by the head on this batch (an
         elementwise nonlinearity after it, say): the general path then samples them."""
         layer = dict(self.model.named_modules())[self.config.layer]
-        feats, u, out = run_with_features(self.model, layer, x, self.config.output_key)
+        feats, u, out = run_with_features(self.model, layer, x, self.model_call)
         if not head_holds(u, out, self.config.head):  # type: ignore[arg-type]
             logger.debug("the head does not hold on this batch; sampling through the whole model")
             return None
@@ -333,7 +345,7 @@ class EmbeddingPosterior:
         for b, batch in enumerate(data):
             if b >= max_batches:
                 break
-            x = split_batch(batch)[0] if isinstance(batch, (tuple, list, dict)) else batch
+            x = inputs_of(batch)
             out.append(self.predict(x, n=n).uncertainty)
         if not out:
             raise ValueError("data yielded no batch")
@@ -361,14 +373,18 @@ class EmbeddingPosterior:
             "param_names": json.dumps(self.param_names),
             "architecture": json.dumps(architecture(self.model)),
             "model_fingerprint": fingerprint(self.model),
-            "config": json.dumps(asdict(self.config)),
+            "config": json.dumps(_config_record(self.config)),
             "stats": json.dumps(asdict(self.stats)),
         }
         file_format.write(path, tensors, meta, format_name=FORMAT, version=FORMAT_VERSION, framework="pt")
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module) -> "EmbeddingPosterior":
-        """Read a file written by :meth:`save` for ``model``; refuse one made for another model."""
+    def load(cls, path: str | Path, model: nn.Module, output_key: OutputKey = None) -> "EmbeddingPosterior":
+        """Read a file written by :meth:`save` for ``model``; refuse one made for another model.
+
+        ``output_key``: the callable that took the embedding from the output, when the
+        posterior was fitted with one (files record only its name).
+        """
         tensors, meta = file_format.read(
             path, format_name=FORMAT, version=FORMAT_VERSION, what="lam-plugin posterior", framework="pt"
         )
@@ -390,6 +406,15 @@ class EmbeddingPosterior:
             )
         names = json.loads(meta["param_names"])
         config = PosteriorConfig(**json.loads(meta["config"]))
+        if config.output_fn is not None:
+            if not callable(output_key):
+                raise ValueError(
+                    f"{path} was fitted with output_key={config.output_fn} (a callable); pass that callable "
+                    "as EmbeddingPosterior.load(path, model, output_key=...)"
+                )
+            config = replace(config, output_key=output_key)
+        elif output_key is not None and output_key != config.output_key:
+            raise ValueError(f"{path} was fitted with output_key={config.output_key!r}, not {output_key!r}")
         stats = FitStats(**json.loads(meta["stats"]))
         prior = tensors["prior_precision"]
         dev = model_device(model)
@@ -408,6 +433,15 @@ class EmbeddingPosterior:
             f"EmbeddingPosterior(params={self.mean.numel()}, geometry={self.config.geometry!r}, "
             f"approx={self.config.approx!r}, backend={self.stats.backend!r})"
         )
+
+
+def _config_record(config: PosteriorConfig) -> dict[str, Any]:
+    """The configuration as JSON-safe values: a callable ``output_key`` by its name."""
+    record = asdict(config)
+    if callable(config.output_key):
+        record["output_key"] = None
+        record["output_fn"] = ModelCall(config.output_key).describe()
+    return record
 
 
 def _arch_diff(a: dict[str, list[int]], b: dict[str, list[int]]) -> list[str]:

@@ -8,53 +8,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from .calling import Batch
 
-Batch = Union[Tensor, Mapping[str, Tensor]]
-OutputKey = Union[str, int, None]
-
-
-def select_output(out: Any, output_key: OutputKey) -> Tensor:
-    """Pick the embedding ``[B, D]`` out of a model's output (tensor, dict or tuple)."""
-    if output_key is not None:
-        try:
-            out = out[output_key]
-        except (KeyError, IndexError, TypeError) as err:
-            raise ValueError(
-                f"output_key={output_key!r} could not be taken from the model output of type "
-                f"{type(out).__name__}: {err}"
-            ) from err
-    if not isinstance(out, Tensor):
-        raise TypeError(
-            f"the model returned {type(out).__name__}; pass output_key= (a dict key or tuple index) "
-            "to pick the embedding tensor"
-        )
-    if out.ndim != 2:
-        raise ValueError(f"the embedding must have shape [B, D], got {tuple(out.shape)}")
-    return out
-
-
-def call_model(model: nn.Module, x: Batch) -> Any:
-    """``model(x)`` for a tensor, ``model(**x)`` for a dict of tensors."""
-    if isinstance(x, Mapping):
-        return model(**x)
-    return model(x)
-
-
-def functional_forward(
-    model: nn.Module, params: Mapping[str, Tensor], x: Batch, output_key: OutputKey
-) -> Tensor:
-    """The ``[B, D]`` embedding of ``x`` with ``params`` substituted into ``model``."""
-    if isinstance(x, Mapping):
-        out: Any = functional_call(model, dict(params), (), dict(x))
-    else:
-        out = functional_call(model, dict(params), (x,))
-    return select_output(out, output_key)
 
 
 def batch_size(x: Batch) -> int:
@@ -122,31 +82,6 @@ def _float_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of the model's floating parameters if they share one, else None."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     return dtypes.pop() if len(dtypes) == 1 else None
-
-
-def split_batch(batch: Any) -> tuple[Batch, Tensor]:
-    """``(x, y)`` out of a loader item (a tuple/list of two, or a dict with ``"labels"``)."""
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        x, y = batch[0], batch[1]
-    elif isinstance(batch, Mapping) and "labels" in batch:
-        y = batch["labels"]
-        x = {k: v for k, v in batch.items() if k != "labels"}
-    else:
-        raise ValueError(
-            "the loader must yield (x, y) batches, or dicts with a 'labels' entry; "
-            f"got {type(batch).__name__}"
-        )
-    if not isinstance(y, Tensor):
-        if isinstance(y, (list, tuple)) and any(isinstance(v, str) for v in y):
-            raise TypeError("labels must be numbers, got strings: map them to ints first")
-        y = torch.as_tensor(y)
-    if y.ndim == 0:
-        raise ValueError(
-            "labels must have shape [B], got a single label: pass batches (a DataLoader), not single items (a Dataset)"
-        )
-    if y.ndim != 1:
-        raise ValueError(f"labels must have shape [B], got {tuple(y.shape)}")
-    return x, y
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from torch.func import vjp, vmap
 from torch.fx import Graph
 
 from ..modules import L2Normalize
-from ..wrapping import Batch, OutputKey, call_model, select_output
+from ..calling import Batch, ModelCall
 from .base import CurvatureBackend, HessianFn, UnsupportedModelError, check_finite, flat_jacobian
 
 
@@ -172,11 +172,11 @@ class BackpackBackend(CurvatureBackend):
     def __init__(
         self,
         model: nn.Module,
-        output_key: OutputKey,
+        call: ModelCall,
         param_names: Sequence[str],
         converted: nn.Module | None = None,
     ) -> None:
-        super().__init__(model, output_key, param_names)
+        super().__init__(model, call, param_names)
         if converted is None:
             converted, reason = backpack_support(model)
             if converted is None:
@@ -195,7 +195,7 @@ class BackpackBackend(CurvatureBackend):
     def batch(self, x: Batch, hessian_fn: HessianFn) -> tuple[Tensor, Tensor]:
         parts: dict[str, Tensor] = {}
         with torch.enable_grad():
-            out = select_output(call_model(self.net, x), self.output_key)
+            out = self.call.embed(self.net, x)
             g = hessian_fn(out.detach())
 
             def contract(module: nn.Module) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..geometry import OutputHessian
-from ..wrapping import Batch, OutputKey
+from ..calling import Batch, ModelCall
 
 HessianFn = Callable[[Tensor], OutputHessian]
 
@@ -30,15 +30,15 @@ class CurvatureBackend(ABC):
 
     Args:
         model: the user's model (never modified; backends that must change it work on a copy).
-        output_key: picks the ``[B, D]`` embedding out of a dict/tuple output.
+        call: calls the model on a batch and takes its ``[B, D]`` embedding.
         param_names: the parameters covered, in ``named_parameters()`` order.
     """
 
     name: str = "base"
 
-    def __init__(self, model: nn.Module, output_key: OutputKey, param_names: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, call: ModelCall, param_names: Sequence[str]) -> None:
         self.model = model
-        self.output_key = output_key
+        self.call = call
         self.param_names = list(param_names)
 
     @abstractmethod

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import jacrev, vmap
 from torch.utils._pytree import tree_map
 
-from ..wrapping import Batch, OutputKey, functional_forward
+from ..calling import Batch, ModelCall
 from .base import CurvatureBackend, HessianFn, check_finite, flat_jacobian
 
 
@@ -27,11 +27,11 @@ class FunctorchBackend(CurvatureBackend):
     def __init__(
         self,
         model: nn.Module,
-        output_key: OutputKey,
+        call: ModelCall,
         param_names: Sequence[str],
         chunk_size: int | None = None,
     ) -> None:
-        super().__init__(model, output_key, param_names)
+        super().__init__(model, call, param_names)
         self.chunk_size = chunk_size
 
     def jacobians(self, x: Batch, params: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor]:
@@ -44,7 +44,7 @@ class FunctorchBackend(CurvatureBackend):
         sub = {n: named[n].detach() for n in self.param_names}
 
         def one(p: dict[str, Tensor], xi: Batch) -> tuple[Tensor, Tensor]:
-            out = functional_forward(self.model, p, tree_map(lambda t: t.unsqueeze(0), xi), self.output_key)
+            out = self.call.functional(self.model, p, tree_map(lambda t: t.unsqueeze(0), xi))
             return out[0], out[0]
 
         jac, out = vmap(jacrev(one, has_aux=True), in_dims=(None, 0), chunk_size=self.chunk_size)(sub, x)

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from ..geometry import OutputHessian
 from ..parameters import last_linear
-from ..wrapping import Batch, OutputKey, call_model, head_of_batch, select_output
+from ..calling import Batch, ModelCall
+from ..wrapping import head_of_batch
 from .base import CurvatureBackend, HessianFn, check_finite
 
 Head = Literal["identity", "normalize"]
@@ -45,11 +46,11 @@ def capture_io(layer: nn.Module) -> Iterator[dict[str, Tensor]]:
 
 
 def run_with_features(
-    model: nn.Module, layer: nn.Linear, x: Batch, output_key: OutputKey
+    model: nn.Module, layer: nn.Linear, x: Batch, call: ModelCall
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(features [B, in], layer output [B, out], model output [B, D])`` of one no-grad forward."""
     with torch.no_grad(), capture_io(layer) as io:
-        out = select_output(call_model(model, x), output_key)
+        out = call.embed(model, x)
     if "input" not in io:
         raise RuntimeError("the last linear layer did not run in this forward pass")
     return io["input"], io["output"], out
@@ -79,14 +80,14 @@ class HeadMismatchError(RuntimeError):
     items probed first)."""
 
 
-def probe_last_layer(model: nn.Module, example: Batch, output_key: OutputKey) -> tuple[str, Head | None]:
+def probe_last_layer(model: nn.Module, example: Batch, call: ModelCall) -> tuple[str, Head | None]:
     """The last ``nn.Linear`` run in the forward pass, and the head after it (None if none).
 
     Runs one no-grad forward on all of ``example``; :class:`LastLayerCurvature` checks
     the head again on every batch it is given.
     """
-    layer = last_linear(model, head_of_batch(example, 2))
-    _, u, out = run_with_features(model, dict(model.named_modules())[layer], example, output_key)
+    layer = last_linear(model, head_of_batch(example, 2), call)
+    _, u, out = run_with_features(model, dict(model.named_modules())[layer], example, call)
     return layer, detect_head(u, out)
 
 
@@ -124,12 +125,12 @@ class LastLayerCurvature(CurvatureBackend):
     def __init__(
         self,
         model: nn.Module,
-        output_key: OutputKey,
+        call: ModelCall,
         param_names: Sequence[str],
         layer_name: str,
         head: Head,
     ) -> None:
-        super().__init__(model, output_key, param_names)
+        super().__init__(model, call, param_names)
         self.layer = dict(model.named_modules())[layer_name]
         if not isinstance(self.layer, nn.Linear):
             raise TypeError(f"{layer_name!r} is a {type(self.layer).__name__}, not an nn.Linear")
@@ -143,7 +144,7 @@ class LastLayerCurvature(CurvatureBackend):
             HeadMismatchError: the model output does not follow from the layer's output
                 by the head on this batch (checked before ``hessian_fn`` is called).
         """
-        feats, u, out = run_with_features(self.model, self.layer, x, self.output_key)
+        feats, u, out = run_with_features(self.model, self.layer, x, self.call)
         self.check_head(u, out)
         return self.from_features(feats, u, hessian_fn(out)), out
 
