@@ -15,12 +15,12 @@ from .arguments import check_prior, number, positive_int
 from .curvature.backpack import BackpackBackend, backpack_support
 from .curvature.base import CurvatureBackend, HessianFn, UnsupportedModelError
 from .curvature.functorch import FunctorchBackend
-from .curvature.last_layer import HeadMismatchError, LastLayerCurvature, probe_last_layer
+from .curvature.last_layer import HeadMismatchError, LastLayerCurvature
 from .geometry import APPROXES, GEOMETRIES, OutputHessian, output_hessian
 from .numerics import flush_denormals
 from .online import OnlineLaplace, dataset_size_of, first_input
 from .pairs import Miner, PairSelection
-from .parameters import Subset, check_affects_output, flatten, resolve_subset
+from .parameters import Subset, check_affects_output, flatten, probe_last_layer, resolve_subset
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
 from .batches import labelled

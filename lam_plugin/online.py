@@ -63,12 +63,12 @@ from torch import Tensor
 
 from .arguments import number, positive_int
 from .curvature.functorch import FunctorchBackend
-from .curvature.last_layer import LastLayerCurvature, capture_io, head_holds, probe_last_layer
+from .curvature.last_layer import LastLayerCurvature, capture_io, head_holds
 from .geometry import output_hessian
 from .losses import ContrastiveBatchLoss
 from .numerics import flush_denormals
 from .pairs import Miner, PairSelection
-from .parameters import check_affects_output, resolve_subset, unflatten
+from .parameters import check_affects_output, probe_last_layer, resolve_subset, unflatten
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
 from .batches import inputs as inputs_of

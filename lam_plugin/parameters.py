@@ -14,35 +14,75 @@ import torch
 from torch import Tensor, nn
 
 from .calling import Batch, ModelCall
+from .curvature.last_layer import Head, detect_head, run_with_features
 from .wrapping import eval_mode, head_of_batch
 
 Subset = Union[str, Sequence[str]]
 
 
 def last_linear(model: nn.Module, example: Batch, call: ModelCall) -> str:
-    """Name (as in ``named_modules``) of the last ``nn.Linear`` run in ``model``'s forward."""
-    order: list[str] = []
+    """Name (as in ``named_modules``) of the last ``nn.Linear`` whose output the embedding
+    depends on, in the order the forward pass runs them.
+
+    "The last Linear that runs" is wrong for a BERT encoder (its pooler runs last, but a
+    mean-pooled embedding does not use it) and for multi-head models (a classifier
+    beside the embedding head). One autograd probe on ``example`` tells them apart: the
+    gradient of a random projection of the embedding with respect to each Linear's
+    output is non-zero only where the embedding uses that output. The weights are
+    substituted by detached copies (``torch.func.functional_call``), so the model, its
+    ``.grad`` and its hooks stay as they were.
+    """
+    outputs: list[tuple[str, Tensor]] = []
     handles = [
-        m.register_forward_hook(lambda mod, inp, out, name=name: order.append(name))
+        m.register_forward_hook(lambda mod, inp, out, name=name: outputs.append((name, out)))
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear)
     ]
+    params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
     try:
-        with torch.no_grad(), eval_mode(model):
-            call(model, example)
+        with eval_mode(model), torch.enable_grad():
+            emb = call.functional(model, params, example)
     finally:
         for h in handles:
             h.remove()
-    if not order:
+    if not outputs:
         raise ValueError('subset="last_layer" needs an nn.Linear in the forward pass; none ran')
-    return order[-1]
+    candidates = [(name, out) for name, out in outputs if isinstance(out, Tensor) and out.requires_grad]
+    grads: list[Tensor | None] = [None] * len(candidates)
+    if emb.requires_grad and candidates:
+        direction = torch.randn(emb.shape, generator=torch.Generator().manual_seed(0), dtype=emb.dtype).to(emb.device)
+        grads = list(torch.autograd.grad((emb * direction).sum(), [o for _, o in candidates], allow_unused=True))
+    used = [name for (name, _), g in zip(candidates, grads) if g is not None and bool(g.ne(0).any())]
+    if not used:
+        ran = sorted({name for name, _ in outputs})
+        raise ValueError(
+            f"the embedding depends on no nn.Linear output (Linear layers that ran: {ran}); pass subset= "
+            "as a module name or a list of parameter-name prefixes"
+        )
+    return used[-1]
+
+
+def probe_last_layer(
+    model: nn.Module, example: Batch, call: ModelCall, layer: str | None = None
+) -> tuple[str, Head | None]:
+    """The last layer (``layer``, or :func:`last_linear`) and the parameter-free head
+    (identity or L2 normalisation) that maps its output to the embedding, None if none.
+
+    The head is checked on all of ``example``; :class:`LastLayerCurvature` checks it
+    again on every batch it is given.
+    """
+    with eval_mode(model):
+        name = layer if layer is not None else last_linear(model, example, call)
+        _, u, out = run_with_features(model, dict(model.named_modules())[name], example, call)
+    return name, detect_head(u, out)
 
 
 def resolve_subset(model: nn.Module, subset: Subset, last_layer: str | None = None) -> list[str]:
     """Parameter names covered by ``subset``, in ``named_parameters()`` order.
 
     ``subset`` is ``"all"``, ``"last_layer"`` (weight and bias of the module named
-    ``last_layer``, see :func:`last_linear`) or a list of name prefixes.
+    ``last_layer``, see :func:`last_linear`), the name of a module (its parameters), or a
+    list of name prefixes.
     """
     names = [n for n, _ in model.named_parameters()]
     if isinstance(subset, str):
@@ -53,9 +93,12 @@ def resolve_subset(model: nn.Module, subset: Subset, last_layer: str | None = No
                 raise ValueError('subset="last_layer" needs the name of the last linear layer')
             chosen = [n for n in names if n.rpartition(".")[0] == last_layer]
         else:
-            raise ValueError(
-                f"subset must be 'all', 'last_layer' or a list of parameter-name prefixes, got {subset!r}"
-            )
+            chosen = [n for n in names if _has_prefix(n, subset)]
+            if subset not in dict(model.named_modules()) or not chosen:
+                raise ValueError(
+                    f"subset={subset!r} is not 'all', 'last_layer' or the name of a module with parameters; "
+                    f"modules with parameters are {_module_names(model)}"
+                )
     else:
         prefixes = list(subset)
         if not prefixes or not all(isinstance(p, str) for p in prefixes):
@@ -89,6 +132,12 @@ def check_affects_output(model: nn.Module, names: Sequence[str], example: Batch,
             f"the posterior's parameters ({shown}) do not affect the model output: the forward pass never "
             "uses them; choose a subset that it does"
         )
+
+
+def _module_names(model: nn.Module, limit: int = 12) -> str:
+    names = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    shown = ", ".join(repr(n) for n in names[-limit:])
+    return ("..., " if len(names) > limit else "") + shown
 
 
 def _has_prefix(name: str, prefix: str) -> bool:

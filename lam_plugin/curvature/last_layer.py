@@ -22,9 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..geometry import OutputHessian
-from ..parameters import last_linear
 from ..calling import Batch, ModelCall
-from ..wrapping import head_of_batch
 from .base import CurvatureBackend, HessianFn, check_finite
 
 Head = Literal["identity", "normalize"]
@@ -78,17 +76,6 @@ class HeadMismatchError(RuntimeError):
     """On some batch the model output is not the head of the last layer's output (an
     elementwise nonlinearity after it, such as a ReLU, can look like the identity on the
     items probed first)."""
-
-
-def probe_last_layer(model: nn.Module, example: Batch, call: ModelCall) -> tuple[str, Head | None]:
-    """The last ``nn.Linear`` run in the forward pass, and the head after it (None if none).
-
-    Runs one no-grad forward on all of ``example``; :class:`LastLayerCurvature` checks
-    the head again on every batch it is given.
-    """
-    layer = last_linear(model, head_of_batch(example, 2), call)
-    _, u, out = run_with_features(model, dict(model.named_modules())[layer], example, call)
-    return layer, detect_head(u, out)
 
 
 def _head_jacobian(u: Tensor, head: Head) -> Tensor | None:
