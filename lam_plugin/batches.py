@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,15 +71,26 @@ def inputs(batch: Any) -> Batch:
 
 
 def iter_inputs(data: Any) -> Iterator[Batch]:
-    """The input batches of ``data``: a tensor, a dict or a tuple is one batch; a list or
-    any other iterable (a DataLoader) is a loader whose items are batches."""
-    if isinstance(data, (Tensor, Mapping, tuple)):
+    """The input batches of ``data``: a tensor, a dict, a tuple, or a list ``[x, y]`` as a
+    DataLoader yields it is one batch; any other list or iterable (a DataLoader) is a
+    loader whose items are batches."""
+    if isinstance(data, (Tensor, Mapping, tuple)) or _is_labelled_list(data):
         yield inputs(data)
         return
-    if not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
-        raise TypeError(f"inputs must be a tensor, a dict of tensors or a loader of batches, got {_describe(data)}")
+    if not isinstance(data, Iterable) or isinstance(data, (str, bytes, np.ndarray)):
+        yield data  # not inputs: checking them (wrapping.check_inputs) says what to pass instead
+        return
     for batch in data:
         yield inputs(batch)
+
+
+def _is_labelled_list(data: Any) -> bool:
+    """``[x, y]`` with labels ``y [B]`` for the ``B`` items of a tensor ``x``, or a pair batch."""
+    if not isinstance(data, list) or len(data) != 2:
+        return False
+    x, y = data
+    labels = isinstance(x, Tensor) and isinstance(y, Tensor) and y.ndim == 1 and x.ndim >= 1 and len(x) == len(y)
+    return labels or is_pair_batch(data)
 
 
 def without_labels(batch: Mapping[str, Any]) -> dict[str, Any]:

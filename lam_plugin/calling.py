@@ -115,10 +115,13 @@ class ModelCall:
 
     def functional(self, model: nn.Module, params: Mapping[str, Tensor], x: Batch) -> Tensor:
         """The ``[B, D]`` embedding of ``x`` with ``params`` substituted into ``model``."""
-        if self.keywords(model, x):
-            out: Any = functional_call(model, dict(params), (), dict(x))  # type: ignore[arg-type]
-        else:
-            out = functional_call(model, dict(params), (x,))
+        try:
+            if self.keywords(model, x):
+                out: Any = functional_call(model, dict(params), (), dict(x))  # type: ignore[arg-type]
+            else:
+                out = functional_call(model, dict(params), (x,))
+        except TypeError as err:
+            raise TypeError(self._call_error(model, x, err)) from err
         return self.embedding(out, x)
 
     def embed(self, model: nn.Module, x: Batch) -> Tensor:

@@ -15,7 +15,7 @@ from .arguments import check_prior, number, positive_int
 from .curvature.backpack import BackpackBackend, backpack_support
 from .curvature.base import CurvatureBackend, HessianFn, UnsupportedModelError
 from .curvature.functorch import FunctorchBackend
-from .curvature.last_layer import HeadMismatchError, LastLayerCurvature
+from .curvature.last_layer import Head, HeadMismatchError, LastLayerCurvature
 from .geometry import APPROXES, GEOMETRIES, OutputHessian, output_hessian
 from .numerics import flush_denormals
 from .online import OnlineLaplace, dataset_size_of, first_input
@@ -29,19 +29,20 @@ from .wrapping import batch_size, eval_mode, model_device, prepare_inputs
 
 logger = logging.getLogger(__name__)
 
-BackendName = Literal["backpack", "torch.func", "auto"]
+BackendName = Literal["auto", "backpack", "torch.func", "hooks", "montecarlo"]
 PriorPrecision = Union[float, Tensor, Literal["marglik"]]
-BACKENDS = ("backpack", "torch.func", "auto")
+BACKENDS = ("auto", "backpack", "torch.func", "hooks", "montecarlo")
 
 
 class LaplaceEmbedder:
     """Adds a Laplace posterior over (part of) the weights of any embedding model.
 
     Args:
-        model: any ``nn.Module`` mapping a batch to embeddings ``[B, D]`` (or to a dict /
-            tuple from which ``output_key`` picks them). It is never modified.
-        subset: ``"last_layer"`` (the last ``nn.Linear`` run in the forward pass),
-            ``"all"``, or a list of parameter-name prefixes.
+        model: any ``nn.Module`` mapping a batch to embeddings ``[B, D]`` (or to an output
+            from which ``output_key`` takes them). It is never modified.
+        subset: ``"last_layer"`` (the last ``nn.Linear`` whose output the embedding
+            depends on), ``"all"``, the name of a module (as in ``named_modules()``), or
+            a list of parameter-name prefixes.
         approx: ``"pos"``, ``"fix"`` or ``"full"``; geometry: ``"arccos"`` or ``"euclidean"``
             (DESIGN section 3).
         margin: the contrastive margin ``m``; a negative pair counts while
@@ -50,15 +51,24 @@ class LaplaceEmbedder:
             mined negative whatever its distance, as the paper's code does.
         miner: ``"all"`` (every unordered pair of a batch) or a pytorch-metric-learning miner.
         prior_precision: a positive float (or ``[P]`` tensor), or ``"marglik"``.
-        backend: ``"backpack"``, ``"torch.func"`` or ``"auto"`` (BackPACK where it supports
-            every module, else torch.func with one warning naming the module). A last-layer
-            subset whose model output is that layer's output or its L2 normalisation uses
-            the closed form whatever the backend.
-        output_key: key or index of the embedding in a dict / tuple output.
+        backend: ``"auto"``, ``"backpack"``, ``"torch.func"``, ``"hooks"`` (module hooks and
+            batched backward passes: no tracing, no vmap, for Hugging Face models) or
+            ``"montecarlo"`` (an unbiased estimate from ``mc_samples`` random directions).
+            ``"auto"`` takes the last layer's closed form where the embedding is that
+            layer's output or its L2 normalisation, else BackPACK where it supports every
+            module, else hooks where they cover the subset, else torch.func; it logs its
+            choice, and the posterior records it (``stats.backend``).
+        output_key: how the embedding is taken from the model output: ``None`` (the output
+            itself, or a sentence-transformers ``"sentence_embedding"``), a key, an index,
+            an attribute of a ``ModelOutput``, or a callable ``(output, inputs) -> [B, D]``
+            such as :func:`lam_plugin.calling.mean_pooling`.
+        call: how a dict batch is passed: ``"auto"`` (by the signature of ``forward``),
+            ``"positional"`` (``model(batch)``) or ``"keywords"`` (``model(**batch)``).
         normalize: L2-normalise the embedding samples.
         hessian_scale: multiplies the curvature in the posterior precision.
         max_pairs: at most this many pairs per batch (drawn at random) enter the curvature.
         chunk_size: vmap chunk size for torch.func Jacobians and for sampling.
+        mc_samples: random directions per batch of ``backend="montecarlo"``.
         progress: show a progress bar during fits.
         seed: seeds pair subsampling.
     """
@@ -81,6 +91,7 @@ class LaplaceEmbedder:
         hessian_scale: float = 1.0,
         max_pairs: int | None = None,
         chunk_size: int | None = None,
+        mc_samples: int = 16,
         progress: bool = True,
         seed: int = 0,
     ) -> None:
@@ -100,6 +111,7 @@ class LaplaceEmbedder:
         check_prior(prior_precision)
         if chunk_size is not None:
             positive_int(chunk_size, "chunk_size")
+        positive_int(mc_samples, "mc_samples")
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
         if not isinstance(hinge, bool):
@@ -122,6 +134,7 @@ class LaplaceEmbedder:
         self.hessian_scale = float(hessian_scale)
         self.max_pairs = max_pairs
         self.chunk_size = chunk_size
+        self.mc_samples = mc_samples
         self.progress = progress
         self.seed = seed
         self.posterior: EmbeddingPosterior | None = None
@@ -144,10 +157,7 @@ class LaplaceEmbedder:
         n_data = n_batches = 0
         out_dim = 0
         with eval_mode(self.model):
-            layer, head = probe_last_layer(self.model, x0, self.model_call) if self.subset == "last_layer" else (None, None)
-            names = resolve_subset(self.model, self.subset, layer)
-            if layer is None:
-                check_affects_output(self.model, names, x0, self.model_call)
+            names, layer, head = self._subset(x0)
             engine = self._engine(names, layer, head)
             try:
                 bar = tqdm(loader, desc=f"curvature ({engine.name})", disable=not self.progress, leave=False)
@@ -176,6 +186,7 @@ class LaplaceEmbedder:
             raise ValueError("the loader yielded no batch")
         dtype = flatten(self.model, names[:1]).dtype
         curvature = (total.clamp_min(0) if self.approx in ("fix", "full") else total).to(dtype)
+        _check_curvature(total, curvature, names, self.model, selection, self.approx)
         config = PosteriorConfig(
             geometry=self.geometry,
             approx=self.approx,
@@ -200,25 +211,60 @@ class LaplaceEmbedder:
         if isinstance(prior, str):
             prior = marglik_prior_precision(self.hessian_scale * curvature, mean, n_data, out_dim)
         self.posterior = EmbeddingPosterior(self.model, names, curvature, prior, mean=mean, config=config, stats=stats)
-        if stats.n_positive == 0:
-            logger.warning("no positive pair in any batch: the curvature is empty; batches need repeated labels")
         return self.posterior
 
     fit_posterior = fit
 
-    def _engine(self, names: Sequence[str], layer: str | None, head: str | None) -> CurvatureBackend:
-        """The curvature backend for this fit (DESIGN section 4)."""
-        if layer is not None and head is not None and self.backend == "auto":
-            return LastLayerCurvature(self.model, self.model_call, names, layer, head)  # type: ignore[arg-type]
+    def _subset(self, x0: Batch) -> tuple[list[str], str | None, Head | None]:
+        """``(parameter names, last layer, head)`` of this fit's subset on the example ``x0``.
+
+        ``layer`` is set for ``"last_layer"`` and for a subset naming an ``nn.Linear``;
+        ``head`` is the parameter-free map from that layer's output to the embedding
+        (identity or L2 normalisation), None where there is none. Calls the model on
+        ``x0`` before any work, so a model that cannot take the batch or returns no
+        ``[B, D]`` embedding fails here.
+        """
+        subset, model = self.subset, self.model
+        names_given = isinstance(subset, str) and subset not in ("all", "last_layer")
+        names = resolve_subset(model, subset) if subset != "last_layer" else None
+        if subset == "last_layer" or (names_given and isinstance(dict(model.named_modules())[subset], nn.Linear)):
+            layer, head = probe_last_layer(model, x0, self.model_call, None if subset == "last_layer" else subset)
+            return resolve_subset(model, subset, layer), layer, head
+        assert names is not None
+        check_affects_output(model, names, x0, self.model_call)
+        return names, None, None
+
+    def _engine(self, names: Sequence[str], layer: str | None, head: Head | None) -> CurvatureBackend:
+        """The curvature backend for this fit (docs/curvature.md)."""
+        model, call = self.model, self.model_call
         if self.backend == "torch.func":
-            return FunctorchBackend(self.model, self.model_call, names, self.chunk_size)
-        converted, reason = backpack_support(self.model)
+            return FunctorchBackend(model, call, names, self.chunk_size)
+        if self.backend == "hooks":
+            from .curvature.hooks import HooksBackend  # INTEGRATION
+            return HooksBackend(model, call, names)
+        if self.backend == "montecarlo":
+            from .curvature.montecarlo import MonteCarloBackend  # INTEGRATION
+            return MonteCarloBackend(model, call, names, samples=self.mc_samples, generator=torch.Generator().manual_seed(self.seed))
+        if self.backend == "auto" and layer is not None and head is not None:
+            logger.info("backend auto: the closed form of layer %r (head %s)", layer, head)
+            return LastLayerCurvature(model, call, names, layer, head)
+        converted, reason = backpack_support(model)
         if converted is not None:
-            return BackpackBackend(self.model, self.model_call, names, converted=converted)
+            logger.info("backend auto: BackPACK")
+            return BackpackBackend(model, call, names, converted=converted)
         if self.backend == "backpack":
             raise UnsupportedModelError(f"backend='backpack' cannot run this model: BackPACK does not support {reason}")
-        logger.warning("BackPACK does not support %s; using the torch.func backend", reason)
-        return FunctorchBackend(self.model, self.model_call, names, self.chunk_size)
+        from .curvature.hooks import HooksBackend, hooks_support  # INTEGRATION
+        hooks_reason = hooks_support(model, names)
+        if hooks_reason is None:
+            logger.warning("BackPACK does not support %s; using the hooks backend", reason)
+            return HooksBackend(model, call, names)
+        logger.warning(
+            "BackPACK does not support %s, and the hooks backend does not support %s; using the torch.func backend",
+            reason,
+            hooks_reason,
+        )
+        return FunctorchBackend(model, call, names, self.chunk_size)
 
     def _hessian_fn(self, y: Tensor, selection: PairSelection) -> HessianFn:
         """Outputs -> pairs (miner, hinge, subsample) -> the batch's output Hessian."""
@@ -316,6 +362,42 @@ class LaplaceEmbedder:
             f"LaplaceEmbedder(subset={self.subset!r}, approx={self.approx!r}, geometry={self.geometry!r}, "
             f"margin={self.margin}, backend={self.backend!r})"
         )
+
+
+def _check_curvature(
+    total: Tensor, curvature: Tensor, names: Sequence[str], model: nn.Module, selection: PairSelection, approx: str
+) -> None:
+    """Refuse a fit whose signed curvature is zero everywhere, saying why (no positive
+    pair, or weights the embedding does not use); warn where only the ``relu`` makes it
+    zero, and name the parameters of the subset that got none."""
+    counts = selection.counts
+    if not bool(total.ne(0).any()):
+        if counts.positive == 0 and (approx == "pos" or counts.negative_active == 0):
+            raise ValueError(
+                "the fit found no positive pair in any batch, so the curvature is zero: batches need at least two "
+                "items of one label (sample several per class), or (anchors, positives) pair batches"
+            )
+        raise ValueError(
+            f"the curvature is zero for every parameter of the subset ({_shown(names)}): the embedding does not "
+            "depend on them; choose parameters that it uses (subset='last_layer' finds the last Linear it uses)"
+        )
+    if not bool(curvature.ne(0).any()):
+        logger.warning(
+            "the curvature of approx=%r is negative or zero for every parameter, so the posterior is the prior: the "
+            "%d active negative pairs outweigh the %d positive ones everywhere (an untrained network does this); "
+            "use approx='pos', more positives per batch, or a smaller margin",
+            approx,
+            counts.negative_active,
+            counts.positive,
+        )
+    sizes = [p.numel() for n, p in model.named_parameters() if n in set(names)]
+    unused = [n for n, part in zip(names, total.split(sizes)) if not bool(part.ne(0).any())]
+    if unused:
+        logger.warning("parameters %s get no curvature: the embedding does not depend on them", _shown(unused))
+
+
+def _shown(names: Sequence[str], limit: int = 4) -> str:
+    return ", ".join(list(names)[:limit]) + (", ..." if len(names) > limit else "")
 
 
 def _len_or_none(loader: Iterable[Any], default: int) -> int:

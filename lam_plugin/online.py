@@ -68,7 +68,7 @@ from .geometry import output_hessian
 from .losses import ContrastiveBatchLoss
 from .numerics import flush_denormals
 from .pairs import Miner, PairSelection
-from .parameters import check_affects_output, probe_last_layer, resolve_subset, unflatten
+from .parameters import unflatten
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
 from .batches import inputs as inputs_of
@@ -135,14 +135,8 @@ class OnlineLaplace:
             raise ValueError(f"relu must be one of {self.RELUS}, got {relu!r}")
         self.embedder = embedder
         model = embedder.model
-        self.layer: str | None = None
-        self.head: str | None = None
-        if embedder.subset == "last_layer":
-            with eval_mode(model):
-                self.layer, self.head = probe_last_layer(model, example, embedder.model_call)
-        self.names = resolve_subset(model, embedder.subset, self.layer)
-        if self.layer is None:
-            check_affects_output(model, self.names, example, embedder.model_call)
+        with eval_mode(model):
+            self.names, self.layer, self.head = embedder._subset(example)
         self.dataset_size = int(dataset_size)
         self.memory_factor = memory_factor
         self.n_samples = n_samples

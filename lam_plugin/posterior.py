@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from .parameters import architecture, fingerprint, flatten, unflatten
 from .prediction import Prediction
 from .calling import Batch, ModelCall, OutputKey
 from .batches import inputs as inputs_of
+from .batches import iter_inputs
 from .wrapping import eval_mode, model_device, prepare_inputs, slice_batch
 from .wrapping import batch_size as batch_size_of
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "lam-plugin/embedding-posterior"
 FORMAT_VERSION = 1
+#: floats of weight samples held at once while sampling (:meth:`EmbeddingPosterior.weight_chunks`)
+_WEIGHT_FLOATS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ class EmbeddingPosterior:
         self.config = config or PosteriorConfig()
         self.stats = stats or FitStats()
         self._moved_warned = False
+        self._vmap_ok = True
 
     @property
     def model_call(self) -> ModelCall:
@@ -179,45 +183,75 @@ class EmbeddingPosterior:
         eps = torch.randn(n, self.mean.numel(), generator=generator, dtype=self.mean.dtype, device=dev)
         return self.mean + eps.to(self.mean.device) * self.std
 
+    def weight_chunks(self, n: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:
+        """The ``n`` weight samples of :meth:`sample_weights` in chunks ``[c, P]`` of at most
+        ``2**24`` floats together, drawn one chunk after another from ``generator``, so
+        that a posterior over many parameters never holds ``[n, P]`` at once. Where
+        ``n * P`` fits in one chunk they are exactly ``sample_weights(n, generator)``."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        step = max(1, min(n, _WEIGHT_FLOATS // max(1, self.mean.numel())))
+        for start in range(0, n, step):
+            yield self.sample_weights(min(step, n - start), generator)
+
     # -- embeddings ---------------------------------------------------------------------
     def sample(
         self,
-        x: Batch,
+        x: Batch | Iterable[Any],
         n: int = 30,
         generator: torch.Generator | None = None,
         chunk_size: int | None = None,
         batch_size: int | None = None,
     ) -> Tensor:
-        """``[n, B, D]`` embedding samples of the batch ``x``, unit norm when ``normalize``.
+        """``[n, B, D]`` embedding samples of ``x``, unit norm when ``normalize``.
 
-        A last-layer posterior with a parameter-free head runs the backbone once whatever
-        ``n``; other subsets batch the ``n`` forwards with ``vmap`` (``chunk_size`` of them
-        at a time, default all). ``batch_size`` embeds ``x`` in pieces of that many items,
-        all with the same ``n`` weight samples.
+        ``x`` is a batch (a tensor, a dict of tensors, or a labelled batch whose inputs are
+        taken) or a loader of batches; every batch is embedded with the same ``n`` weight
+        samples. A last-layer posterior with a parameter-free head runs the backbone once
+        whatever ``n``; other subsets batch the forwards with ``vmap`` (``chunk_size`` of
+        them at a time, default all), or loop over the samples where ``vmap`` cannot run
+        the model (Hugging Face models). ``batch_size`` embeds each batch in pieces of that
+        many items.
         """
-        out = self._sample_outputs(x, n, generator, chunk_size, batch_size)
+        out = torch.cat(list(self._sample_outputs(x, n, generator, chunk_size, batch_size)), dim=1)
         return torch.nn.functional.normalize(out, dim=-1) if self.config.normalize else out
 
     def _sample_outputs(
         self,
-        x: Batch,
+        data: Batch | Iterable[Any],
         n: int,
         generator: torch.Generator | None,
         chunk_size: int | None,
         batch_size: int | None,
-    ) -> Tensor:
-        """``[n, B, D]`` model outputs of ``x`` under ``n`` weight samples, before any normalisation."""
-        weights = self.sample_weights(n, generator)
-        x = prepare_inputs(x, self.model)
+    ) -> Iterator[Tensor]:
+        """``[n, b, D]`` model outputs, before any normalisation, of each piece of ``data``
+        (its batches, cut to ``batch_size``), all under the same ``n`` weight samples.
+
+        The generator is rewound to its starting state for every piece, so the weight
+        samples are drawn again rather than kept: memory holds one chunk of them
+        (:meth:`weight_chunks`) and one piece of outputs.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if generator is None:  # seeded from the global RNG, so torch.manual_seed decides
+            generator = torch.Generator(self.mean.device).manual_seed(int(torch.randint(2**62, ())))
+        start = generator.get_state()
         self._warn_if_moved()
-        size = batch_size_of(x)
-        step = size if batch_size is None else batch_size
-        if step < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        empty = True
         with eval_mode(self.model):
-            return torch.cat(
-                [self._embed(slice_batch(x, i, i + step), weights, chunk_size) for i in range(0, size, step)], dim=1
-            )
+            for batch in iter_inputs(data):
+                x = prepare_inputs(batch, self.model)
+                size = batch_size_of(x)
+                step = size if batch_size is None else batch_size
+                for i in range(0, size, step):
+                    piece = slice_batch(x, i, i + step)
+                    generator.set_state(start)
+                    yield torch.cat([self._embed(piece, w, chunk_size) for w in self.weight_chunks(n, generator)])
+                    empty = False
+        if empty:
+            raise ValueError("the inputs hold no batch")
 
     def _warn_if_moved(self) -> None:
         """Log once when the model's weights in the subset are no longer the posterior's mean
@@ -246,7 +280,13 @@ class EmbeddingPosterior:
             return call.functional(self.model, p, x)
 
         with torch.no_grad():
-            return vmap(embed, chunk_size=chunk_size)(params)
+            if self._vmap_ok:
+                try:
+                    return vmap(embed, chunk_size=chunk_size)(params)
+                except RuntimeError as err:  # data-dependent control flow (Hugging Face attention, ...)
+                    logger.info("vmap cannot run this model (%s); sampling one weight sample at a time", err)
+                    self._vmap_ok = False
+            return torch.stack([embed({k: v[s] for k, v in params.items()}) for s in range(weights.shape[0])])
 
     def tempered(self, temperature: float) -> "EmbeddingPosterior":
         """The same posterior with its covariance multiplied by ``temperature``.
@@ -293,13 +333,16 @@ class EmbeddingPosterior:
 
     def predict(
         self,
-        x: Batch,
+        x: Batch | Iterable[Any],
         n: int = 30,
         generator: torch.Generator | None = None,
         return_samples: bool = False,
         batch_size: int | None = None,
     ) -> Prediction:
         """Mean (unit norm), per-dimension std and ``uncertainty = sum_d std`` of ``n`` samples.
+
+        ``x`` is a batch or a loader (as in :meth:`sample`): a loader is streamed, every
+        batch with the same weight samples, and the result covers all its items.
 
         The prediction also carries ``output_var``, the ``[B, D]`` sample variance of the
         model output before the posterior's L2 normalisation (``normalize=True``, the
@@ -308,10 +351,14 @@ class EmbeddingPosterior:
         (:attr:`Prediction.output_uncertainty`) that, unlike ``std``, keeps the spread along
         the output's direction.
         """
-        if n < 2:
+        if isinstance(n, int) and not isinstance(n, bool) and n < 2:
             raise ValueError(f"predict needs n >= 2 samples for a standard deviation, got n={n}")
-        out = self._sample_outputs(x, n, generator, None, batch_size)
-        return Prediction.from_outputs(out, keep_samples=return_samples, normalize=self.config.normalize)
+        return Prediction.concat(
+            [
+                Prediction.from_outputs(out, keep_samples=return_samples, normalize=self.config.normalize)
+                for out in self._sample_outputs(x, n, generator, None, batch_size)
+            ]
+        )
 
     # -- diagnostics --------------------------------------------------------------------
     def summary(self, data: Iterable[Any] | Tensor | None = None, n: int = 30, max_batches: int = 20) -> PosteriorSummary:

@@ -62,6 +62,20 @@ class Prediction:
         pred = cls.from_samples(samples, keep_samples=keep_samples)
         return replace(pred, output_var=outputs.var(dim=0))
 
+    @classmethod
+    def concat(cls, parts: list["Prediction"]) -> "Prediction":
+        """One prediction of the items of ``parts``, in order (samples along dimension 1)."""
+        if not parts:
+            raise ValueError("no prediction to concatenate")
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(field: str, dim: int = 0) -> Tensor | None:
+            values = [getattr(p, field) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values, dim=dim)
+
+        return cls(mean=cat("mean"), std=cat("std"), samples=cat("samples", 1), output_var=cat("output_var"))  # type: ignore[arg-type]
+
     def to(self, device: torch.device | str) -> "Prediction":
         """A copy on ``device``."""
         return Prediction(
