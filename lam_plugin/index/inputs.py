@@ -8,28 +8,31 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from ..batches import inputs, without_labels
+from ..wrapping import slice_batch
+
 __all__ = ["as_ids", "batches", "float32"]
 
 
 def batches(data: Any, batch_size: int, name: str) -> tuple[Iterable[Any], int | None]:
     """Batches of posterior inputs from a tensor, a dict of tensors or an iterable of
-    batches ``x`` or ``(x, y, ...)``, and their number (``None`` if unknown)."""
+    batches (``x``, ``(x, y, ...)``, dicts with their labels: see :mod:`lam_plugin.batches`),
+    and their number (``None`` if unknown). Label entries never reach the posterior."""
     if isinstance(data, Tensor):
         if data.ndim == 0:
             raise ValueError(f"{name} must be a batch [B, ...], got a scalar tensor")
         n = data.shape[0]
         return (data[i : i + batch_size] for i in range(0, n, batch_size)), -(-n // batch_size)
     if isinstance(data, Mapping):
-        lengths = {key: value.shape[0] for key, value in data.items()}
+        data = without_labels(data)
+        lengths = {key: value.shape[0] for key, value in data.items() if isinstance(value, Tensor)}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"the tensors of {name} must have the same batch size, got {lengths}")
         n = next(iter(lengths.values()))
-        return (
-            {key: value[i : i + batch_size] for key, value in data.items()} for i in range(0, n, batch_size)
-        ), -(-n // batch_size)
+        return (slice_batch(data, i, i + batch_size) for i in range(0, n, batch_size)), -(-n // batch_size)
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
         total = len(data) if hasattr(data, "__len__") else None
-        return (b[0] if isinstance(b, (tuple, list)) else b for b in data), total
+        return (inputs(b) for b in data), total
     raise TypeError(
         f"{name} must be a Prediction, a tensor, a dict of tensors or an iterable of batches, "
         f"got {type(data).__name__}"

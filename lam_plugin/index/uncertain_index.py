@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -21,6 +21,7 @@ from ..prediction import Prediction
 from . import moments, storage
 from .faiss_backend import gpu_device_id, new_index, to_gpu
 from .inputs import as_ids, batches, float32
+from .rows import GrowingRows
 from .locking import ReadWriteLock
 from .result import SearchResult, confidence_bound, normal_cdf, prob_within
 
@@ -139,6 +140,12 @@ class UncertainIndex:
         self._var = np.empty((0, 0), dtype=np.float32)
         self._var_sum = np.empty(0, dtype=np.float32)
         self._samples = np.empty((0, self.n_samples, 0), dtype=np.float32)
+        self._rows = {
+            "ids": GrowingRows(self._ids),
+            "var": GrowingRows(self._var),
+            "var_sum": GrowingRows(self._var_sum),
+            "samples": GrowingRows(self._samples),
+        }
 
     # ------------------------------------------------------------------ properties
     def __len__(self) -> int:
@@ -185,9 +192,32 @@ class UncertainIndex:
             ids: ``B`` distinct non-negative int64 user ids not in the index yet; by
                 default ``max(existing ids) + 1`` onwards (``0 .. B-1`` on an empty index).
         """
-        mean, var, samples, _ = self._prepare(data, "data")
+        if isinstance(data, (Prediction, Tensor, Mapping)):
+            self._add_rows(*self._prepare(data, "data")[:3], None if ids is None else as_ids(ids, _length(data)))
+            return self
+        given = None if ids is None else np.asarray(ids.detach().cpu() if isinstance(ids, Tensor) else ids)
+        done, pending = 0, []
+        for pred in self._predictions(data, "data"):
+            rows = self._check(pred, "data")[:3]
+            chunk = None if given is None else as_ids(given[done : done + len(rows[0])], len(rows[0]))
+            done += len(rows[0])
+            if self._index is None and (pending or _needs_training(self.index_factory, rows[0].shape[1])):
+                pending.append((rows, chunk))  # an index that needs training is trained on all of the first add
+                continue
+            self._add_rows(*rows, chunk)
+        if done == 0:
+            raise ValueError("data is empty")
+        if given is not None and done != len(given):
+            raise ValueError(f"ids has {len(given)} entries, data has {done} items")
+        if pending:
+            (mean, var, samples), chunk = _concat(pending)
+            self._add_rows(mean, var, samples, chunk)
+        return self
+
+    def _add_rows(self, mean: np.ndarray, var: np.ndarray, samples: np.ndarray | None, new_ids: np.ndarray | None) -> None:
+        """Index checked rows: means ``[B, D]``, variances ``[B, D]``, samples ``[B, n, D]``
+        (``"mc"`` mode), under ``new_ids`` (default: after the largest id)."""
         n = mean.shape[0]
-        new_ids = None if ids is None else as_ids(ids, n)
         with self._lock.write():
             if self._dim is not None and mean.shape[1] != self._dim:
                 raise ValueError(f"data has dimension {mean.shape[1]}, the index has dimension {self._dim}")
@@ -202,16 +232,15 @@ class UncertainIndex:
             index.add(mean)
             self._index, self._dim = index, mean.shape[1]
             self._flat = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
-            self._ids = np.concatenate([self._ids, new_ids])
+            self._ids = self._rows["ids"].append(new_ids)
             if self.variance == "mc":
-                self._samples = np.concatenate([self._samples.reshape(-1, self.n_samples, self._dim), samples])
+                self._samples = self._rows["samples"].append(samples)  # type: ignore[arg-type]
             else:
-                self._var = np.concatenate([self._var.reshape(-1, self._dim), var])
-                self._var_sum = np.concatenate([self._var_sum, var.sum(axis=1)])
+                self._var = self._rows["var"].append(var)
+                self._var_sum = self._rows["var_sum"].append(var.sum(axis=1))
             if self._gpu_id is not None:
                 self._gpu_index = to_gpu(self._gpu_res, self._gpu_id, index, self.index_factory)
             logger.info("added %d items, the index holds %d", n, len(self._ids))
-        return self
 
     def set_search_parameters(self, params: str) -> None:
         """Set FAISS search parameters, e.g. ``"nprobe=64"`` or ``"efSearch=128"``.
@@ -400,8 +429,15 @@ class UncertainIndex:
 
     # ------------------------------------------------------------------ inputs
     def _prepare(self, data: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
-        """``(mean [B, D], var [B, D], samples [B, n, D] in mc mode else None, std [B, D])``, float32."""
-        pred = data if isinstance(data, Prediction) else self._embed(data, name)
+        """``(mean [B, D], var [B, D], samples [B, n, D] in mc mode else None, std [B, D])``, float32,
+        of all of ``data``."""
+        preds = list(self._predictions(data, name))
+        if not preds:
+            raise ValueError(f"{name} is empty")
+        return self._check(Prediction.concat(preds), name)
+
+    def _check(self, pred: Prediction, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """The checked float32 arrays of :meth:`_prepare` for one prediction."""
         mean, std = float32(pred.mean, f"{name}.mean"), float32(pred.std, f"{name}.std")
         if mean.ndim != 2 or mean.shape[0] == 0 or mean.shape[1] == 0:
             raise ValueError(f"{name}.mean must have shape [B, D] with B, D >= 1, got {mean.shape}")
@@ -424,25 +460,20 @@ class UncertainIndex:
         return mean, std * std, samples, std
 
     @torch.no_grad()
-    def _embed(self, data: Any, name: str) -> Prediction:
+    def _predictions(self, data: Any, name: str) -> Iterator[Prediction]:
+        """One prediction per batch of ``data`` (``data`` itself if it is one), on the CPU;
+        every batch is embedded with the same weight samples."""
+        if isinstance(data, Prediction):
+            yield data
+            return
         if self.posterior is None:
             raise ValueError(f"{name} must be a Prediction: this index has no posterior to embed inputs with")
         parts, total = batches(data, self.batch_size, name)
-        preds = []
         for x in tqdm(parts, total=total, desc=f"embedding {name}", disable=not self.progress, leave=False):
             generator = torch.Generator().manual_seed(self.seed)  # same weight samples for every batch
-            preds.append(
-                self.posterior.predict(
-                    x, n=self.n_samples, generator=generator, return_samples=self.variance == "mc"
-                ).to("cpu")
-            )
-        if not preds:
-            raise ValueError(f"{name} is empty")
-        return Prediction(
-            mean=torch.cat([p.mean for p in preds]),
-            std=torch.cat([p.std for p in preds]),
-            samples=None if preds[0].samples is None else torch.cat([p.samples for p in preds], dim=1),
-        )
+            yield self.posterior.predict(
+                x, n=self.n_samples, generator=generator, return_samples=self.variance == "mc"
+            ).to("cpu")
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -509,6 +540,12 @@ class UncertainIndex:
             self._samples = body
         else:
             self._var, self._var_sum = body, body.sum(axis=1)
+        self._rows = {
+            "ids": GrowingRows(self._ids),
+            "var": GrowingRows(self._var),
+            "var_sum": GrowingRows(self._var_sum),
+            "samples": GrowingRows(self._samples),
+        }
         if self._gpu_id is not None:
             self._gpu_index = to_gpu(self._gpu_res, self._gpu_id, index, self.index_factory)
         logger.info("loaded %d items from %s", len(ids), path)
@@ -520,3 +557,34 @@ class UncertainIndex:
             f"index_factory={self.index_factory!r}, variance={self.variance!r}, "
             f"device={'cpu' if self._gpu_id is None else f'cuda:{self._gpu_id}'})"
         )
+
+
+def _length(data: Prediction | Tensor | Mapping[str, Any]) -> int:
+    """Items in a prediction, a tensor batch or a dict batch."""
+    if isinstance(data, Prediction):
+        return len(data)
+    if isinstance(data, Tensor):
+        return int(data.shape[0])
+    return next(int(v.shape[0]) for v in data.values() if isinstance(v, Tensor))
+
+
+def _needs_training(factory: str, dim: int) -> bool:
+    """Whether a FAISS index of ``factory`` must be trained before items are added."""
+    try:
+        return not faiss.index_factory(dim, factory).is_trained
+    except RuntimeError:
+        return False  # an unusable factory string is reported when the index is built
+
+
+def _concat(
+    parts: list[tuple[tuple[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray | None]],
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray | None]:
+    """The rows and ids of several chunks as one."""
+    means, variances, samples = zip(*(rows for rows, _ in parts))
+    ids = [chunk for _, chunk in parts]
+    rows = (
+        np.concatenate(means),
+        np.concatenate(variances),
+        None if samples[0] is None else np.concatenate(samples),  # type: ignore[arg-type]
+    )
+    return rows, None if ids[0] is None else np.concatenate(ids)  # type: ignore[arg-type]
