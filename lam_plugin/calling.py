@@ -107,9 +107,13 @@ class ModelCall:
         return takes_keywords(model, list(x))
 
     def __call__(self, model: nn.Module, x: Batch) -> Any:
-        """The model's raw output on ``x``."""
+        """The model's raw output on ``x``. A dict batch is passed as a shallow copy:
+        sentence-transformers modules write their outputs into the dict they are given,
+        and the caller's batch must come back as it was."""
         try:
-            return model(**x) if self.keywords(model, x) else model(x)  # type: ignore[arg-type]
+            if self.keywords(model, x):
+                return model(**x)  # type: ignore[arg-type]
+            return model(dict(x) if isinstance(x, Mapping) else x)
         except TypeError as err:
             raise TypeError(self._call_error(model, x, err)) from err
 
@@ -119,7 +123,7 @@ class ModelCall:
             if self.keywords(model, x):
                 out: Any = functional_call(model, dict(params), (), dict(x))  # type: ignore[arg-type]
             else:
-                out = functional_call(model, dict(params), (x,))
+                out = functional_call(model, dict(params), (dict(x) if isinstance(x, Mapping) else x,))
         except TypeError as err:
             raise TypeError(self._call_error(model, x, err)) from err
         return self.embedding(out, x)

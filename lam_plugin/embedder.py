@@ -15,7 +15,9 @@ from .arguments import check_prior, number, positive_int
 from .curvature.backpack import BackpackBackend, backpack_support
 from .curvature.base import CurvatureBackend, HessianFn, UnsupportedModelError
 from .curvature.functorch import FunctorchBackend
+from .curvature.hooks import HooksBackend, hooks_support
 from .curvature.last_layer import Head, HeadMismatchError, LastLayerCurvature
+from .curvature.montecarlo import MonteCarloBackend
 from .geometry import APPROXES, GEOMETRIES, OutputHessian, output_hessian
 from .numerics import flush_denormals
 from .online import OnlineLaplace, dataset_size_of, first_input
@@ -168,15 +170,26 @@ class LaplaceEmbedder:
                     x, y = prepare_inputs(x, self.model), y.to(device)
                     try:
                         diag, out = engine.batch(x, self._hessian_fn(y, selection))
-                    except HeadMismatchError as err:
+                    except (HeadMismatchError, UnsupportedModelError) as err:
                         # the closed form was exact on every earlier batch (each is
-                        # checked); the general backend takes over from this one
+                        # checked), and the hooks backend refuses a model before it
+                        # returns anything wrong: a general backend takes over from here
+                        if isinstance(err, UnsupportedModelError) and not (
+                            self.backend == "auto" and isinstance(engine, HooksBackend)
+                        ):
+                            raise
                         engine.close()
-                        engine, head = self._engine(names, None, None), None
+                        fallback = isinstance(err, UnsupportedModelError)
+                        engine = (
+                            FunctorchBackend(self.model, self.model_call, names, self.chunk_size)
+                            if fallback
+                            else self._engine(names, None, None)
+                        )
+                        head = None
                         logger.warning("%s; using the %s backend from here on", err, engine.name)
                         bar.set_description(f"curvature ({engine.name})")
                         diag, out = engine.batch(x, self._hessian_fn(y, selection))
-                    total = diag.double() if total is None else total + diag.double()
+                    total = diag.to(torch.float64, copy=True) if total is None else total.add_(diag)
                     n_data += y.shape[0]
                     n_batches += 1
                     out_dim = out.shape[-1]
@@ -240,10 +253,8 @@ class LaplaceEmbedder:
         if self.backend == "torch.func":
             return FunctorchBackend(model, call, names, self.chunk_size)
         if self.backend == "hooks":
-            from .curvature.hooks import HooksBackend  # INTEGRATION
             return HooksBackend(model, call, names)
         if self.backend == "montecarlo":
-            from .curvature.montecarlo import MonteCarloBackend  # INTEGRATION
             return MonteCarloBackend(model, call, names, samples=self.mc_samples, generator=torch.Generator().manual_seed(self.seed))
         if self.backend == "auto" and layer is not None and head is not None:
             logger.info("backend auto: the closed form of layer %r (head %s)", layer, head)
@@ -254,7 +265,6 @@ class LaplaceEmbedder:
             return BackpackBackend(model, call, names, converted=converted)
         if self.backend == "backpack":
             raise UnsupportedModelError(f"backend='backpack' cannot run this model: BackPACK does not support {reason}")
-        from .curvature.hooks import HooksBackend, hooks_support  # INTEGRATION
         hooks_reason = hooks_support(model, names)
         if hooks_reason is None:
             logger.warning("BackPACK does not support %s; using the hooks backend", reason)

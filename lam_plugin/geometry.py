@@ -34,7 +34,9 @@ each step's term.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -75,16 +77,62 @@ def pair_blocks(a: Tensor, b: Tensor, geometry: Geometry) -> tuple[Tensor, Tenso
 
 
 @dataclass(frozen=True)
-class OutputHessian:
-    """The batch-level output Hessian G of the signed pair losses.
+class LowRankBlocks:
+    """``N`` matrices ``C_n = alpha[n] I + sum_t x[t, n] y[t, n]^T`` (``[D, D]`` each, never formed).
 
     Attributes:
-        matrix: ``[B, D, D]`` diagonal blocks when ``block_diagonal``, else ``[B*D, B*D]``.
-        block_diagonal: whether only per-sample blocks are kept (``approx="fix"``).
+        alpha: ``[N]``.
+        x, y: ``[T, N, D]``.
     """
 
-    matrix: Tensor
-    block_diagonal: bool
+    alpha: Tensor
+    x: Tensor
+    y: Tensor
+
+    def diagonal(self) -> Tensor:
+        """``[N, D]``: ``diag(C_n) = alpha[n] + sum_t x[t, n] * y[t, n]``."""
+        return self.alpha[:, None] + (self.x * self.y).sum(0)
+
+
+@dataclass(frozen=True)
+class OutputHessian:
+    """The batch-level output Hessian G of the signed pair losses, kept as its pairs.
+
+    G is a ``[B, B]`` grid of ``[D, D]`` blocks ``G_kl``. Let ``W [B, B]`` be the symmetric
+    signed pair count (each pair ``{i, j}`` adds its sign at ``(i, j)`` and at ``(j, i)``),
+    ``n_k = ||f_k||``, ``e_k = f_k / n_k`` and ``c_kl = e_k . e_l``. Then
+
+    * ``G_kk = sum_l W_kl S_kl`` (the ``H11``/``H22`` blocks of the pairs of ``k``), with
+      ``S_kl = (e_k e_l^T + e_l e_k^T + c_kl (I - 3 e_k e_k^T)) / n_k^2`` in ``arccos`` and
+      ``S_kl = (I - e_k e_k^T) / n_k^2`` in ``euclidean``;
+    * for ``k != l`` (only ``pos`` and ``full``), ``G_kl = W_kl X_kl`` with, in both
+      geometries, ``X_kl = -(I - e_k e_k^T - e_l e_l^T + c_kl e_k e_l^T) / (n_k n_l)`` (a
+      pair of an item with itself adds ``W_kk X_kk`` to ``G_kk``).
+
+    Every block is a multiple of the identity plus a few rank-one terms in ``e_k, e_l``
+    (:meth:`self_blocks`, :meth:`cross_blocks`), so structured consumers never need the
+    dense ``matrix``, which is built only when first read.
+
+    Attributes:
+        f: ``[B, D]`` network outputs (detached).
+        pairs: the pairs that enter G (positives only for ``approx="pos"``).
+        geometry, approx: as in DESIGN section 3.
+    """
+
+    f: Tensor
+    pairs: PairSet
+    geometry: Geometry
+    approx: Approx
+
+    @property
+    def block_diagonal(self) -> bool:
+        """Whether only per-sample blocks are kept (``approx="fix"``)."""
+        return self.approx == "fix"
+
+    @cached_property
+    def matrix(self) -> Tensor:
+        """``[B, D, D]`` diagonal blocks when ``block_diagonal``, else ``[B*D, B*D]``."""
+        return _dense(self.f, self.pairs, self.geometry, self.block_diagonal)
 
     def contract(self, jac: Tensor) -> Tensor:
         """``diag(J^T G J)`` for a Jacobian ``jac [B, D, P]``; returns ``[P]``."""
@@ -94,9 +142,84 @@ class OutputHessian:
         flat = jac.reshape(b * d, p)
         return (flat * (self.matrix.to(jac.dtype) @ flat)).sum(dim=0)
 
+    @cached_property
+    def signed_counts(self) -> Tensor:
+        """``W [B, B]``: the symmetric signed pair count."""
+        bsz = self.f.shape[0]
+        w = torch.zeros(bsz, bsz, dtype=self.f.dtype, device=self.f.device)
+        s = self.pairs.sign.to(self.f.dtype)
+        w.index_put_((self.pairs.i, self.pairs.j), s, accumulate=True)
+        w.index_put_((self.pairs.j, self.pairs.i), s, accumulate=True)
+        return w
+
+    @cached_property
+    def directions(self) -> tuple[Tensor, Tensor]:
+        """``(n [B], e [B, D])``: the norms and unit directions of the outputs."""
+        norm = self.f.norm(dim=-1)
+        return norm, self.f / norm[:, None]
+
+    def self_blocks(self) -> LowRankBlocks:
+        """The ``B`` blocks ``G_kk = sum_l W_kl S_kl``, in ``O(B^2 D)``.
+
+        ``arccos``: ``alpha_k = sum_l W_kl c_kl / n_k^2`` and the terms
+        ``e_k w_k^T + w_k e_k^T - 3 alpha_k e_k e_k^T`` with ``w_k = sum_l W_kl e_l / n_k^2``;
+        ``euclidean``: ``alpha_k = sum_l W_kl / n_k^2`` and the term ``-alpha_k e_k e_k^T``.
+        The ``W_kk X_kk`` of a pair of an item with itself comes with :meth:`cross_blocks`.
+        """
+        w = self.signed_counts
+        norm, e = self.directions
+        inv = norm.pow(-2)
+        if self.geometry == "euclidean":
+            omega = w.sum(1) * inv
+            return LowRankBlocks(omega, e[None], -(omega[:, None] * e)[None])
+        partners = w @ e
+        gamma = (partners * e).sum(1) * inv
+        x = torch.stack([e, partners, e])
+        y = torch.stack([partners * inv[:, None], e * inv[:, None], -3 * gamma[:, None] * e])
+        return LowRankBlocks(gamma, x, y)
+
+    def cross_blocks(self, chunk: int) -> Iterator[tuple[Tensor, Tensor, LowRankBlocks]]:
+        """The off-diagonal part of G folded onto ``k <= l``, in chunks of at most ``chunk`` pairs.
+
+        Yields ``(k [N], l [N], C)`` with ``C_n = 2 W_kl X_kl`` for ``k < l`` and
+        ``W_kk X_kk`` for ``k = l``, so that the off-diagonal part of ``diag(J^T G J)`` is
+        ``sum_n diag(J_k^T C_n J_l)`` (``G_lk = G_kl^T``). Nothing for ``approx="fix"``.
+        """
+        if self.block_diagonal:
+            return
+        w = self.signed_counts
+        norm, e = self.directions
+        rows, cols = torch.triu(w).nonzero(as_tuple=True)
+        for k, l in zip(rows.split(chunk), cols.split(chunk)):
+            kappa = -w[k, l] * torch.where(k == l, 1.0, 2.0).to(w) / (norm[k] * norm[l])
+            ek, el = e[k], e[l]
+            cos = (ek * el).sum(-1)
+            x = torch.stack([ek, el, ek])
+            y = torch.stack([-kappa[:, None] * ek, -kappa[:, None] * el, (kappa * cos)[:, None] * el])
+            yield k, l, LowRankBlocks(kappa, x, y)
+
+
+def _dense(f: Tensor, pairs: PairSet, geometry: Geometry, block_diagonal: bool) -> Tensor:
+    """The materialised G: ``[B, D, D]`` per-sample blocks, or ``[B*D, B*D]``."""
+    bsz, dim = f.shape
+    h11, h12, h22 = pair_blocks(f[pairs.i], f[pairs.j], geometry)
+    s = pairs.sign.to(f.dtype)[:, None, None]
+    if block_diagonal:
+        blocks = torch.zeros(bsz, dim, dim, dtype=f.dtype, device=f.device)
+        blocks.index_add_(0, pairs.i, s * h11)
+        blocks.index_add_(0, pairs.j, s * h22)
+        return blocks
+    g = torch.zeros(bsz, bsz, dim, dim, dtype=f.dtype, device=f.device)
+    flat = g.view(bsz * bsz, dim, dim)
+    flat.index_add_(0, pairs.i * bsz + pairs.i, s * h11)
+    flat.index_add_(0, pairs.j * bsz + pairs.j, s * h22)
+    flat.index_add_(0, pairs.i * bsz + pairs.j, s * h12)
+    flat.index_add_(0, pairs.j * bsz + pairs.i, s * h12.transpose(1, 2))
+    return g.permute(0, 2, 1, 3).reshape(bsz * dim, bsz * dim)
+
 
 def output_hessian(f: Tensor, pairs: PairSet, geometry: Geometry, approx: Approx) -> OutputHessian:
-    """Stack the signed pair blocks of a batch into its output Hessian.
+    """The output Hessian of a batch from its signed pairs (nothing is materialised here).
 
     Args:
         f: ``[B, D]`` network outputs (detached).
@@ -105,20 +228,8 @@ def output_hessian(f: Tensor, pairs: PairSet, geometry: Geometry, approx: Approx
     """
     if approx not in APPROXES:
         raise ValueError(f"approx must be one of {APPROXES}, got {approx!r}")
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
     if approx == "pos":
         pairs = pairs.select(pairs.positive)
-    bsz, dim = f.shape
-    h11, h12, h22 = pair_blocks(f[pairs.i], f[pairs.j], geometry)
-    s = pairs.sign.to(f.dtype)[:, None, None]
-    if approx == "fix":
-        blocks = torch.zeros(bsz, dim, dim, dtype=f.dtype, device=f.device)
-        blocks.index_add_(0, pairs.i, s * h11)
-        blocks.index_add_(0, pairs.j, s * h22)
-        return OutputHessian(blocks, block_diagonal=True)
-    g = torch.zeros(bsz, bsz, dim, dim, dtype=f.dtype, device=f.device)
-    flat = g.view(bsz * bsz, dim, dim)
-    flat.index_add_(0, pairs.i * bsz + pairs.i, s * h11)
-    flat.index_add_(0, pairs.j * bsz + pairs.j, s * h22)
-    flat.index_add_(0, pairs.i * bsz + pairs.j, s * h12)
-    flat.index_add_(0, pairs.j * bsz + pairs.i, s * h12.transpose(1, 2))
-    return OutputHessian(g.permute(0, 2, 1, 3).reshape(bsz * dim, bsz * dim), block_diagonal=False)
+    return OutputHessian(f, pairs, geometry, approx)

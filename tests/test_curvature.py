@@ -114,9 +114,10 @@ def test_backend_choice_and_fallback_warning(caplog):
     model, batches, key, _ = build_model("layernorm_gelu_mlp", torch.float64)
     with caplog.at_level(logging.WARNING, logger="lam_plugin"):
         post = _fit(model, batches, key, subset="all", backend="auto")
-    assert post.stats.backend == "torch.func"
-    warnings = [r for r in caplog.records if "BackPACK does not support" in r.getMessage()]
-    assert len(warnings) == 1 and ("LayerNorm" in warnings[0].getMessage() or "GELU" in warnings[0].getMessage())
+    assert post.stats.backend == "hooks"
+    warnings = [r.getMessage() for r in caplog.records if "BackPACK does not support" in r.getMessage()]
+    assert len(warnings) == 1 and ("LayerNorm" in warnings[0] or "GELU" in warnings[0])
+    assert "using the hooks backend" in warnings[0]
     with pytest.raises(UnsupportedModelError, match="LayerNorm|GELU"):
         _fit(model, batches, key, subset="all", backend="backpack")
 

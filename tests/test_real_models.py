@@ -224,3 +224,56 @@ def test_weight_samples_are_drawn_in_chunks(monkeypatch):
     expected = torch.cat([original(x, w, None) for w in chunks])
     torch.testing.assert_close(chunked, nn.functional.normalize(expected, dim=-1))
     assert chunked.shape == whole.shape
+
+
+# -- backends ------------------------------------------------------------------------------
+class WritesIntoFeatures(nn.Module):
+    """Writes its outputs into the dict it is given, as sentence-transformers modules do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = FeatureDictModel()
+
+    def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        features.update(self.inner(features))
+        return features
+
+
+def test_the_users_dict_batches_come_back_unchanged():
+    batches = _text_batches()
+    keys = [set(features) for features, _ in batches]
+    post = LaplaceEmbedder(WritesIntoFeatures(), subset="all", progress=False).fit(batches)
+    post.predict(batches[0][0], n=3)
+    UncertainIndex(post, n_samples=3, progress=False).add([features for features, _ in batches])
+    assert [set(features) for features, _ in batches] == keys
+
+
+class WeightUsedTwice(nn.Module):
+    """``lin.weight`` is used inside ``lin`` and again outside it: module hooks see only
+    the first use. The LayerNorm keeps BackPACK out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm(self.lin(x)) + nn.functional.linear(x, self.lin.weight)
+        return self.out(nn.functional.gelu(h))
+
+
+def test_auto_falls_back_to_torch_func_when_the_hooks_backend_refuses(caplog):
+    torch.manual_seed(0)
+    model = WeightUsedTwice().double()
+    batches = [(torch.randn(8, 6, dtype=torch.float64), torch.arange(8) % 3) for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="lam_plugin"):
+        auto = LaplaceEmbedder(model, subset="all", progress=False).fit(batches)
+    assert auto.stats.backend == "torch.func"
+    assert any("outside that module's forward" in r.getMessage() for r in caplog.records)
+    reference = LaplaceEmbedder(model, subset="all", backend="torch.func", progress=False).fit(batches)
+    torch.testing.assert_close(auto.curvature, reference.curvature)
+    from lam_plugin.curvature.base import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="outside that module's forward"):
+        LaplaceEmbedder(model, subset="all", backend="hooks", progress=False).fit(batches)

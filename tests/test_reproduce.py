@@ -465,7 +465,9 @@ def test_posthoc_pairs_triplets_reach_the_fit_and_the_cache_key(monkeypatch, tmp
         real_init(self, model, **kwargs)
 
     monkeypatch.setattr(runner.LaplaceEmbedder, "__init__", spy)
-    base = tiny_config(methods=("lam_posthoc",), prior_precision=1.0)
+    # a wide margin: the trained tiny network separates the synthetic classes, and at the
+    # default margin no triplet violates it (a fit without pairs is refused)
+    base = tiny_config(methods=("lam_posthoc",), prior_precision=1.0, margin=1.9)
     every = R.reproduce_fashionmnist(base, tmp_path, data=data, progress=False)
     assert "`--posthoc-pairs triplets`" not in (tmp_path / "results.md").read_text()
     config = R.with_overrides(base, posthoc_pairs="triplets")

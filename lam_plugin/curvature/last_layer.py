@@ -2,30 +2,37 @@
 
 When the model output is the output ``u = W x + b`` of its last linear layer, or its L2
 normalisation ``u/||u||`` (the paper's networks), the Jacobian of output ``k`` with
-respect to ``W[o, q]`` is ``Phi_k[:, o] x_k[q]`` with ``Phi_k = I`` or
-``Phi_k = (I - û_k û_k^T)/||u_k||``. Hence, with ``G' = Phi^T G Phi`` (blockwise) and
-``M[k, l, o] = G'[k, o, l, o]``:
+respect to ``W[o, q]`` is ``A_k[:, o] x_k[q]`` with ``A_k = I`` or
+``A_k = (I - û_k û_k^T)/||u_k||`` (both symmetric). Hence, with
+``M[k, l, o] = (A_k G_kl A_l)[o, o]`` for the ``[D, D]`` blocks ``G_kl`` of the output
+Hessian:
 
     diag_W[o, q] = sum_{k,l} M[k, l, o] x_k[q] x_l[q],      diag_b[o] = sum_{k,l} M[k, l, o].
 
-For ``approx="fix"`` only ``k = l`` survives. The backbone runs once per batch, without
-gradient, so a fit costs about one forward pass over the data.
+Only these diagonals enter. Every block of G is a multiple of the identity plus a few
+rank-one terms (:class:`~lam_plugin.geometry.OutputHessian`), and ``A_k`` is a scaled
+projection, so ``M`` costs ``O(D)`` per item and per pair. ``approx="fix"`` keeps
+``k = l`` only: one ``[D, B] @ [B, F]`` product per batch; ``pos`` and ``full`` add one
+``[D, N] @ [N, F]`` product over their ``N`` pairs. The backbone runs once per batch,
+without gradient, so a fit costs a small multiple of one forward pass over the data.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..geometry import OutputHessian
+from ..geometry import LowRankBlocks, OutputHessian
 from ..calling import Batch, ModelCall
 from .base import CurvatureBackend, HessianFn, check_finite
 
 Head = Literal["identity", "normalize"]
+_CHUNK_ELEMENTS = 2**21
 
 
 @contextlib.contextmanager
@@ -78,25 +85,58 @@ class HeadMismatchError(RuntimeError):
     items probed first)."""
 
 
-def _head_jacobian(u: Tensor, head: Head) -> Tensor | None:
-    """``Phi [B, D, D]``: Jacobian of the head at ``u``; None for the identity."""
-    if head == "identity":
-        return None
-    norm = u.norm(dim=-1, keepdim=True)
-    uh = u / norm
-    eye = torch.eye(u.shape[-1], dtype=u.dtype, device=u.device)
-    return (eye - uh.unsqueeze(-1) * uh.unsqueeze(-2)) / norm.unsqueeze(-1)
+@dataclass(frozen=True)
+class HeadJacobian:
+    """The head's Jacobians ``A_k = (I - v_k v_k^T) / r_k`` (``normalize``, ``v_k = û_k``,
+    ``r_k = ||u_k||``; symmetric), or ``A_k = I`` (``identity``: ``v`` and ``r`` are None).
+
+    Attributes:
+        v: ``[B, D]`` unit rows, or None.
+        r: ``[B]``, or None.
+    """
+
+    v: Tensor | None
+    r: Tensor | None
+
+    @classmethod
+    def at(cls, u: Tensor, head: Head) -> "HeadJacobian":
+        """The Jacobians of ``head`` at the layer outputs ``u [B, D]``."""
+        if head == "identity":
+            return cls(None, None)
+        r = u.norm(dim=-1)
+        return cls(u / r[:, None], r)
+
+    def sandwich_diagonal(
+        self, blocks: LowRankBlocks, k: Tensor | None = None, l: Tensor | None = None
+    ) -> Tensor:
+        """``[N, D]``: ``diag(A_k C_n A_l)`` for blocks ``C_n = alpha I + sum_t x_t y_t^T``
+        between items ``k[n]`` and ``l[n]`` (``k = l = n``, every item once, when None), in
+        ``O(T N D)``.
+
+        With ``p(x, v) = x - v (v . x)``: ``diag(A_k x y^T A_l) = p(x, v_k) * p(y, v_l) / (r_k r_l)``
+        and ``diag(A_k A_l) = (1 - v_k^2 - v_l^2 + (v_k . v_l) v_k * v_l) / (r_k r_l)``, which is
+        ``(1 - v_k^2) / r_k^2`` for ``k = l``.
+        """
+        if self.v is None or self.r is None:
+            return blocks.diagonal()
+        if k is None or l is None:
+            eye = 1 - self.v.pow(2)
+            terms = (_project(blocks.x, self.v) * _project(blocks.y, self.v)).sum(0)
+            return (blocks.alpha[:, None] * eye + terms) / self.r.pow(2)[:, None]
+        vk, vl = self.v[k], self.v[l]
+        eye = 1 - vk.pow(2) - vl.pow(2) + (vk * vl).sum(-1, keepdim=True) * vk * vl
+        terms = (_project(blocks.x, vk) * _project(blocks.y, vl)).sum(0)
+        return (blocks.alpha[:, None] * eye + terms) / (self.r[k] * self.r[l])[:, None]
 
 
-def _per_unit(g: OutputHessian, phi: Tensor | None, bsz: int) -> Tensor:
-    """``M``: ``[B, out]`` (block diagonal G) or ``[B, B, out]`` (dense G); see the module docstring."""
-    if g.block_diagonal:
-        blocks = g.matrix if phi is None else phi.transpose(1, 2) @ g.matrix @ phi
-        return torch.diagonal(blocks, dim1=1, dim2=2)
-    dense = g.matrix.reshape(bsz, -1, bsz, g.matrix.shape[0] // bsz)
-    if phi is None:
-        return torch.diagonal(dense, dim1=1, dim2=3)
-    return torch.einsum("kdo,kdle,leo->klo", phi, dense, phi)
+def _project(x: Tensor, v: Tensor) -> Tensor:
+    """``x - v (v . x)`` along the last dimension (``v`` unit, broadcast over leading dimensions)."""
+    return x - v * (x * v).sum(-1, keepdim=True)
+
+
+def _pair_chunk(dim: int, features: int) -> int:
+    """Pairs per chunk of the cross blocks: about ``2**21`` elements per ``[N, max(D, F)]`` tensor."""
+    return max(1, _CHUNK_ELEMENTS // max(dim, features))
 
 
 class LastLayerCurvature(CurvatureBackend):
@@ -143,15 +183,24 @@ class LastLayerCurvature(CurvatureBackend):
             )
 
     def from_features(self, feats: Tensor, u: Tensor, g: OutputHessian) -> Tensor:
-        """``diag(J^T G J)`` over the layer's parameters from its input ``feats [B, in]`` and
-        output ``u [B, out]`` (at whatever weights produced ``u``)."""
-        m = _per_unit(g, _head_jacobian(u, self.head), u.shape[0]).to(feats.dtype)
-        if g.block_diagonal:
-            weight = m.T @ feats.pow(2)
-            bias = m.sum(0)
-        else:
-            weight = ((m.permute(2, 0, 1) @ feats) * feats).sum(1)
-            bias = m.sum(dim=(0, 1))
+        """``diag(J^T G J)`` over the layer's parameters from its input ``feats [B, F]`` and
+        output ``u [B, D]`` (at whatever weights produced ``u``).
+
+        The per-item diagonals ``m_k = diag(A_k G_kk A_k)`` give ``m^T feats^2``; each
+        folded cross block ``C_n`` between items ``k, l`` adds ``diag(A_k C_n A_l)`` times
+        ``feats_k * feats_l`` (one ``[D, N] @ [N, F]`` product per chunk of pairs). Memory
+        is ``O(B^2 + (B + N) (D + F))``, never ``[pairs, D, D]`` or ``[B*D, B*D]``. A sum
+        with a NaN or an infinite term is not finite, so the entrywise finiteness check
+        runs only when the sum of the diagonal is not finite.
+        """
+        head = HeadJacobian.at(u, self.head)
+        m = head.sandwich_diagonal(g.self_blocks()).to(feats.dtype)
+        weight = m.T @ feats.pow(2)
+        bias = m.sum(0)
+        for k, l, blocks in g.cross_blocks(_pair_chunk(u.shape[1], feats.shape[1])):
+            c = head.sandwich_diagonal(blocks, k, l).to(feats.dtype)
+            weight += c.T @ (feats[k] * feats[l])
+            bias += c.sum(0)
         parts = {"weight": weight, "bias": bias}
         diag = torch.cat([parts[n.rpartition(".")[2]].reshape(-1) for n in self.param_names])
-        return check_finite(diag, self.name)
+        return diag if torch.isfinite(diag.sum()) else check_finite(diag, self.name)
