@@ -286,6 +286,26 @@ def test_small_memory_budget_takes_every_chunked_route(cases, approx):
     assert _relerr(small, big) <= 1e-10
 
 
+def test_token_pairs_that_do_not_fit_run_in_groups_of_samples(cases, monkeypatch):
+    """Where the token-pair accumulators of the whole batch exceed the budget, groups of
+    samples run apart (each with its own forward pass), and the sum is the same."""
+    import lam_plugin.curvature.hooks as hooks
+
+    model, x, subsets = cases("small_bert")
+    model64 = copy.deepcopy(model).double()
+    names = subsets["last"]
+    whole = _hooks(model64, x, names, "arccos", "fix")
+    forwards = []
+    real = hooks.hooked_forward
+    monkeypatch.setattr(hooks, "hooked_forward", lambda *a, **k: forwards.append(a[3]) or real(*a, **k))
+    tokens = x["input_ids"].shape[1]
+    per_sample = 16 * tokens * tokens  # O T^2 of the last dense layer (O = 16)
+    grouped = _hooks(model64, x, names, "arccos", "fix", max_elements=2 * per_sample)
+    sizes = [hooks._batch_size(b) for b in forwards]
+    assert sizes == [6, 2, 2, 2]  # the whole batch, then three groups of two
+    assert _relerr(grouped, whole) <= 1e-10
+
+
 def test_unused_parameters_get_zero(cases):
     """The BERT pooler runs but the mean-pooled embedding does not use it."""
     model, x, subsets = cases("small_bert")

@@ -90,6 +90,7 @@ curvature.
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ from torch import Tensor, nn
 
 from ..calling import Batch, ModelCall
 from ..geometry import LowRankBlocks, OutputHessian
+from ..wrapping import slice_batch
 from .base import CurvatureBackend, HessianFn, UnsupportedModelError, check_finite
 
 logger = logging.getLogger(__name__)
@@ -232,6 +234,11 @@ class _Rule(ABC):
         """Batch gradient ``[rows, row_size]`` for one direction, ``g [1, B, T, O]``."""
 
     # -- block-diagonal G: sum over directions and samples of weighted squared gradients --
+    def pair_elements(self, n_total: int) -> int:
+        """Elements per sample of a token-pair accumulator for ``n_total`` directions
+        (module docstring), 0 where the module squares per-sample gradients instead."""
+        return 0
+
     def fix_start(self, chunk: int, n_total: int, budget: int) -> None:
         """Prepare to accumulate ``n_total`` directions, ``chunk`` at a time."""
         self.budget, self.chunk = budget, chunk
@@ -348,12 +355,16 @@ class _TokenLinearRule(_Rule):
         )
 
     # -- the token-pair route for block-diagonal G (module docstring) --
+    def pair_elements(self, n_total: int) -> int:
+        # token pairs cost B T^2 O (n + Q/2) multiply-adds, per-sample squares n B T O Q
+        _, t, _, q = self.a.shape
+        return self.out_features * t * t if t * (n_total + q / 2) < n_total * q else 0
+
     def fix_start(self, chunk: int, n_total: int, budget: int) -> None:
         bsz, t, _, q = self.a.shape
         o = self.out_features
-        pair_cost = bsz * t * t * o * (n_total + q / 2)
-        sample_cost = n_total * bsz * t * o * q
-        self.pairs = bsz * o * t * t <= budget and pair_cost < sample_cost
+        per_sample = self.pair_elements(n_total)
+        self.pairs = 0 < bsz * per_sample <= budget
         logger.debug(
             "hooks: %s uses %s (T=%d, O=%d, Q=%d, %d directions)",
             self.name, "token pairs" if self.pairs else "per-sample gradients", t, o, q, n_total,
@@ -617,6 +628,19 @@ class HookedForward:
         results = {r.name: r.fix_result() for r in rules}
         return {name: results[mod][local] for name, (mod, local) in self.where.items()}
 
+    def fix_group(self, n_total: int) -> int:
+        """Samples per forward pass for :meth:`fix_diagonal` with ``n_total`` directions:
+        the whole batch, or equal groups small enough that every token-pair accumulator
+        fits the budget (a block-diagonal G adds up sample by sample, so groups of samples
+        can run apart; one sample that does not fit squares per-sample gradients instead)."""
+        bsz = self.embedding.shape[0]
+        per_sample = max((r.pair_elements(n_total) for r in self.rules.values()), default=0)
+        fits = self.budget // per_sample if per_sample else bsz
+        if fits == 0 or fits >= bsz:
+            return bsz
+        groups = math.ceil(bsz / fits)
+        return math.ceil(bsz / groups)
+
     def dense_diagonal(self, g: OutputHessian) -> dict[str, Tensor]:
         """``{parameter: diag(J^T G J)}`` for a dense ``G`` (module docstring)."""
         emb = self.embedding
@@ -783,10 +807,27 @@ class HooksBackend(CurvatureBackend):
         else:
             fwd.check()
             if g.block_diagonal:
-                diags = fwd.fix_diagonal(*fix_directions(g))
+                diags = self._fix_diagonal(fwd, x, *fix_directions(g))
             elif bool(g.matrix.any()):
                 diags = fwd.dense_diagonal(g)
             else:  # no pair in this batch
                 diags = {n: torch.zeros_like(p) for n, p in fwd.leaves.items()}
         diag = torch.cat([diags[n].reshape(-1) for n in self.param_names])
         return check_finite(diag, self.name), out
+
+    def _fix_diagonal(self, fwd: HookedForward, x: Batch, directions: Tensor, signs: Tensor) -> dict[str, Tensor]:
+        """:meth:`HookedForward.fix_diagonal` on the whole batch, or on groups of its
+        samples, each with a forward pass of its own (:meth:`HookedForward.fix_group`)."""
+        bsz = fwd.embedding.shape[0]
+        group = fwd.fix_group(directions.shape[0])
+        if group >= bsz:
+            return fwd.fix_diagonal(directions, signs)
+        del fwd  # its graph and captured inputs: each group records its own
+        logger.debug("hooks: the fix diagonal in groups of %d of the batch's %d samples", group, bsz)
+        total: dict[str, Tensor] = {}
+        for lo in range(0, bsz, group):
+            part = hooked_forward(
+                self.model, self.call, self.param_names, slice_batch(x, lo, lo + group), self.max_elements
+            ).fix_diagonal(directions[:, lo : lo + group], signs[:, lo : lo + group])
+            total = part if not total else {n: total[n] + part[n] for n in total}
+        return total
