@@ -194,6 +194,7 @@ class UncertainIndex:
         """
         if isinstance(data, (Prediction, Tensor, Mapping)):
             self._add_rows(*self._prepare(data, "data")[:3], None if ids is None else as_ids(ids, _length(data)))
+            self._added(_length(data))
             return self
         given = None if ids is None else np.asarray(ids.detach().cpu() if isinstance(ids, Tensor) else ids)
         done, pending = 0, []
@@ -212,7 +213,16 @@ class UncertainIndex:
         if pending:
             (mean, var, samples), chunk = _concat(pending)
             self._add_rows(mean, var, samples, chunk)
+        self._added(done)
         return self
+
+    def _added(self, n: int) -> None:
+        """After an ``add`` of ``n`` items: refresh the GPU copy once (not per batch of a
+        streamed loader) and say what the index holds."""
+        if self._gpu_id is not None:
+            with self._lock.write():
+                self._gpu_index = to_gpu(self._gpu_res, self._gpu_id, self._index, self.index_factory)
+        logger.info("added %d items, the index holds %d", n, len(self._ids))
 
     def _add_rows(self, mean: np.ndarray, var: np.ndarray, samples: np.ndarray | None, new_ids: np.ndarray | None) -> None:
         """Index checked rows: means ``[B, D]``, variances ``[B, D]``, samples ``[B, n, D]``
@@ -238,9 +248,7 @@ class UncertainIndex:
             else:
                 self._var = self._rows["var"].append(var)
                 self._var_sum = self._rows["var_sum"].append(var.sum(axis=1))
-            if self._gpu_id is not None:
-                self._gpu_index = to_gpu(self._gpu_res, self._gpu_id, index, self.index_factory)
-            logger.info("added %d items, the index holds %d", n, len(self._ids))
+            logger.debug("added %d rows, the index holds %d", n, len(self._ids))
 
     def set_search_parameters(self, params: str) -> None:
         """Set FAISS search parameters, e.g. ``"nprobe=64"`` or ``"efSearch=128"``.
