@@ -300,10 +300,58 @@ def test_token_pairs_that_do_not_fit_run_in_groups_of_samples(cases, monkeypatch
     monkeypatch.setattr(hooks, "hooked_forward", lambda *a, **k: forwards.append(a[3]) or real(*a, **k))
     tokens = x["input_ids"].shape[1]
     per_sample = 16 * tokens * tokens  # O T^2 of the last dense layer (O = 16)
-    grouped = _hooks(model64, x, names, "arccos", "fix", max_elements=2 * per_sample)
+    backend = HooksBackend(model64, ModelCall(), names, max_elements=2 * per_sample)
+    backend.trim_padding = False
+    grouped = backend.batch(x, _hessian_fn("arccos", "fix"))[0]
     sizes = [hooks._batch_size(b) for b in forwards]
     assert sizes == [6, 2, 2, 2]  # the whole batch, then three groups of two
     assert _relerr(grouped, whole) <= 1e-10
+
+
+def test_right_padded_batches_run_in_groups_cut_to_their_length(cases, monkeypatch):
+    """Samples of a right-padded batch run by decreasing length, each group cut to its
+    longest sample; a model whose embedding depends on the padding runs uncut."""
+    import lam_plugin.curvature.hooks as hooks
+
+    model, x, subsets = cases("small_bert")
+    model64 = copy.deepcopy(model).double()
+    names = subsets["last"]
+    lengths = x["attention_mask"].sum(1)
+    assert int(lengths.min()) < x["input_ids"].shape[1], "degenerate test case: no padding"
+    plain = HooksBackend(model64, ModelCall(), names)
+    plain.trim_padding = False
+    whole = plain.batch(x, _hessian_fn("arccos", "fix"))[0]
+    forwards = []
+    real = hooks.hooked_forward
+    monkeypatch.setattr(hooks, "hooked_forward", lambda *a, **k: forwards.append(a[3]) or real(*a, **k))
+    tokens = x["input_ids"].shape[1]
+    cut = HooksBackend(model64, ModelCall(), names, max_elements=3 * 16 * tokens * tokens)
+    trimmed = cut.batch(x, _hessian_fn("arccos", "fix"))[0]
+    assert _relerr(trimmed, whole) <= 1e-10
+    shapes = [tuple(b["input_ids"].shape) for b in forwards[1:]]
+    assert sum(s[0] for s in shapes) == 6 and len(shapes) >= 2
+    assert shapes[-1][1] < tokens  # the shortest samples ran without the batch's padding
+    assert cut.trim_padding
+
+    class PaddingCounts(nn.Module):
+        """Mean over every token, the padded ones too."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(100, 64)
+            self.lin = nn.Linear(64, 5)  # wide inputs: token pairs are the cheaper route
+
+        def forward(self, features):
+            return self.lin(torch.tanh(self.emb(features["input_ids"]))).mean(dim=1)
+
+    counts = PaddingCounts().double()
+    ids = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]}
+    ref = HooksBackend(counts, ModelCall(), ["lin.weight", "lin.bias"])
+    ref.trim_padding = False
+    expected = ref.batch(ids, _hessian_fn("arccos", "fix"))[0]
+    tried = HooksBackend(counts, ModelCall(), ["lin.weight", "lin.bias"], max_elements=2 * 5 * tokens * tokens)
+    assert _relerr(tried.batch(ids, _hessian_fn("arccos", "fix"))[0], expected) <= 1e-10
+    assert not tried.trim_padding
 
 
 def test_unused_parameters_get_zero(cases):

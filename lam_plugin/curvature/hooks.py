@@ -101,7 +101,6 @@ from torch import Tensor, nn
 
 from ..calling import Batch, ModelCall
 from ..geometry import LowRankBlocks, OutputHessian
-from ..wrapping import slice_batch
 from .base import CurvatureBackend, HessianFn, UnsupportedModelError, check_finite
 
 logger = logging.getLogger(__name__)
@@ -628,18 +627,44 @@ class HookedForward:
         results = {r.name: r.fix_result() for r in rules}
         return {name: results[mod][local] for name, (mod, local) in self.where.items()}
 
-    def fix_group(self, n_total: int) -> int:
-        """Samples per forward pass for :meth:`fix_diagonal` with ``n_total`` directions:
-        the whole batch, or equal groups small enough that every token-pair accumulator
-        fits the budget (a block-diagonal G adds up sample by sample, so groups of samples
-        can run apart; one sample that does not fit squares per-sample gradients instead)."""
+    def fix_groups(self, n_total: int, lengths: Tensor | None = None) -> list[tuple[Tensor, int | None]]:
+        """Groups of samples for :meth:`fix_diagonal` with ``n_total`` directions, as
+        ``(sample indices, tokens to keep or None)``; a block-diagonal G adds up sample by
+        sample, so groups can run apart, each with a forward pass of its own.
+
+        Without ``lengths``: the whole batch, or equal groups small enough that every
+        token-pair accumulator fits the budget. With ``lengths [B]`` (the tokens each sample
+        uses of a right-padded batch): the samples by decreasing length, each group cut to
+        its longest sample and as large as the budget allows at that length, so the
+        ``T^2`` of the token pairs is paid per length, not at the batch's padded length.
+        A sample that does not fit alone squares per-sample gradients instead.
+        """
         bsz = self.embedding.shape[0]
+        everyone = torch.arange(bsz)
         per_sample = max((r.pair_elements(n_total) for r in self.rules.values()), default=0)
-        fits = self.budget // per_sample if per_sample else bsz
-        if fits == 0 or fits >= bsz:
-            return bsz
-        groups = math.ceil(bsz / fits)
-        return math.ceil(bsz / groups)
+        if lengths is None:
+            fits = self.budget // per_sample if per_sample else bsz
+            if fits == 0 or fits >= bsz:
+                return [(everyone, None)]
+            size = math.ceil(bsz / math.ceil(bsz / fits))
+            return [(everyone[lo : lo + size], None) for lo in range(0, bsz, size)]
+        padded = int(lengths.max())
+        order = torch.argsort(lengths.cpu(), descending=True, stable=True)
+        groups: list[tuple[Tensor, int | None]] = []
+        lo = 0
+        while lo < bsz:
+            longest = max(1, int(lengths[order[lo]]))
+            need = per_sample * longest**2 // max(1, self.rules_tokens()) ** 2
+            size = max(1, self.budget // need) if need else bsz
+            groups.append((order[lo : lo + size], longest))
+            lo += size
+        if len(groups) == 1 and groups[0][1] == padded == self.rules_tokens():
+            return [(everyone, None)]
+        return groups
+
+    def rules_tokens(self) -> int:
+        """The token count of this batch's hooked layers (the longest, where they differ)."""
+        return max((int(r.a.shape[1]) for r in self.rules.values() if isinstance(r, _TokenLinearRule)), default=1)
 
     def dense_diagonal(self, g: OutputHessian) -> dict[str, Tensor]:
         """``{parameter: diag(J^T G J)}`` for a dense ``G`` (module docstring)."""
@@ -797,6 +822,7 @@ class HooksBackend(CurvatureBackend):
         super().__init__(model, call, param_names)
         _owners(model, param_names)
         self.max_elements = max_elements
+        self.trim_padding = True
 
     def batch(self, x: Batch, hessian_fn: HessianFn) -> tuple[Tensor, Tensor]:
         fwd = hooked_forward(self.model, self.call, self.param_names, x, self.max_elements)
@@ -817,17 +843,63 @@ class HooksBackend(CurvatureBackend):
 
     def _fix_diagonal(self, fwd: HookedForward, x: Batch, directions: Tensor, signs: Tensor) -> dict[str, Tensor]:
         """:meth:`HookedForward.fix_diagonal` on the whole batch, or on groups of its
-        samples, each with a forward pass of its own (:meth:`HookedForward.fix_group`)."""
-        bsz = fwd.embedding.shape[0]
-        group = fwd.fix_group(directions.shape[0])
-        if group >= bsz:
+        samples (:meth:`HookedForward.fix_groups`), each with a forward pass of its own.
+
+        A dict batch with a right-padded ``attention_mask`` has its groups cut to their
+        longest sample, once each group's embedding is checked against the whole batch's:
+        a model whose embedding depends on the padding runs uncut from then on."""
+        lengths = right_padded_lengths(x) if self.trim_padding else None
+        groups = fwd.fix_groups(directions.shape[0], lengths)
+        if len(groups) == 1 and groups[0][1] is None:
             return fwd.fix_diagonal(directions, signs)
+        embedding = fwd.embedding.detach()
         del fwd  # its graph and captured inputs: each group records its own
-        logger.debug("hooks: the fix diagonal in groups of %d of the batch's %d samples", group, bsz)
+        logger.debug("hooks: the fix diagonal in %d groups of samples", len(groups))
         total: dict[str, Tensor] = {}
-        for lo in range(0, bsz, group):
-            part = hooked_forward(
-                self.model, self.call, self.param_names, slice_batch(x, lo, lo + group), self.max_elements
-            ).fix_diagonal(directions[:, lo : lo + group], signs[:, lo : lo + group])
+        for idx, length in groups:
+            sub = hooked_forward(self.model, self.call, self.param_names, take_samples(x, idx, length), self.max_elements)
+            if length is not None and not _same_embedding(sub.embedding.detach(), embedding[idx.to(embedding.device)]):
+                logger.info("hooks: the embedding depends on the padding of the batch; padding is kept from here on")
+                self.trim_padding = False
+                del sub
+                return self._fix_diagonal(
+                    hooked_forward(self.model, self.call, self.param_names, x, self.max_elements), x, directions, signs
+                )
+            part = sub.fix_diagonal(directions[:, idx], signs[:, idx])
             total = part if not total else {n: total[n] + part[n] for n in total}
         return total
+
+
+def right_padded_lengths(x: Batch) -> Tensor | None:
+    """``[B]`` tokens used by each sample of a dict batch whose ``attention_mask [B, T]``
+    is right-padded (ones, then zeros), else None."""
+    mask = x.get("attention_mask") if isinstance(x, Mapping) else None
+    if not isinstance(mask, Tensor) or mask.ndim != 2:
+        return None
+    lengths = mask.ne(0).sum(dim=1)
+    expected = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]
+    return lengths if bool(torch.equal(mask.ne(0), expected)) else None
+
+
+def take_samples(x: Batch, idx: Tensor, length: int | None = None) -> Batch:
+    """Samples ``idx`` of a tensor or dict batch; with ``length``, every ``[B, T, ...]``
+    entry of a dict batch of ``T`` tokens (those of its ``attention_mask``) cut to its
+    first ``length`` tokens."""
+    if not isinstance(x, Mapping):
+        return x[idx.to(x.device)]
+    mask = x.get("attention_mask")
+    shape = tuple(mask.shape[:2]) if isinstance(mask, Tensor) and mask.ndim == 2 else None
+    out = {}
+    for key, v in x.items():
+        if isinstance(v, Tensor) and v.ndim and v.shape[0] == _batch_size(x):
+            v = v[idx.to(v.device)]
+            if length is not None and shape is not None and v.ndim >= 2 and v.shape[1] == shape[1]:
+                v = v[:, :length]
+        out[key] = v
+    return out
+
+
+def _same_embedding(a: Tensor, b: Tensor) -> bool:
+    """Equal up to rounding (relative to the largest entry)."""
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
