@@ -3,7 +3,7 @@
 A diagnostic, not a benchmark: for each method and metric of one or more ``results.json``
 files (``lam-plugin reproduce`` or ``lam-plugin combine``), it compares the per-seed
 values with the paper's mean ± std (:data:`lam_plugin.reproduce.PAPER_FASHIONMNIST`,
-taken as five seeds, DESIGN section 7) and prints:
+taken as five seeds, docs/design.md §7) and prints:
 
 * our mean ± sample std over ``n`` seeds, and the difference to the paper's mean, signed
   so that a positive number is better than the paper (lower is better for ECE);
@@ -31,7 +31,7 @@ from scipy.stats import ttest_ind_from_stats
 
 from lam_plugin.reproduce import PAPER_FASHIONMNIST
 
-#: the paper's seeds per method (DESIGN section 7: mean ± std over seeds 1-5)
+#: the paper's seeds per method (docs/design.md §7: mean ± std over seeds 1-5)
 PAPER_SEEDS = 5
 #: a printed std of 0.00 is below this
 PAPER_STD_FLOOR = 0.005

@@ -11,7 +11,7 @@ weights, with the Hessian pairs and approximation of every ``--variants`` entry:
   online LAM's running curvature (``--online-curvature triplets``);
 * ``cached``: the posterior the cache holds (online LAM: its running curvature).
 
-A negative pair counts only while its hinge is active (DESIGN); ``--hinge off`` counts
+A negative pair counts only while its hinge is active (docs/design.md §2); ``--hinge off`` counts
 every mined negative, as the paper's code does.
 
 Every posterior has prior ``--prior`` (default 1, the paper's; for ``cached`` it replaces

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["pairs", "triplets"],
         default=None,
         help="online LAM's running curvature: the margin-violating triplets rescaled by N/batch "
-        "(the paper's code, default) or all pairs rescaled by N^2/pairs (DESIGN section 5)",
+        "(the paper's code, default) or all pairs rescaled by N^2/pairs (docs/design.md §4)",
     )
     rep.add_argument(
         "--online-loss-miner",
@@ -172,16 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--online-relu",
         choices=["per_step", "on_use", "per_epoch"],
         default=None,
-        help="relu of online LAM's running curvature: on every step's term (DESIGN, default), only "
-        "where the signed running sum is used, or on the signed running sum at every epoch's end "
-        "(what the latest version of the paper's code does in effect)",
+        help="relu of online LAM's running curvature: on every step's term (docs/design.md §4, "
+        "default), only where the signed running sum is used, or on the signed running sum at every "
+        "epoch's end (what the latest version of the paper's code does in effect)",
     )
     rep.add_argument(
         "--online-hinge",
         choices=["on", "off"],
         default=None,
-        help="count a negative Hessian pair only while its hinge is active (on, DESIGN) or every "
-        "mined negative (off, the paper's code)",
+        help="count a negative Hessian pair only while its hinge is active (on, docs/design.md §2) or "
+        "every mined negative (off, the paper's code)",
     )
     rep.add_argument(
         "--online-max-pairs",

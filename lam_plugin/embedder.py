@@ -46,10 +46,10 @@ class LaplaceEmbedder:
             depends on), ``"all"``, the name of a module (as in ``named_modules()``), or
             a list of parameter-name prefixes.
         approx: ``"pos"``, ``"fix"`` or ``"full"``; geometry: ``"arccos"`` or ``"euclidean"``
-            (DESIGN section 3).
+            (docs/design.md §2).
         margin: the contrastive margin ``m``; a negative pair counts while
             ``||z_i - z_j||^2 < m``.
-        hinge: that hinge test (DESIGN section 3, the default). ``False`` counts every
+        hinge: that hinge test (docs/design.md §2, the default). ``False`` counts every
             mined negative whatever its distance, as the paper's code does.
         miner: ``"all"`` (every unordered pair of a batch) or a pytorch-metric-learning miner.
         prior_precision: a positive float (or ``[P]`` tensor), or ``"marglik"``.
@@ -267,7 +267,7 @@ class LaplaceEmbedder:
             raise UnsupportedModelError(f"backend='backpack' cannot run this model: BackPACK does not support {reason}")
         hooks_reason = hooks_support(model, names)
         if hooks_reason is None:
-            logger.warning("BackPACK does not support %s; using the hooks backend", reason)
+            logger.info("backend auto: hooks (BackPACK does not support %s)", reason)
             return HooksBackend(model, call, names)
         logger.warning(
             "BackPACK does not support %s, and the hooks backend does not support %s; using the torch.func backend",
@@ -305,15 +305,16 @@ class LaplaceEmbedder:
         curvature: Literal["pairs", "triplets"] = "pairs",
         relu: Literal["per_step", "on_use", "per_epoch"] = "per_step",
     ) -> EmbeddingPosterior:
-        """Train the model with online LAM (DESIGN section 5) and return its posterior.
+        """Train the model with online LAM (docs/design.md §4) and return its posterior.
 
         ``curvature`` chooses the pairs of the running curvature and its rescaling:
         ``"pairs"`` (all pairs, ``dataset_size**2 / n_pairs``) or ``"triplets"`` (the
         margin-violating triplets, ``dataset_size / batch_size``, as the paper's code);
         see :mod:`lam_plugin.online`. ``relu`` applies the ``relu`` to every step's
-        curvature (DESIGN), only where the signed running sum is used (``"on_use"``), or
-        to the signed running sum at the end of every epoch (``"per_epoch"``, what the
-        paper's latest code does in effect); see :class:`~lam_plugin.online.OnlineLaplace`.
+        curvature (docs/design.md §4), only where the signed running sum is used
+        (``"on_use"``), or to the signed running sum at the end of every epoch
+        (``"per_epoch"``, what the paper's latest code does in effect); see
+        :class:`~lam_plugin.online.OnlineLaplace`.
 
         The rescaling of the batch sums fixes the running curvature only up to a
         convention, so the returned posterior's overall spread is not calibrated: set it

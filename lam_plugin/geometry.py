@@ -25,7 +25,7 @@ keeps only the diagonal blocks of each pair, so G is block diagonal (``[B, D, D]
 In ``euclidean`` a positive pair's block Hessian is positive semi-definite, so ``"pos"``
 sums are non-negative. In ``arccos`` it is not: ``1 - cos(a, b)`` is not convex in
 ``(a, b)``, and its exact block Hessian has a negative eigenvalue for every pair that is
-not exactly aligned (DESIGN section 3 asks for the exact Hessian), so ``"pos"`` sums can
+not exactly aligned (docs/design.md §2 uses the exact Hessian), so ``"pos"`` sums can
 have negative entries too (6 % of the last-layer weights of the paper's CNN on one
 batch of 16 random images, in a test). Every sum is therefore treated as signed: a fit
 keeps it, the posterior uses its ``relu`` (``EmbeddingPosterior``), online LAM clamps
@@ -116,7 +116,7 @@ class OutputHessian:
     Attributes:
         f: ``[B, D]`` network outputs (detached).
         pairs: the pairs that enter G (positives only for ``approx="pos"``).
-        geometry, approx: as in DESIGN section 3.
+        geometry, approx: as in docs/design.md §2.
     """
 
     f: Tensor
@@ -224,7 +224,7 @@ def output_hessian(f: Tensor, pairs: PairSet, geometry: Geometry, approx: Approx
     Args:
         f: ``[B, D]`` network outputs (detached).
         pairs: the pairs that count (negatives already filtered for an active hinge).
-        geometry, approx: as in DESIGN section 3.
+        geometry, approx: as in docs/design.md §2.
     """
     if approx not in APPROXES:
         raise ValueError(f"approx must be one of {APPROXES}, got {approx!r}")

@@ -1,6 +1,6 @@
 """Online LAM: training with sampled weights and a running curvature estimate.
 
-Each step (DESIGN section 5), with ``mu`` the current weights of the Laplace subset:
+Each step (docs/design.md §4), with ``mu`` the current weights of the Laplace subset:
 
 1. ``sigma = 1 / sqrt(H + prior)``; draw ``theta_s = mu + sigma * eps_s`` for each of
    ``n_samples`` samples (``eps_s ~ N(0, I)``).
@@ -13,7 +13,7 @@ Each step (DESIGN section 5), with ``mu`` the current weights of the Laplace sub
    Hessian pairs of the batch (at most ``max_pairs``, negatives only while their hinge
    is active), rescaled to the data set. Two conventions (``curvature``):
 
-   * ``"pairs"`` (DESIGN section 5, the default): all pairs of the batch, rescaled by
+   * ``"pairs"`` (docs/design.md §4, the default): all pairs of the batch, rescaled by
      ``dataset_size**2 / n_pairs``, an estimate of the curvature summed over every pair
      of the data set.
    * ``"triplets"`` (what the paper's code does): the pairs of the triplets
@@ -27,7 +27,7 @@ Each step (DESIGN section 5), with ``mu`` the current weights of the Laplace sub
      zero curvature) unless the embedder has ``hinge=False``, which counts every mined
      negative, as the paper's code does.
 4. ``H <- memory_factor * H + relu(mean_s h_s)``, starting from ``H_0 = dataset_size``
-   (``relu="per_step"``, DESIGN section 5, as older versions of the paper's code).
+   (``relu="per_step"``, docs/design.md §4, as older versions of the paper's code).
    With ``relu="on_use"`` (the latest version of the paper's training step, read on its
    own) the signed batch
    curvature is accumulated, ``H <- memory_factor * H + mean_s h_s``, and the ``relu``
@@ -92,7 +92,7 @@ class OnlineLaplace:
         lr, weight_decay: RMSprop settings; ``lr_decay`` multiplies the learning rate at
             each :meth:`end_epoch`.
         memory_factor: ``m`` in ``H <- m H + relu(h)``.
-        relu: ``"per_step"`` (``relu`` of each step's curvature, DESIGN), ``"on_use"``
+        relu: ``"per_step"`` (``relu`` of each step's curvature, docs/design.md §4), ``"on_use"``
             (signed running sum, ``relu`` where it is used) or ``"per_epoch"`` (signed
             running sum, clamped at zero by :meth:`end_epoch`; the paper's latest code).
         n_samples: weight samples per step.

@@ -1,6 +1,6 @@
 """Pairs of a batch: labels or miner tuples -> positive and negative index pairs.
 
-Conventions (DESIGN section 3):
+Conventions (docs/design.md §2):
 
 * ``miner="all"``: the unordered pairs ``{i, j}``, ``i < j``, of one batch.
 * a pytorch-metric-learning miner: each tuple it returns contributes its pairs as
@@ -124,13 +124,13 @@ class PairCounts:
 
 @dataclass
 class PairSelection:
-    """How a fit turns a batch into curvature pairs (DESIGN section 3).
+    """How a fit turns a batch into curvature pairs (docs/design.md §2).
 
     Attributes:
         miner: ``"all"`` or a pytorch-metric-learning miner.
         margin: the hinge margin on squared distances of normalised embeddings.
         max_pairs: at most this many pairs (drawn at random) per batch.
-        hinge: count a negative only while its hinge is active (DESIGN section 3); with
+        hinge: count a negative only while its hinge is active (docs/design.md §2); with
             ``False`` every mined negative counts, as in the paper's online code.
         generator: for that draw.
         counts: updated by every call.

@@ -1,7 +1,7 @@
 """The embedding posterior: a diagonal Gaussian over a parameter subset.
 
 ``theta ~ N(theta*, diag(precision)^-1)`` with
-``precision = hessian_scale * curvature + prior_precision`` (DESIGN section 3). Each
+``precision = hessian_scale * curvature + prior_precision`` (docs/design.md §1). Each
 weight sample gives one embedding per input; their spread is the uncertainty.
 """
 

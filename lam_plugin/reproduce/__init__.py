@@ -1,4 +1,4 @@
-"""The paper's FashionMNIST experiment (DESIGN section 7), end to end.
+"""The paper's FashionMNIST experiment (docs/design.md §7), end to end.
 
 ``reproduce_fashionmnist(config, out)`` trains (or loads from its cache) every method for
 every seed, evaluates it on the FashionMNIST test split (in-distribution) and on MNIST

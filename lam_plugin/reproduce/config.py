@@ -28,7 +28,7 @@ ONLINE_POSTERIORS: tuple[str, ...] = ("running", "refit")
 #: :attr:`ReproduceConfig.online_approx`).
 LAM_APPROXES: tuple[str, ...] = ("fix", "pos", "full")
 #: Hessian pairs of the post-hoc fits (:attr:`ReproduceConfig.posthoc_pairs`): every pair
-#: of each batch (DESIGN section 7), or the pairs of the margin-violating triplets (the
+#: of each batch (docs/design.md §7), or the pairs of the margin-violating triplets (the
 #: paper's post-hoc code).
 POSTHOC_PAIRS: tuple[str, ...] = ("all", "triplets")
 #: Config fields added after results were first written, with what their absence from an
@@ -168,7 +168,7 @@ class ReproduceConfig:
         online_lr: RMSprop learning rate of online LAM (the paper's recipe, default:
             1e-3 × ``lam_batch_size`` = 0.064; the ``"adam"`` recipe: 1e-3).
         online_curvature: the running curvature of online LAM: ``"triplets"`` (the
-            paper's code, the default here) or ``"pairs"`` (DESIGN section 5, the
+            paper's code, the default here) or ``"pairs"`` (docs/design.md §4, the
             default of ``fit_online``); see :mod:`lam_plugin.online`. On seed 1,
             "triplets" gave AUROC 0.95 against 0.92 (docs/results/findings.md, item 4).
         online_loss_miner: the pairs of online LAM's contrastive loss: ``"triplets"``
@@ -176,21 +176,21 @@ class ReproduceConfig:
             ``TripletMarginMiner(type_of_triplets="all")``, as the paper's code; the
             default) or ``"all"`` (every pair of the batch).
         online_relu: where the ``relu`` of online LAM's running curvature is applied:
-            ``"per_step"`` (DESIGN), ``"on_use"`` or ``"per_epoch"`` (the paper's latest
+            ``"per_step"`` (docs/design.md §4), ``"on_use"`` or ``"per_epoch"`` (the paper's latest
             code in effect); see :class:`~lam_plugin.online.OnlineLaplace`.
         online_hinge: count a negative Hessian pair only while its hinge is active
-            (DESIGN); ``False`` counts every mined negative (the paper's code).
+            (docs/design.md §2); ``False`` counts every mined negative (the paper's code).
         online_max_pairs: online LAM's Hessian pairs per batch (default ``max_pairs``);
             the paper's code draws 5,000 triplets, that is 10,000 pairs.
         online_approx: the curvature approximation of online LAM's running curvature:
-            ``"fix"`` (DESIGN section 7, the default), ``"pos"`` or ``"full"`` (the paper's
+            ``"fix"`` (docs/design.md §7, the default), ``"pos"`` or ``"full"`` (the paper's
             ``configs/fashionmnist/laplace_online_arccos_{pos,full}.yaml``).
         posthoc_approx: the curvature approximation of the post-hoc fits (post-hoc LAM and
             ``online_posterior="refit"``): ``"fix"`` (the paper's, the default), ``"pos"``
             (positive pairs only, with the cross terms) or ``"full"`` (every pair with the
-            cross terms); DESIGN section 3.
+            cross terms); docs/design.md §2.
         posthoc_pairs: the Hessian pairs of the post-hoc fits: ``"all"`` (every pair of
-            each batch, at most ``max_pairs``; DESIGN section 7, the default) or
+            each batch, at most ``max_pairs``; docs/design.md §7, the default) or
             ``"triplets"`` (what the paper's post-hoc code fits on: the pairs of the
             margin-violating triplets of each batch, pytorch-metric-learning's
             ``TripletMarginMiner(margin, "all")``, every mined negative counted whatever

@@ -126,7 +126,7 @@ def _online_conventions(c: Mapping[str, Any]) -> str:
         "on_use": "applied only where the signed running sum is used (`--online-relu on_use`)",
         "per_epoch": "applied to the signed running sum at the end of every epoch (the paper's latest code in "
         "effect, `--online-relu per_epoch`)",
-    }.get(c.get("online_relu", "per_step"), "applied to every step's term (DESIGN)")
+    }.get(c.get("online_relu", "per_step"), "applied to every step's term (docs/design.md §4)")
     hinge = (
         "every mined negative counts (the paper's code, `--online-hinge off`)"
         if c.get("online_hinge", True) is False
@@ -251,7 +251,7 @@ def _markdown(results: Mapping[str, Any], table: str) -> str:
             "batch size, as the paper's code does (`--online-curvature triplets`). "
             if c.get("online_curvature", "pairs") == "triplets"
             else "its running curvature on all pairs of each batch rescaled by dataset size² / pairs "
-            "(DESIGN section 5, `--online-curvature pairs`). "
+            "(docs/design.md §4, `--online-curvature pairs`). "
         )
         + _online_conventions(c)
         + "Every LAM posterior then gets a temperature (a common multiplier of its covariance, "
