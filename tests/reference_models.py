@@ -121,6 +121,8 @@ def reference_batches(kind: str, dtype: torch.dtype, seed: int = 0) -> list[tupl
 MODELS: dict[str, tuple[Callable[[], nn.Module], str, str | None, bool]] = {
     "paper_cnn": (lambda: paper_cnn(3, normalize=True), "image28", None, True),
     "res_cnn_bn": (lambda: randomize_bn(ResCNN(4)), "image8", None, True),
+    # residual "+" sends BackPACK through its converter, which must keep L2Normalize whole
+    "res_cnn_bn_l2": (lambda: nn.Sequential(randomize_bn(ResCNN(4)), L2Normalize()), "image8", None, True),
     "layernorm_gelu_mlp": (lambda: NormMLP(10, 4), "vector", None, False),
     "dict_output": (lambda: DictModel(10, 3), "vector", "embedding", True),
     "nested_modules": (lambda: NestedModules(10, 4), "vector", None, True),

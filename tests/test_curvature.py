@@ -126,6 +126,8 @@ def test_backend_choice_and_fallback_warning(caplog):
     assert _fit(cnn, cnn_batches, None, subset="last_layer").stats.backend == "last_layer"
     res, res_batches, _, _ = build_model("res_cnn_bn", torch.float64)
     assert _fit(res, res_batches, None, subset="all").stats.backend == "backpack"
+    res_l2, res_l2_batches, _, _ = build_model("res_cnn_bn_l2", torch.float64)
+    assert _fit(res_l2, res_l2_batches, None, subset="all").stats.backend == "backpack"
     nested, nested_batches, _, _ = build_model("nested_modules", torch.float64)  # containers of its own classes
     assert _fit(nested, nested_batches, None, subset="all").stats.backend == "backpack"
 

@@ -13,9 +13,10 @@ supported only there). The user's model is never extended.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from backpack import backpack, extend
@@ -117,6 +118,27 @@ class _LeafTracer(BackpackTracer):
         return isinstance(m, L2Normalize) or super().is_leaf_module(m, module_qualified_name)
 
 
+@contextlib.contextmanager
+def _l2normalize_kept_whole() -> Iterator[None]:
+    """BackPACK's converter with ``L2Normalize`` kept as one module.
+
+    The converter (``extend(..., use_converter=True)``, which rewrites residual ``+``,
+    ``flatten`` and the like into modules) traces with ``BackpackTracer`` and offers no way
+    to name further leaf modules, so it would inline ``L2Normalize`` into a functional
+    ``normalize`` that BackPACK cannot run. For the duration of the conversion only, the
+    tracer's leaf test also accepts ``L2Normalize``."""
+    original = BackpackTracer.is_leaf_module
+
+    def is_leaf_module(tracer: BackpackTracer, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, L2Normalize) or original(tracer, m, module_qualified_name)
+
+    BackpackTracer.is_leaf_module = is_leaf_module  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        BackpackTracer.is_leaf_module = original  # type: ignore[method-assign]
+
+
 def _unsupported(gm: nn.Module, graph: Graph) -> str | None:
     """Why BackPACK cannot run this graph exactly, or None."""
     supported = _supported_types(_extension())
@@ -157,7 +179,8 @@ def backpack_support(model: nn.Module) -> tuple[nn.Module | None, str | None]:
                 extend(modules[node.target])
         return net, None
     try:
-        gm = extend(net, use_converter=True)
+        with _l2normalize_kept_whole():
+            gm = extend(net, use_converter=True)
     except Exception as err:  # the converter refuses graphs it cannot rewrite
         return None, f"a forward that BackPACK's converter cannot rewrite ({type(err).__name__}: {err})"
     reason = _unsupported(gm, gm.graph)
