@@ -91,6 +91,7 @@ class Settings:
     seed: int
     n_shown: int
     quick: bool
+    prior_precision: float | str
 
 
 def default_model() -> Path:
@@ -122,6 +123,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                    help="seed of the text choice, the batches and the samples (%(default)s)")
     p.add_argument("--show", type=int, default=2,
                    help="queries of each kind printed with their neighbours (%(default)s)")
+    p.add_argument("--prior-precision", default="1",
+                   help="the posterior's prior precision: a positive number or 'marglik' (%(default)s)")
     p.add_argument("--quick", action="store_true", help="a small, fast run (smoke test)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     a = p.parse_args(argv)
@@ -130,6 +133,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     n_samples = a.samples if a.samples is not None else (4 if a.quick else 20)
     if per_class < 2 or a.batch_size < 2 or n_samples < 2:
         p.error("--per-class, --batch-size and --samples must be at least 2")
+    try:
+        prior: float | str = a.prior_precision if a.prior_precision == "marglik" else float(a.prior_precision)
+    except ValueError:
+        p.error(f"--prior-precision must be a positive number or 'marglik', got {a.prior_precision!r}")
+    if isinstance(prior, float) and not prior > 0:
+        p.error(f"--prior-precision must be positive, got {prior}")
     return Settings(
         out=a.out,
         wordnet=a.wordnet,
@@ -140,6 +149,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         seed=a.seed,
         n_shown=a.show,
         quick=a.quick,
+        prior_precision=prior,
     )
 
 
@@ -262,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logger.info("loaded %s in %.1f s", s.model, timings["load model"])
 
     t0 = time.perf_counter()
-    posterior = LaplaceEmbedder(model).fit(labelled_batches(model, fit, s.batch_size, s.seed))
+    posterior = LaplaceEmbedder(model, prior_precision=s.prior_precision).fit(labelled_batches(model, fit, s.batch_size, s.seed))
     timings["fit posterior"] = time.perf_counter() - t0
     logger.info("fitted the posterior in %.1f s: %r", timings["fit posterior"], posterior)
     print(posterior.summary())
@@ -341,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "model": str(s.model),
         "posterior": repr(posterior),
         "settings": {"per_class": s.per_class, "batch_size": s.batch_size, "n_samples": s.n_samples,
-                     "seed": s.seed, "quick": s.quick},
+                     "seed": s.seed, "quick": s.quick,
+                     "prior_precision": s.prior_precision},
         "categories": {"in_distribution": list(IN_DISTRIBUTION), "out_of_distribution": list(OUT_OF_DISTRIBUTION)},
         "sizes": {name: len(split.texts) for name, split in splits.items()},
         "ood": ood_table,
@@ -351,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "seconds": timings,
     }
     setup = [
-        f"model: all-MiniLM-L6-v2 as it is (`LaplaceEmbedder(model)`, defaults), {s.model}",
+        f"model: all-MiniLM-L6-v2 as it is (`LaplaceEmbedder(model)`, prior precision {s.prior_precision}), {s.model}",
         f"in distribution: {', '.join(IN_DISTRIBUTION)}",
         f"out of distribution: {', '.join(OUT_OF_DISTRIBUTION)}",
         f"texts: {', '.join(f'{n} {name}' for name, n in results['sizes'].items())} "
