@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lam_plugin import Prediction, SearchResult
-from lam_plugin.metrics import auroc
+from lam_plugin import Prediction, SearchResult, UncertainIndex
+from lam_plugin.metrics import auroc, retrieval_metrics
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -68,6 +68,36 @@ def ood_scores(
         for name, (s_id, s_ood) in scores.items()
         if s_id is not None and s_ood is not None
     }
+
+
+def retrieval_scores(
+    index: UncertainIndex,
+    queries: Prediction,
+    hits: SearchResult,
+    plain_gallery: Tensor,
+    plain_queries: Tensor,
+    gallery_labels: Tensor,
+    query_labels: Tensor,
+    k: int,
+) -> dict[str, float]:
+    """mAP@k and recall@k (k = 1, 5, 10) of the posterior means and of the plain model's
+    embeddings over gallery and queries together (leave-one-out), and recall@``k`` and
+    precision@1 of the index search ``hits`` of the queries in the gallery. Gallery item
+    ``i`` must be row ``i`` of the index."""
+    labels = torch.cat([gallery_labels, query_labels])
+    gallery_mean = torch.from_numpy(index.faiss_index.reconstruct_n(0, len(index)))
+    scores = {
+        f"LAM mean, {name}": v
+        for name, v in retrieval_metrics(torch.cat([gallery_mean, queries.mean]), labels, ks=(1, 5, 10)).items()
+    }
+    scores |= {
+        f"plain model, {name}": v
+        for name, v in retrieval_metrics(torch.cat([plain_gallery, plain_queries]), labels, ks=(1, 5, 10)).items()
+    }
+    found = gallery_labels[torch.from_numpy(hits.ids)] == query_labels[:, None]
+    scores[f"index search, query -> gallery recall@{k}"] = float(found.any(dim=1).double().mean())
+    scores["index search, query -> gallery precision@1"] = float(found[:, 0].double().mean())
+    return scores
 
 
 def print_neighbours(

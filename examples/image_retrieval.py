@@ -45,7 +45,6 @@ from torch import Tensor, nn
 from lam_plugin import L2Normalize, LaplaceEmbedder, UncertainIndex
 from lam_plugin.data import ImageDataset, load_fashionmnist, load_mnist
 from lam_plugin.data.fashionmnist import CLASSES
-from lam_plugin.metrics import retrieval_metrics
 from lam_plugin.numerics import flush_denormals
 from lam_plugin.training import embed, train_contrastive
 
@@ -55,6 +54,7 @@ from evaluation import (
     ood_scores,
     print_neighbours,
     print_summary,
+    retrieval_scores,
     seed_everything,
     seeded,
     setup_logging,
@@ -249,19 +249,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
     ood_table = ood_scores(pred_id, pred_ood, base_id, base_ood)
-    labels = torch.cat([gallery.labels, queries.labels])
-    gallery_mean = torch.from_numpy(index.faiss_index.reconstruct_n(0, len(index)))  # row i = gallery image i
-    retrieval = {
-        f"LAM mean, {k}": v
-        for k, v in retrieval_metrics(torch.cat([gallery_mean, pred_id.mean]), labels, ks=(1, 5, 10)).items()
-    }
-    retrieval |= {
-        f"plain model, {k}": v
-        for k, v in retrieval_metrics(torch.cat([plain["gallery"], plain["queries"]]), labels, ks=(1, 5, 10)).items()
-    }
-    hits = gallery.labels[torch.from_numpy(res_id.ids)] == queries.labels[:, None]
-    retrieval[f"index search, query -> gallery recall@{K}"] = float(hits.any(dim=1).double().mean())
-    retrieval["index search, query -> gallery precision@1"] = float(hits[:, 0].double().mean())
+    retrieval = retrieval_scores(
+        index, pred_id, res_id, plain["gallery"], plain["queries"], gallery.labels, queries.labels, K
+    )
     print_summary(ood_table, retrieval)
 
     timings["total"] = time.perf_counter() - start

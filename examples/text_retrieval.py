@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from lam_plugin import LaplaceEmbedder, UncertainIndex
-from lam_plugin.metrics import auroc, retrieval_metrics
+from lam_plugin.metrics import auroc
 
 from evaluation import (
     markdown_report,
@@ -53,6 +53,7 @@ from evaluation import (
     ood_scores,
     print_neighbours,
     print_summary,
+    retrieval_scores,
     seed_everything,
     seeded,
     setup_logging,
@@ -328,19 +329,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         for c in ood.labels.unique().tolist()
     }
-    id_labels = torch.cat([gallery.labels, queries.labels])
-    gallery_mean = torch.from_numpy(index.faiss_index.reconstruct_n(0, len(index)))  # row i = gallery text i
-    retrieval = {
-        f"LAM mean, {k}": v
-        for k, v in retrieval_metrics(torch.cat([gallery_mean, pred_id.mean]), id_labels, ks=(1, 5, 10)).items()
-    }
-    retrieval |= {
-        f"plain model, {k}": v
-        for k, v in retrieval_metrics(torch.cat([plain["gallery"], plain["queries"]]), id_labels, ks=(1, 5, 10)).items()
-    }
-    hits = gallery.labels[torch.from_numpy(res_id.ids)] == queries.labels[:, None]
-    retrieval[f"index search, query -> gallery recall@{K}"] = float(hits.any(dim=1).double().mean())
-    retrieval["index search, query -> gallery precision@1"] = float(hits[:, 0].double().mean())
+    retrieval = retrieval_scores(
+        index, pred_id, res_id, plain["gallery"], plain["queries"], gallery.labels, queries.labels, K
+    )
     print_summary(ood_table, retrieval)
     print("\nAUROC by held-out category (LAM uncertainty / baseline)")
     for name, v in per_category.items():
