@@ -117,7 +117,8 @@ def stack_pairs(anchors: Batch, positives: Batch) -> tuple[Batch, Tensor]:
     """``(anchors ++ positives, labels)``: ``2B`` items, pair ``k`` labelled ``k``.
 
     Dict batches are stacked key by key; token tensors ``[B, T]`` of different lengths
-    are right-padded with 0 to the longer one (the attention mask then masks the padding).
+    are right-padded with 0 to the longer one (the attention mask then masks the padding),
+    and a non-tensor entry equal in both halves is kept.
     """
     n = _size(anchors)
     if _size(positives) != n:
@@ -136,8 +137,14 @@ def stack_pairs(anchors: Batch, positives: Batch) -> tuple[Batch, Tensor]:
 
 
 def _cat_padded(a: Any, b: Any) -> Any:
+    """Two entries of a pair batch as one: tensors concatenated (token axes padded); other
+    values (sentence-transformers' ``"modality": "text"``) kept where both halves agree."""
+    if not isinstance(a, Tensor) and not isinstance(b, Tensor) and type(a) is type(b) and a == b:
+        return a
     if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
-        raise TypeError(f"pair batches must hold tensors, got {type(a).__name__} and {type(b).__name__}")
+        raise TypeError(
+            f"pair batches must hold tensors (or the same non-tensor value in both halves), got {a!r} and {b!r}"
+        )
     if a.ndim >= 2 and b.ndim == a.ndim and a.shape[1] != b.shape[1]:
         length = max(a.shape[1], b.shape[1])
         a, b = (torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1])) for t in (a, b))

@@ -188,6 +188,11 @@ def test_pair_batches_make_each_pair_its_own_class():
     assert images[0].shape == (6, 1, 4, 4) and images[1].tolist() == [0, 1, 2, 0, 1, 2]
     with pytest.raises(ValueError, match="as many positives as anchors"):
         stack_pairs(anchors, _tokens(3, 5, 0))
+    # sentence-transformers' preprocessing adds {"modality": "text"}: kept, not stacked
+    tagged, _ = stack_pairs({**anchors, "modality": "text"}, {**positives, "modality": "text"})
+    assert tagged["modality"] == "text" and tagged["input_ids"].shape == (8, 7)
+    with pytest.raises(TypeError, match="'text' and 'image'"):
+        stack_pairs({**anchors, "modality": "text"}, {**positives, "modality": "image"})
 
 
 def test_a_loader_is_streamed_with_the_same_weight_samples():
