@@ -171,21 +171,7 @@ class LaplaceEmbedder:
                     try:
                         diag, out = engine.batch(x, self._hessian_fn(y, selection))
                     except (HeadMismatchError, UnsupportedModelError) as err:
-                        # the closed form was exact on every earlier batch (each is
-                        # checked), and the hooks backend refuses a model before it
-                        # returns anything wrong: a general backend takes over from here
-                        if isinstance(err, UnsupportedModelError) and not (
-                            self.backend == "auto" and isinstance(engine, HooksBackend)
-                        ):
-                            raise
-                        engine.close()
-                        fallback = isinstance(err, UnsupportedModelError)
-                        engine = (
-                            FunctorchBackend(self.model, self.model_call, names, self.chunk_size)
-                            if fallback
-                            else self._engine(names, None, None)
-                        )
-                        head = None
+                        engine, head = self._fallback(engine, err, names), None
                         logger.warning("%s; using the %s backend from here on", err, engine.name)
                         bar.set_description(f"curvature ({engine.name})")
                         diag, out = engine.batch(x, self._hessian_fn(y, selection))
@@ -275,6 +261,19 @@ class LaplaceEmbedder:
             hooks_reason,
         )
         return FunctorchBackend(model, call, names, self.chunk_size)
+
+    def _fallback(self, engine: CurvatureBackend, err: Exception, names: Sequence[str]) -> CurvatureBackend:
+        """The backend that takes over from ``engine`` after it raised ``err`` on a batch,
+        or ``err`` again. The closed form was exact on every earlier batch (each is
+        checked), and the hooks backend refuses a model before it returns anything wrong,
+        so what they added stands: the general backend of ``auto`` (torch.func after the
+        hooks) continues from this batch."""
+        if isinstance(err, UnsupportedModelError) and not (self.backend == "auto" and isinstance(engine, HooksBackend)):
+            raise err
+        engine.close()
+        if isinstance(err, UnsupportedModelError):
+            return FunctorchBackend(self.model, self.model_call, names, self.chunk_size)
+        return self._engine(names, None, None)
 
     def _hessian_fn(self, y: Tensor, selection: PairSelection) -> HessianFn:
         """Outputs -> pairs (miner, hinge, subsample) -> the batch's output Hessian."""

@@ -197,23 +197,26 @@ class UncertainIndex:
             self._added(_length(data))
             return self
         given = None if ids is None else np.asarray(ids.detach().cpu() if isinstance(ids, Tensor) else ids)
-        done, pending = 0, []
-        for pred in self._predictions(data, "data"):
-            rows = self._check(pred, "data")[:3]
-            chunk = None if given is None else as_ids(given[done : done + len(rows[0])], len(rows[0]))
-            done += len(rows[0])
-            if self._index is None and (pending or _needs_training(self.index_factory, rows[0].shape[1])):
-                pending.append((rows, chunk))  # an index that needs training is trained on all of the first add
-                continue
-            self._add_rows(*rows, chunk)
-        if done == 0:
-            raise ValueError("data is empty")
-        if given is not None and done != len(given):
-            raise ValueError(f"ids has {len(given)} entries, data has {done} items")
-        if pending:
-            (mean, var, samples), chunk = _concat(pending)
-            self._add_rows(mean, var, samples, chunk)
-        self._added(done)
+        done, pending, before = 0, [], len(self._ids)
+        try:
+            for pred in self._predictions(data, "data"):
+                rows = self._check(pred, "data")[:3]
+                chunk = None if given is None else as_ids(given[done : done + len(rows[0])], len(rows[0]))
+                done += len(rows[0])
+                if self._index is None and (pending or _needs_training(self.index_factory, rows[0].shape[1])):
+                    pending.append((rows, chunk))  # an index that needs training is trained on all of the first add
+                    continue
+                self._add_rows(*rows, chunk)
+            if done == 0:
+                raise ValueError("data is empty")
+            if given is not None and done != len(given):
+                raise ValueError(f"ids has {len(given)} entries, data has {done} items")
+            if pending:
+                (mean, var, samples), chunk = _concat(pending)
+                self._add_rows(mean, var, samples, chunk)
+        finally:  # the GPU copy holds what was added, even when a later batch fails
+            if len(self._ids) > before:
+                self._added(len(self._ids) - before)
         return self
 
     def _added(self, n: int) -> None:
