@@ -1,8 +1,8 @@
 """Is a shortfall against the paper's FashionMNIST row larger than the seeds' own spread?
 
 A diagnostic, not a benchmark: for each method and metric of one or more ``results.json``
-files (``lam-plugin reproduce`` or ``lam-plugin combine``), it compares the per-seed
-values with the paper's mean ± std (:data:`lam_plugin.reproduce.PAPER_FASHIONMNIST`,
+files (``lam-study reproduce`` or ``lam-study combine``), it compares the per-seed
+values with the paper's mean ± std (:data:`lam_study.reproduce.PAPER_FASHIONMNIST`,
 taken as five seeds, docs/design.md §7) and prints:
 
 * our mean ± sample std over ``n`` seeds, and the difference to the paper's mean, signed
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import ttest_ind_from_stats
 
-from lam_plugin.reproduce import PAPER_FASHIONMNIST
+from lam_study.reproduce import PAPER_FASHIONMNIST
 
 #: the paper's seeds per method (docs/design.md §7: mean ± std over seeds 1-5)
 PAPER_SEEDS = 5

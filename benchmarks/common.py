@@ -9,7 +9,7 @@ def fashionmnist_or_random(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The first ``n`` FashionMNIST training images and labels, or random images when the
     data set is not installed; with the name of what was used."""
     try:
-        from lam_plugin.data import load_fashionmnist
+        from lam_study.data import load_fashionmnist
 
         ds = load_fashionmnist(split="train").subset(torch.arange(n))
         return ds.float(), ds.labels, "FashionMNIST"

@@ -32,7 +32,7 @@ from common import fashionmnist_or_random  # noqa: E402
 
 
 def _model() -> torch.nn.Module:
-    from lam_plugin.models import fashionmnist_net
+    from lam_study.models import fashionmnist_net
 
     torch.manual_seed(0)
     return fashionmnist_net(embedding_dim=3, normalize=False).eval()

@@ -1,6 +1,6 @@
 """How many convolution filters of the cached FashionMNIST networks are dead?
 
-A diagnostic, not a benchmark. For every network in the cache of ``lam-plugin reproduce
+A diagnostic, not a benchmark. For every network in the cache of ``lam-study reproduce
 fashionmnist`` whose file name matches ``--pattern`` (networks only, not posteriors), it
 prints how many filters of each convolution have every weight below ``--tol`` in
 magnitude: filters that no image switches on, whose weights the weight decay has shrunk

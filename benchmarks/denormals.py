@@ -3,7 +3,7 @@
 Times, with trained weights of the paper's FashionMNIST CNN, the forward pass over
 ``--images`` images (eval) and the online-LAM step at batch 64, each with subnormals
 kept and flushed to zero (``lam_plugin.numerics.flush_denormals``, which the library's
-training loops and ``lam-plugin reproduce`` use). Medians over repeats, and the ratios.
+training loops and ``lam-study reproduce`` use). Medians over repeats, and the ratios.
 
     python benchmarks/denormals.py --weights runs/fashionmnist/cache/lam_online-seed1-<hash>.safetensors
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
 
     from lam_plugin import LaplaceEmbedder
-    from lam_plugin.models import fashionmnist_net
+    from lam_study.models import fashionmnist_net
     from lam_plugin.online import OnlineLaplace
 
     x, y, source = fashionmnist_or_random(max(args.images, 64 * args.steps))

@@ -3,7 +3,7 @@
 #   1. the CUDA tests: tests/test_cuda.py (every curvature backend, sampling, online
 #      LAM, save/load, the index and the baselines on the GPU against the CPU) and the
 #      faiss-gpu test of tests/test_index.py (skipped where faiss has no GPU support);
-#   2. `lam-plugin reproduce fashionmnist --quick --device cuda`, timed end to end;
+#   2. `lam-study reproduce fashionmnist --quick --device cuda`, timed end to end;
 #   3. benchmarks/training.py --device cuda: images/s of plain training and of the
 #      online-LAM step on the GPU;
 #   4. benchmarks/gpu_index_check.py, where faiss has GPU support.
@@ -33,7 +33,7 @@ timeout "${PYTEST_TIMEOUT:-180}" python3 -m pytest -q -m cuda tests/test_cuda.py
     -rs --durations=8 -p no:cacheprovider 2>&1 | tee "$out/pytest-cuda.log"
 
 start=$(date +%s)
-timeout "${QUICK_TIMEOUT:-240}" python3 -m lam_plugin.cli reproduce fashionmnist --quick --device cuda \
+timeout "${QUICK_TIMEOUT:-240}" python3 -m lam_study.cli reproduce fashionmnist --quick --device cuda \
     --out "$out/quick" --no-progress 2>&1 | tee "$out/quick.log"
 echo "quick run on cuda: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s" | tee -a "$out/quick.log"
 

@@ -1,6 +1,6 @@
 """Which Hessian pairs put a LAM posterior's uncertainty where the retrieval errors are?
 
-A diagnostic, not a benchmark. For the networks that ``lam-plugin reproduce
+A diagnostic, not a benchmark. For the networks that ``lam-study reproduce
 fashionmnist`` cached (``--method lam_online`` or ``deterministic``, ``--key``: the hash
 in their file names), it fits the last-layer curvature again at each network's final
 weights, with the Hessian pairs and approximation of every ``--variants`` entry:
@@ -37,11 +37,11 @@ from pytorch_metric_learning.miners import TripletMarginMiner
 from torch.utils.data import DataLoader, TensorDataset
 
 from lam_plugin import LaplaceEmbedder, metrics
-from lam_plugin.data.fashionmnist import CLASSES
+from lam_study.data.fashionmnist import CLASSES
 from lam_plugin.posterior import EmbeddingPosterior
 from lam_plugin.prediction import Prediction
-from lam_plugin.reproduce import ReproduceConfig, load_fashionmnist_protocol
-from lam_plugin.reproduce.protocol import _prepare
+from lam_study.reproduce import ReproduceConfig, load_fashionmnist_protocol
+from lam_study.reproduce.protocol import _prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ood_scores import _net  # noqa: E402

@@ -1,7 +1,7 @@
 """Which part of a last-layer LAM posterior separates FashionMNIST test from MNIST?
 
 A diagnostic, not a benchmark: it reads the networks and posteriors that
-``lam-plugin reproduce fashionmnist`` cached (``--cache``, default
+``lam-study reproduce fashionmnist`` cached (``--cache``, default
 ``runs/fashionmnist/cache``) and prints AUROC / AUPRC (OoD = positive) of several
 per-image scores on the FashionMNIST test split against the MNIST OoD set:
 
@@ -34,8 +34,8 @@ from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import Tensor, nn
 
-from lam_plugin.data import load_fashionmnist, load_mnist
-from lam_plugin.models import fashionmnist_net
+from lam_study.data import load_fashionmnist, load_mnist
+from lam_study.models import fashionmnist_net
 from lam_plugin.posterior import EmbeddingPosterior
 
 

@@ -1,6 +1,6 @@
 """Does a posterior over every layer detect MNIST better than the last-layer one?
 
-A diagnostic, not a benchmark. For the online-LAM networks that ``lam-plugin reproduce
+A diagnostic, not a benchmark. For the online-LAM networks that ``lam-study reproduce
 fashionmnist`` cached (``--key``: the hash in their file names), it fits the curvature
 again at each network's final weights over the parameter subset ``--subset``
 (``last_layer``, the protocol's, or ``all``: both convolutions too), with every pair of
@@ -34,9 +34,9 @@ from lam_plugin import LaplaceEmbedder, metrics
 from lam_plugin.calibration import calibrate_temperature
 from lam_plugin.posterior import EmbeddingPosterior
 from lam_plugin.prior import marglik_prior_precision
-from lam_plugin.reproduce import ReproduceConfig, load_fashionmnist_protocol
-from lam_plugin.reproduce.config import CALIBRATION_TEMPERATURES
-from lam_plugin.reproduce.protocol import _prepare
+from lam_study.reproduce import ReproduceConfig, load_fashionmnist_protocol
+from lam_study.reproduce.config import CALIBRATION_TEMPERATURES
+from lam_study.reproduce.protocol import _prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ood_scores import _net  # noqa: E402

@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.set_num_threads(2)
     from lam_plugin import LaplaceEmbedder
-    from lam_plugin.models import fashionmnist_net
-    from lam_plugin.training import train_contrastive
+    from lam_study.models import fashionmnist_net
+    from lam_study.training import train_contrastive
 
     x, y, source = fashionmnist_or_random(args.images)
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def plain(batch: int, channels_last: bool = False, miner: Any = None) -> float:
         model = fashionmnist_net(3).to(device)
-        if channels_last:  # what `lam-plugin reproduce` does with its networks
+        if channels_last:  # what `lam-study reproduce` does with its networks
             model = model.to(memory_format=torch.channels_last)
         t0 = time.perf_counter()
         train_contrastive(model, x, y, epochs=1, batch_size=batch, miner=miner, device=device, progress=False)

@@ -36,7 +36,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from lam_plugin import metrics
-from lam_plugin.data import load_fashionmnist
+from lam_study.data import load_fashionmnist
 from lam_plugin.posterior import EmbeddingPosterior
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

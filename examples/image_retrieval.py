@@ -3,7 +3,7 @@
 1. Train a small residual network (three stages of basic residual blocks with batch
    norm, global average pooling) whose retrieval head is ``Linear(64 -> 512)`` followed
    by an L2 normalisation, briefly, with the contrastive loss
-   (:func:`lam_plugin.training.train_contrastive`), on FashionMNIST training images.
+   (:func:`lam_study.training.train_contrastive`), on FashionMNIST training images.
 2. Fit its Laplace posterior with ``LaplaceEmbedder(model)`` as it is: the last layer,
    the 512-d head.
 3. Index a gallery of FashionMNIST test images in an ``UncertainIndex`` and query it with
@@ -25,7 +25,7 @@ The defaults take a few minutes on two CPU cores, most of it training; ``--quick
 smoke run whose barely trained network's numbers mean little. Needs FashionMNIST
 (Debian package ``dataset-fashion-mnist``, or the IDX files under
 ``$LAM_PLUGIN_DATA/fashion-mnist``) and MNIST (any source of
-:func:`lam_plugin.data.load_mnist`).
+:func:`lam_study.data.load_mnist`).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from lam_plugin import L2Normalize, LaplaceEmbedder, UncertainIndex
-from lam_plugin.data import ImageDataset, load_fashionmnist, load_mnist
-from lam_plugin.data.fashionmnist import CLASSES
+from lam_study.data import ImageDataset, load_fashionmnist, load_mnist
+from lam_study.data.fashionmnist import CLASSES
 from lam_plugin.numerics import flush_denormals
-from lam_plugin.training import embed, train_contrastive
+from lam_study.training import embed, train_contrastive
 
 from evaluation import (
     markdown_report,

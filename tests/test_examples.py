@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from lam_plugin.data import DatasetNotFoundError, load_fashionmnist, load_mnist
+from lam_study.data import DatasetNotFoundError, load_fashionmnist, load_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lam_plugin import EmbeddingPosterior, LaplaceEmbedder
 from lam_plugin.index import UncertainIndex
-from lam_plugin.training import train_contrastive
+from lam_study.training import train_contrastive
 
 D_IN, DIM, CLASSES, N = 8, 4, 4, 400
 N_GALLERY = 300

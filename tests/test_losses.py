@@ -107,8 +107,8 @@ def test_batch_loss_rejects_bad_miners_and_shapes():
 
 
 def test_training_with_the_triplet_miner_follows_the_library_path():
-    from lam_plugin.models import mlp_embedder
-    from lam_plugin.training import train_contrastive
+    from lam_study.models import mlp_embedder
+    from lam_study.training import train_contrastive
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(96, 8, generator=g)

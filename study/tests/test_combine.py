@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from lam_plugin import cli
-from lam_plugin import reproduce as R
-from lam_plugin.combine import combine_results, write_combined
+from lam_study import cli
+from lam_study import reproduce as R
+from lam_study.combine import combine_results, write_combined
 
 from test_reproduce import synthetic
 
@@ -171,7 +171,7 @@ def test_cli_combine(runs, tmp_path, capsys):
     assert cli.main(["combine", str(files["s1"]), str(files["s2"]), "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "lam_posthoc: seeds 1 2" in out and (tmp_path / "c" / "results.md").exists()
-    assert json.loads((tmp_path / "c" / "results.json").read_text())["command"].startswith("lam-plugin combine")
+    assert json.loads((tmp_path / "c" / "results.json").read_text())["command"].startswith("lam-study combine")
     assert cli.main(["combine", str(files["s1"]), str(tmp_path / "nope.json"), "--out", str(tmp_path / "d")]) == 2
     assert "no such results file" in capsys.readouterr().err
 

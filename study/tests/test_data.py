@@ -1,4 +1,4 @@
-"""Tests of lam_plugin.data on small files written in each dataset's exact on-disk format."""
+"""Tests of lam_study.data on small files written in each dataset's exact on-disk format."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lam_plugin.data import (
+from lam_study.data import (
     DATASETS,
     OOD_PAIRS,
     DatasetFormatError,
@@ -32,8 +32,8 @@ from lam_plugin.data import (
     load_svhn,
     read_idx,
 )
-from lam_plugin.data import cifar10, fashionmnist, mnist
-from lam_plugin.data.images import load_rgb
+from lam_study.data import cifar10, fashionmnist, mnist
+from lam_study.data.images import load_rgb
 
 Image = pytest.importorskip("PIL.Image")
 scipy_io = pytest.importorskip("scipy.io")

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from lam_plugin.arguments import check_schedule
-from lam_plugin.baselines.base import VarianceHeadBaseline
-from lam_plugin.training import TrainingHistory, _check_data, model_device, preserve_modes, seeded
+from lam_study.baselines.base import VarianceHeadBaseline
+from lam_study.training import TrainingHistory, _check_data, model_device, preserve_modes, seeded
 from lam_plugin.wrapping import eval_mode
 
 __all__ = ["HIB", "hib_loss"]

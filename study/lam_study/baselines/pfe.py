@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from lam_plugin.arguments import check_schedule
-from lam_plugin.baselines.base import VarianceHeadBaseline, positive_pairs
+from lam_study.baselines.base import VarianceHeadBaseline, positive_pairs
 from lam_plugin.prediction import Prediction
-from lam_plugin.training import TrainingHistory, _check_data, model_device, seeded
+from lam_study.training import TrainingHistory, _check_data, model_device, seeded
 from lam_plugin.wrapping import check_inputs, eval_mode
 
 __all__ = ["PFE", "mls_loss"]

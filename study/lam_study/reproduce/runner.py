@@ -15,16 +15,16 @@ from pytorch_metric_learning.miners import TripletMarginMiner
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .. import __version__
+from lam_plugin import __version__
 from ..baselines import HIB, PFE, DeepEnsemble, DeterministicEmbedder, MCDropout
 from ..baselines.base import default_feature_fn, variance_head
 from ..baselines.mc_dropout import dropout_modules
-from ..calibration import calibrate_temperature
-from ..embedder import LaplaceEmbedder
+from lam_plugin.calibration import calibrate_temperature
+from lam_plugin.embedder import LaplaceEmbedder
 from ..models import fashionmnist_net
-from ..posterior import EmbeddingPosterior
-from ..prediction import Prediction
-from ..prior import marglik_prior_precision
+from lam_plugin.posterior import EmbeddingPosterior
+from lam_plugin.prediction import Prediction
+from lam_plugin.prior import marglik_prior_precision
 from ..training import seeded, train_contrastive
 from .cache import ModelCache, short_hash
 from .config import (
@@ -37,7 +37,7 @@ from .config import (
 )
 from .protocol import _Tensors
 
-# the package's logger, so that log lines keep the name "lam_plugin.reproduce"
+# the package's logger, so that log lines keep the name "lam_study.reproduce"
 logger = logging.getLogger(__package__)
 
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from lam_plugin.baselines.base import UncertaintyBaseline, eval_forward
+from lam_study.baselines.base import UncertaintyBaseline, eval_forward
 
 __all__ = ["DeepEnsemble"]
 

@@ -1,4 +1,4 @@
-"""Combining the ``results.json`` of several ``lam-plugin reproduce`` runs into one table.
+"""Combining the ``results.json`` of several ``lam-study reproduce`` runs into one table.
 
 Seeds of one protocol are often run apart: on different machines, or a method at a
 time when a full run does not fit in one sitting. Every ``results.json`` keeps its
@@ -91,7 +91,7 @@ def _load(path: Path) -> dict[str, Any]:
     needed = ("dataset", "per_seed", "data", "sources" if results.get("combined") else "config")
     missing = [k for k in needed if k not in results]
     if missing:
-        raise ValueError(f"{path}: not a `lam-plugin reproduce` results.json (missing {', '.join(missing)})")
+        raise ValueError(f"{path}: not a `lam-study reproduce` results.json (missing {', '.join(missing)})")
     return results
 
 
@@ -321,8 +321,8 @@ def _markdown(combined: Mapping[str, Any], command: str | None) -> str:
         f"{_NAMES.get(combined.get('ood_dataset'), combined.get('ood_dataset'))}: combined runs of the LAM paper's "
         "protocol",
         "",
-        "The per-seed results of several `lam-plugin reproduce` runs, combined without re-evaluation "
-        "(`lam_plugin.combine`). Each method's mean ± std is over its own seeds:",
+        "The per-seed results of several `lam-study reproduce` runs, combined without re-evaluation "
+        "(`lam_study.combine`). Each method's mean ± std is over its own seeds:",
         "",
         *(f"- {m}: seeds {', '.join(map(str, s))}" for m, s in combined["seeds_by_method"].items()),
         "",

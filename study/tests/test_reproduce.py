@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from lam_plugin import LaplaceEmbedder, cli, plots
+from lam_plugin import LaplaceEmbedder
+from lam_study import cli, plots
 from lam_plugin import metrics as M
-from lam_plugin import reproduce as R
-from lam_plugin.data import DatasetNotFoundError, ImageDataset
-from lam_plugin.reproduce import runner
-from lam_plugin.reproduce.report import _cache_text
+from lam_study import reproduce as R
+from lam_study.data import DatasetNotFoundError, ImageDataset
+from lam_study.reproduce import runner
+from lam_study.reproduce.report import _cache_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HAS_ONLINE = callable(getattr(LaplaceEmbedder, "fit_online", None))
@@ -683,4 +684,4 @@ def test_cli_reproduce_in_process(monkeypatch, capsys, tmp_path, data):
     out = capsys.readouterr().out
     assert "| Deterministic | this run (1 seed) |" in out and "results.json" in out
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["seeds"] == [3] and results["command"].startswith("lam-plugin reproduce fashionmnist")
+    assert results["seeds"] == [3] and results["command"].startswith("lam-study reproduce fashionmnist")

@@ -9,13 +9,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..models import DROPOUT_LAYOUTS
-from ..online import OnlineLaplace
+from lam_plugin.online import OnlineLaplace
 
 
 #: The pairs of a contrastive loss: every pair of a batch, or the pairs of the
 #: margin-violating triplets (the paper's code).
 LOSS_MINERS: tuple[str, ...] = ("all", "triplets")
-#: Optimisers of the contrastive networks (:func:`lam_plugin.training.train_contrastive`).
+#: Optimisers of the contrastive networks (:func:`lam_study.training.train_contrastive`).
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "rmsprop")
 #: Training recipes of the contrastive networks, as :class:`ReproduceConfig` fields.
 TRAIN_RECIPES: tuple[str, ...] = ("adam", "paper")
@@ -205,7 +205,7 @@ class ReproduceConfig:
         max_pairs: at most this many pairs per batch enter the curvature.
         n_samples: samples per test input (weight samples, dropout passes, PFE/HIB draws).
         dropout: MC-dropout rate.
-        dropout_layout: where the MC-dropout network drops (:data:`~lam_plugin.models.DROPOUT_LAYOUTS`):
+        dropout_layout: where the MC-dropout network drops (:data:`~lam_study.models.DROPOUT_LAYOUTS`):
             ``"channel"`` (the paper's network: ``Dropout2d`` after the first ReLU and after
             the pooling; the default) or ``"pool"`` (one element-wise ``Dropout`` after the
             pooling).

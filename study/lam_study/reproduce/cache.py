@@ -21,10 +21,10 @@ from typing import Any
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .. import __version__, file_format
+from lam_plugin import __version__, file_format
 from .config import CacheMissError
 
-# the package's logger, so that log lines keep the name "lam_plugin.reproduce"
+# the package's logger, so that log lines keep the name "lam_study.reproduce"
 logger = logging.getLogger(__package__)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lam_plugin.baselines import (
+from lam_study.baselines import (
     HIB,
     PFE,
     DeepEnsemble,
@@ -18,10 +18,10 @@ from lam_plugin.baselines import (
     default_feature_fn,
     mls_loss,
 )
-from lam_plugin.baselines.base import InputScale
-from lam_plugin.models import fashionmnist_net, mlp_embedder
+from lam_study.baselines.base import InputScale
+from lam_study.models import fashionmnist_net, mlp_embedder
 from lam_plugin.prediction import Prediction
-from lam_plugin.training import train_contrastive
+from lam_study.training import train_contrastive
 
 D_IN, D = 8, 4
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from lam_plugin.models import ResidualBlock, fashionmnist_net, mlp_embedder, small_resnet
+from lam_study.models import ResidualBlock, fashionmnist_net, mlp_embedder, small_resnet
 from lam_plugin.modules import L2Normalize
-from lam_plugin.training import TrainingHistory, embed, train_contrastive
+from lam_study.training import TrainingHistory, embed, train_contrastive
 
 
 def clusters(n: int = 450, k: int = 3, dim: int = 16, spread: float = 1.5, seed: int = 0):

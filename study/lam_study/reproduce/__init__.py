@@ -24,7 +24,7 @@ Protocol (what the code does; ``results.md`` repeats it):
   and a validation part (``val_fraction``, 10 %); every model is trained on the fit part,
   every choice (the post-hoc prior precision) is made on the validation part, and the
   test split and MNIST are used only for the reported numbers.
-* Network: :func:`lam_plugin.models.fashionmnist_net` without its L2 normalisation
+* Network: :func:`lam_study.models.fashionmnist_net` without its L2 normalisation
   (the losses and the posterior normalise), embedding dimension 3, margin 0.7, seeds
   ``1..5``; the initial weights of seed ``s`` are the same for the deterministic,
   MC-dropout and online-LAM networks. Training follows the paper's code by default
@@ -38,12 +38,12 @@ Protocol (what the code does; ``results.md`` repeats it):
   on the deterministic network of the same seed); ``lam_online``
   (:meth:`LaplaceEmbedder.fit_online` from the same initial weights).
 
-The package's modules: :mod:`~lam_plugin.reproduce.config` (the option tuples and
+The package's modules: :mod:`~lam_study.reproduce.config` (the option tuples and
 constants, the paper's numbers, the errors, :class:`ReproduceConfig`),
-:mod:`~lam_plugin.reproduce.protocol` (the datasets, subsets and validation split),
-:mod:`~lam_plugin.reproduce.runner` (training, fitting and caching of each method),
-:mod:`~lam_plugin.reproduce.evaluation` (metrics, curves, prior choice, mean and std
-over seeds) and :mod:`~lam_plugin.reproduce.report` (the table, ``results.md``, figures,
+:mod:`~lam_study.reproduce.protocol` (the datasets, subsets and validation split),
+:mod:`~lam_study.reproduce.runner` (training, fitting and caching of each method),
+:mod:`~lam_study.reproduce.evaluation` (metrics, curves, prior choice, mean and std
+over seeds) and :mod:`~lam_study.reproduce.report` (the table, ``results.md``, figures,
 machine); this module holds the entry points and re-exports the public names.
 """
 
@@ -62,10 +62,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
-from .. import metrics as M
-from ..numerics import flush_denormals
-from ..posterior import EmbeddingPosterior
+from lam_plugin import __version__
+from lam_plugin import metrics as M
+from lam_plugin.numerics import flush_denormals
+from lam_plugin.posterior import EmbeddingPosterior
 from ..training import seeded
 from .config import (
     ALL_METHODS,
@@ -168,7 +168,7 @@ def reproduce_fashionmnist(
         out: output folder (created); trained models are cached in ``out/cache``.
         data: the datasets to use instead of loading FashionMNIST and MNIST (tests,
             other sources); subsets and the validation split are applied as usual.
-        data_root: where to look for FashionMNIST first (see :func:`lam_plugin.data.load_fashionmnist`).
+        data_root: where to look for FashionMNIST first (see :func:`lam_study.data.load_fashionmnist`).
         device: ``"cpu"`` or ``"cuda"``.
         progress: show tqdm progress bars.
         command: the command line to record (default: ``sys.argv``).

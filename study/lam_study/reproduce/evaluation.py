@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import metrics as M
-from ..posterior import EmbeddingPosterior
-from ..prediction import Prediction
+from lam_plugin import metrics as M
+from lam_plugin.posterior import EmbeddingPosterior
+from lam_plugin.prediction import Prediction
 from ..training import seeded
 from .config import SUPPLEMENTARY_METRICS, UNCERTAINTY_METRICS, ReproduceConfig
 from .protocol import _Tensors

@@ -1,13 +1,13 @@
-"""The ``lam-plugin`` console script.
+"""The ``lam-study`` console script.
 
 Subcommands:
 
-``lam-plugin reproduce fashionmnist [--seeds 1 2 3] [--quick] [--out DIR] [--methods ...]
+``lam-study reproduce fashionmnist [--seeds 1 2 3] [--quick] [--out DIR] [--methods ...]
 [--device cpu|cuda] [--no-progress] [--cached-only]``
-    Run the paper's FashionMNIST protocol (:mod:`lam_plugin.reproduce`) and print its table.
-``lam-plugin combine RUN/results.json ... --out DIR [--only FILE=METHOD[,METHOD...]]``
-    One table over the union of the seeds of several ``reproduce`` runs (:mod:`lam_plugin.combine`).
-``lam-plugin info``
+    Run the paper's FashionMNIST protocol (:mod:`lam_study.reproduce`) and print its table.
+``lam-study combine RUN/results.json ... --out DIR [--only FILE=METHOD[,METHOD...]]``
+    One table over the union of the seeds of several ``reproduce`` runs (:mod:`lam_study.combine`).
+``lam-study info``
     Versions of lam_plugin and its main dependencies, and which datasets are found.
 
 ``-v`` (before the subcommand) turns on debug logging. Logging is configured here, never
@@ -25,9 +25,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from . import __version__
+from lam_plugin import __version__
 
-logger = logging.getLogger("lam_plugin.cli")
+logger = logging.getLogger("lam_study.cli")
 
 #: Distributions reported by ``info``: label -> candidate distribution names.
 _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
@@ -91,13 +91,13 @@ def _only(value: str) -> tuple[str, list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``lam-plugin``."""
+    """The argument parser of ``lam-study``."""
     from .reproduce import ALL_METHODS, DEFAULT_METHODS, LAM_APPROXES
 
     parser = argparse.ArgumentParser(
-        prog="lam-plugin", description="Laplace-approximation uncertainty for PyTorch embedding models."
+        prog="lam-study", description="Laplace-approximation uncertainty for PyTorch embedding models."
     )
-    parser.add_argument("--version", action="version", version=f"lam-plugin {__version__}")
+    parser.add_argument("--version", action="version", version=f"lam-study {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~lam_plugin.reproduce.ReproduceConfig` that ``reproduce`` arguments describe."""
+    """The :class:`~lam_study.reproduce.ReproduceConfig` that ``reproduce`` arguments describe."""
     from .reproduce import ReproduceConfig, with_overrides
 
     base = ReproduceConfig.quick_run() if args.quick else ReproduceConfig()
@@ -325,7 +325,7 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         config = config_from_args(args)
     except ValueError as err:
-        print(f"lam-plugin reproduce: error: {err}", file=sys.stderr)
+        print(f"lam-study reproduce: error: {err}", file=sys.stderr)
         return 2
     out = args.out or "runs/fashionmnist"
     result = reproduce(
@@ -335,7 +335,7 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
         data_root=args.data_root,
         device=args.device,
         progress=not args.no_progress,
-        command=" ".join(["lam-plugin", *argv]),
+        command=" ".join(["lam-study", *argv]),
         cached_only=args.cached_only,
     )
     res = result.results
@@ -370,12 +370,12 @@ def _cmd_combine(args: argparse.Namespace, argv: Sequence[str]) -> int:
         combined, files = write_combined(
             args.results,
             args.out,
-            command=" ".join(["lam-plugin", *argv]),
+            command=" ".join(["lam-study", *argv]),
             allow_config_differences=args.allow_config_differences,
             only=_merged_only(args.only),
         )
     except (OSError, ValueError) as err:
-        print(f"lam-plugin combine: error: {err}", file=sys.stderr)
+        print(f"lam-study combine: error: {err}", file=sys.stderr)
         return 2
     for method, seeds in combined["seeds_by_method"].items():
         print(f"{method}: seeds {' '.join(map(str, seeds))}")
@@ -460,7 +460,7 @@ def _logging(verbose: bool) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``lam-plugin``; returns the exit status."""
+    """Entry point of ``lam-study``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -472,13 +472,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _logging(args.verbose):
             return int(args.handler(args, argv))
     except DatasetNotFoundError as err:
-        print(f"lam-plugin: error: {err}", file=sys.stderr)
+        print(f"lam-study: error: {err}", file=sys.stderr)
         return 1
     except (MethodUnavailableError, DeviceUnavailableError, CacheMissError) as err:
-        print(f"lam-plugin: error: {err}", file=sys.stderr)
+        print(f"lam-study: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lam-plugin: interrupted", file=sys.stderr)
+        print("lam-study: interrupted", file=sys.stderr)
         return 130
 
 

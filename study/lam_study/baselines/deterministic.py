@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lam_plugin.baselines.base import UncertaintyBaseline, eval_forward, normalized_forward
+from lam_study.baselines.base import UncertaintyBaseline, eval_forward, normalized_forward
 from lam_plugin.prediction import Prediction
 from lam_plugin.wrapping import check_inputs
 

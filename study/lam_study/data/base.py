@@ -1,6 +1,6 @@
 """In-memory image dataset container, errors, and where datasets are searched for.
 
-Every loader in :mod:`lam_plugin.data` returns an :class:`ImageDataset` whose
+Every loader in :mod:`lam_study.data` returns an :class:`ImageDataset` whose
 images are ``uint8`` tensors of shape ``[N, C, H, W]`` and labels ``int64``
 tensors of shape ``[N]``.
 

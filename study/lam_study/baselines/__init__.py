@@ -4,12 +4,12 @@ Every method exposes ``predict(x, n=None, return_samples=False) -> Prediction`` 
 ``sample(x, n=None) -> [n, B, D]`` unit-norm samples (:class:`UncertaintyBaseline`).
 """
 
-from lam_plugin.baselines.base import UncertaintyBaseline, default_feature_fn
-from lam_plugin.baselines.deterministic import DeterministicEmbedder
-from lam_plugin.baselines.ensemble import DeepEnsemble
-from lam_plugin.baselines.hib import HIB, hib_loss
-from lam_plugin.baselines.mc_dropout import MCDropout, dropout_modules
-from lam_plugin.baselines.pfe import PFE, mls_loss
+from lam_study.baselines.base import UncertaintyBaseline, default_feature_fn
+from lam_study.baselines.deterministic import DeterministicEmbedder
+from lam_study.baselines.ensemble import DeepEnsemble
+from lam_study.baselines.hib import HIB, hib_loss
+from lam_study.baselines.mc_dropout import MCDropout, dropout_modules
+from lam_study.baselines.pfe import PFE, mls_loss
 
 __all__ = [
     "UncertaintyBaseline",

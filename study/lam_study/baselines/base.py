@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from lam_plugin.numerics import flush_denormals
 from lam_plugin.prediction import Prediction
-from lam_plugin.training import TrainingHistory, model_device, seeded
+from lam_study.training import TrainingHistory, model_device, seeded
 from lam_plugin.wrapping import check_inputs, eval_mode
 
 __all__ = [
@@ -146,8 +146,8 @@ def positive_pairs(labels: Tensor) -> tuple[Tensor, Tensor]:
 class VarianceHeadBaseline(UncertaintyBaseline):
     """An embedder plus a head predicting the per-dimension ``log sigma^2`` of its embedding.
 
-    The part shared by :class:`~lam_plugin.baselines.PFE` and
-    :class:`~lam_plugin.baselines.HIB`: the attributes below, building the default head,
+    The part shared by :class:`~lam_study.baselines.PFE` and
+    :class:`~lam_study.baselines.HIB`: the attributes below, building the default head,
     and Gaussian sampling ``normalise(mu + sigma * eps)`` from :meth:`mean_log_var`.
     Subclasses define :meth:`mean_log_var` and their own ``fit``.
 

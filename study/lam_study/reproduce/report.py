@@ -41,7 +41,7 @@ def _ours(stat: Mapping[str, float | None], n_seeds: int | None, decimals: int) 
 
 def seed_counts(results: Mapping[str, Any]) -> dict[str, int]:
     """How many seeds each method of ``results`` is averaged over: a combined file's
-    ``seeds_by_method`` (:mod:`lam_plugin.combine`), else ``seeds`` for every method."""
+    ``seeds_by_method`` (:mod:`lam_study.combine`), else ``seeds`` for every method."""
     by_method = results.get("seeds_by_method")
     if by_method is not None:
         return {m: len(s) for m, s in by_method.items()}
