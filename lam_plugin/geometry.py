@@ -34,6 +34,7 @@ each step's term.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -44,9 +45,7 @@ from torch import Tensor
 
 from .pairs import PairSet
 
-Geometry = Literal["arccos", "euclidean"]
 Approx = Literal["pos", "fix", "full"]
-GEOMETRIES = ("arccos", "euclidean")
 APPROXES = ("pos", "fix", "full")
 
 
@@ -55,25 +54,104 @@ def _outer(u: Tensor, v: Tensor) -> Tensor:
     return u.unsqueeze(-1) * v.unsqueeze(-2)
 
 
-def pair_blocks(a: Tensor, b: Tensor, geometry: Geometry) -> tuple[Tensor, Tensor, Tensor]:
-    """Positive-pair Hessian blocks ``H11, H12, H22``, each ``[P, D, D]``, for outputs ``a, b [P, D]``."""
-    na = a.norm(dim=-1, keepdim=True)
-    nb = b.norm(dim=-1, keepdim=True)
-    ah, bh = a / na, b / nb
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    if geometry == "euclidean":
-        pa = (eye - _outer(ah, ah)) / na.unsqueeze(-1)
-        pb = (eye - _outer(bh, bh)) / nb.unsqueeze(-1)
-        return pa @ pa, -(pa @ pb), pb @ pb
-    if geometry == "arccos":
+class Geometry(ABC):
+    """The distance a positive pair's loss measures, as its output-space Hessian.
+
+    A geometry gives the Gauss-Newton blocks of one positive pair (:meth:`pair_blocks`,
+    dense, the reference) and the same blocks summed over a batch in structured form
+    (:meth:`self_blocks`, :meth:`cross_blocks`: a multiple of the identity plus a few
+    rank-one terms), which the backends contract without forming ``[D, D]`` matrices.
+    ``LaplaceEmbedder(geometry=...)`` takes a registered name (:data:`GEOMETRIES`) or an
+    instance of a subclass.
+    """
+
+    name: str = "geometry"
+
+    @abstractmethod
+    def pair_blocks(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Positive-pair Hessian blocks ``H11, H12, H22``, each ``[P, D, D]``, for outputs ``a, b [P, D]``."""
+
+    @abstractmethod
+    def self_blocks(self, w: Tensor, norm: Tensor, e: Tensor) -> "LowRankBlocks":
+        """The ``B`` blocks ``G_kk = sum_l W_kl S_kl`` from the signed pair counts ``w [B, B]``,
+        the output norms ``norm [B]`` and directions ``e [B, D]`` (:class:`OutputHessian`)."""
+
+    def cross_blocks(self, w_kl: Tensor, norm_k: Tensor, norm_l: Tensor, e_k: Tensor, e_l: Tensor) -> "LowRankBlocks":
+        """``C_n = w_kl[n] X_kl`` for ``N`` pairs ``(k, l)`` (``[N]`` weights and norms, ``[N, D]``
+        directions), with ``X_kl = -(I - e_k e_k^T - e_l e_l^T + c_kl e_k e_l^T) / (n_k n_l)``,
+        the cross block that both built-in geometries share (:class:`OutputHessian`)."""
+        kappa = -w_kl / (norm_k * norm_l)
+        cos = (e_k * e_l).sum(-1)
+        x = torch.stack([e_k, e_l, e_k])
+        y = torch.stack([-kappa[:, None] * e_k, -kappa[:, None] * e_l, (kappa * cos)[:, None] * e_l])
+        return LowRankBlocks(kappa, x, y)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ArccosGeometry(Geometry):
+    """``1 - cos(a, b)`` on the raw outputs (docs/design.md §2): the default."""
+
+    name = "arccos"
+
+    def pair_blocks(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+        ah, bh = a / na, b / nb
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
         c = (ah * bh).sum(-1)[:, None, None]
         sym = _outer(ah, bh) + _outer(bh, ah) + c * eye
         h11 = (sym - 3 * c * _outer(ah, ah)) / na.pow(2).unsqueeze(-1)
         h22 = (sym - 3 * c * _outer(bh, bh)) / nb.pow(2).unsqueeze(-1)
         cross = eye - _outer(ah, ah) - _outer(bh, bh) + c * _outer(ah, bh)
-        h12 = -cross / (na * nb).unsqueeze(-1)
-        return h11, h12, h22
-    raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+        return h11, -cross / (na * nb).unsqueeze(-1), h22
+
+    def self_blocks(self, w: Tensor, norm: Tensor, e: Tensor) -> "LowRankBlocks":
+        """``alpha_k = sum_l W_kl c_kl / n_k^2`` and the terms ``e_k w_k^T + w_k e_k^T -
+        3 alpha_k e_k e_k^T`` with ``w_k = sum_l W_kl e_l / n_k^2``."""
+        inv = norm.pow(-2)
+        partners = w @ e
+        gamma = (partners * e).sum(1) * inv
+        x = torch.stack([e, partners, e])
+        y = torch.stack([partners * inv[:, None], e * inv[:, None], -3 * gamma[:, None] * e])
+        return LowRankBlocks(gamma, x, y)
+
+
+class EuclideanGeometry(Geometry):
+    """``1/2 ||z_a - z_b||^2`` of the L2-normalised outputs (docs/design.md §2)."""
+
+    name = "euclidean"
+
+    def pair_blocks(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+        ah, bh = a / na, b / nb
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        pa = (eye - _outer(ah, ah)) / na.unsqueeze(-1)
+        pb = (eye - _outer(bh, bh)) / nb.unsqueeze(-1)
+        return pa @ pa, -(pa @ pb), pb @ pb
+
+    def self_blocks(self, w: Tensor, norm: Tensor, e: Tensor) -> "LowRankBlocks":
+        """``alpha_k = sum_l W_kl / n_k^2`` and the term ``-alpha_k e_k e_k^T``."""
+        omega = w.sum(1) * norm.pow(-2)
+        return LowRankBlocks(omega, e[None], -(omega[:, None] * e)[None])
+
+
+#: the geometries ``geometry=`` accepts by name
+GEOMETRIES: dict[str, type[Geometry]] = {"arccos": ArccosGeometry, "euclidean": EuclideanGeometry}
+
+
+def resolve_geometry(geometry: "str | Geometry") -> Geometry:
+    """A :class:`Geometry` from a registered name or an instance."""
+    if isinstance(geometry, Geometry):
+        return geometry
+    if isinstance(geometry, str) and geometry in GEOMETRIES:
+        return GEOMETRIES[geometry]()
+    raise ValueError(f"geometry must be one of {tuple(GEOMETRIES)} or a Geometry instance, got {geometry!r}")
+
+
+def pair_blocks(a: Tensor, b: Tensor, geometry: "str | Geometry") -> tuple[Tensor, Tensor, Tensor]:
+    """Positive-pair Hessian blocks ``H11, H12, H22`` (``[P, D, D]`` each) of ``geometry``."""
+    return resolve_geometry(geometry).pair_blocks(a, b)
 
 
 @dataclass(frozen=True)
@@ -166,17 +244,8 @@ class OutputHessian:
         ``euclidean``: ``alpha_k = sum_l W_kl / n_k^2`` and the term ``-alpha_k e_k e_k^T``.
         The ``W_kk X_kk`` of a pair of an item with itself comes with :meth:`cross_blocks`.
         """
-        w = self.signed_counts
         norm, e = self.directions
-        inv = norm.pow(-2)
-        if self.geometry == "euclidean":
-            omega = w.sum(1) * inv
-            return LowRankBlocks(omega, e[None], -(omega[:, None] * e)[None])
-        partners = w @ e
-        gamma = (partners * e).sum(1) * inv
-        x = torch.stack([e, partners, e])
-        y = torch.stack([partners * inv[:, None], e * inv[:, None], -3 * gamma[:, None] * e])
-        return LowRankBlocks(gamma, x, y)
+        return self.geometry.self_blocks(self.signed_counts, norm, e)
 
     def cross_blocks(self, chunk: int) -> Iterator[tuple[Tensor, Tensor, LowRankBlocks]]:
         """The off-diagonal part of G folded onto ``k <= l``, in chunks of at most ``chunk`` pairs.
@@ -191,18 +260,14 @@ class OutputHessian:
         norm, e = self.directions
         rows, cols = torch.triu(w).nonzero(as_tuple=True)
         for k, l in zip(rows.split(chunk), cols.split(chunk)):
-            kappa = -w[k, l] * torch.where(k == l, 1.0, 2.0).to(w) / (norm[k] * norm[l])
-            ek, el = e[k], e[l]
-            cos = (ek * el).sum(-1)
-            x = torch.stack([ek, el, ek])
-            y = torch.stack([-kappa[:, None] * ek, -kappa[:, None] * el, (kappa * cos)[:, None] * el])
-            yield k, l, LowRankBlocks(kappa, x, y)
+            weight = w[k, l] * torch.where(k == l, 1.0, 2.0).to(w)
+            yield k, l, self.geometry.cross_blocks(weight, norm[k], norm[l], e[k], e[l])
 
 
 def _dense(f: Tensor, pairs: PairSet, geometry: Geometry, block_diagonal: bool) -> Tensor:
     """The materialised G: ``[B, D, D]`` per-sample blocks, or ``[B*D, B*D]``."""
     bsz, dim = f.shape
-    h11, h12, h22 = pair_blocks(f[pairs.i], f[pairs.j], geometry)
+    h11, h12, h22 = geometry.pair_blocks(f[pairs.i], f[pairs.j])
     s = pairs.sign.to(f.dtype)[:, None, None]
     if block_diagonal:
         blocks = torch.zeros(bsz, dim, dim, dtype=f.dtype, device=f.device)
@@ -218,7 +283,7 @@ def _dense(f: Tensor, pairs: PairSet, geometry: Geometry, block_diagonal: bool) 
     return g.permute(0, 2, 1, 3).reshape(bsz * dim, bsz * dim)
 
 
-def output_hessian(f: Tensor, pairs: PairSet, geometry: Geometry, approx: Approx) -> OutputHessian:
+def output_hessian(f: Tensor, pairs: PairSet, geometry: "str | Geometry", approx: Approx) -> OutputHessian:
     """The output Hessian of a batch from its signed pairs (nothing is materialised here).
 
     Args:
@@ -228,8 +293,6 @@ def output_hessian(f: Tensor, pairs: PairSet, geometry: Geometry, approx: Approx
     """
     if approx not in APPROXES:
         raise ValueError(f"approx must be one of {APPROXES}, got {approx!r}")
-    if geometry not in GEOMETRIES:
-        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
     if approx == "pos":
         pairs = pairs.select(pairs.positive)
-    return OutputHessian(f, pairs, geometry, approx)
+    return OutputHessian(f, pairs, resolve_geometry(geometry), approx)

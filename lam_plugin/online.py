@@ -2,113 +2,91 @@
 
 Each step (docs/design.md §4), with ``mu`` the current weights of the Laplace subset:
 
-1. ``sigma = 1 / sqrt(H + prior)``; draw ``theta_s = mu + sigma * eps_s`` for each of
-   ``n_samples`` samples (``eps_s ~ N(0, I)``).
-2. Embed the batch with ``theta_s`` and take pytorch-metric-learning's
-   ``ContrastiveLoss(pos_margin=0, neg_margin=margin)`` on the embedder's miner tuples
-   (:class:`~lam_plugin.losses.ContrastiveBatchLoss`).
+1. ``sigma = 1 / sqrt(relu(H) + prior)``; draw ``theta_s = mu + sigma * eps_s`` for each
+   of ``n_samples`` samples (``eps_s ~ N(0, I)``).
+2. Embed the batch with ``theta_s`` and take the contrastive loss
+   (:class:`~lam_plugin.losses.ContrastiveBatchLoss`) on the embedder's miner tuples.
    Because ``d theta_s / d mu = I``, back-propagating through ``theta_s`` applies the
    gradient at the sampled weights to ``mu`` (and the backbone is trained as usual).
-3. Without gradient, the contrastive GGN diagonal ``h_s`` at ``theta_s`` over the
-   Hessian pairs of the batch (at most ``max_pairs``, negatives only while their hinge
-   is active), rescaled to the data set. Two conventions (``curvature``):
-
-   * ``"pairs"`` (docs/design.md §4, the default): all pairs of the batch, rescaled by
-     ``dataset_size**2 / n_pairs``, an estimate of the curvature summed over every pair
-     of the data set.
-   * ``"triplets"`` (what the paper's code does): the pairs of the triplets
-     ``(a, p, n)`` that violate the margin (``d_an - d_ap <= margin``, pytorch-metric-
-     learning's ``TripletMarginMiner(type_of_triplets="all")``), rescaled by
-     ``dataset_size / batch_size`` (its ``DiagLaplace.scale``): one step then adds
-     about one epoch's worth of batch sums, as the post-hoc fit does. This running
-     curvature is ``dataset_size * batch_size / n_pairs`` (about 1,700 on
-     FashionMNIST) times smaller, so the weight noise of training is about 40 times
-     larger. Negatives count only while their hinge is active (an inactive hinge has
-     zero curvature) unless the embedder has ``hinge=False``, which counts every mined
-     negative, as the paper's code does.
-4. ``H <- memory_factor * H + relu(mean_s h_s)``, starting from ``H_0 = dataset_size``
-   (``relu="per_step"``, docs/design.md §4, as older versions of the paper's code).
-   With ``relu="on_use"`` (the latest version of the paper's training step, read on its
-   own) the signed batch
-   curvature is accumulated, ``H <- memory_factor * H + mean_s h_s``, and the ``relu``
-   is applied only where ``H`` is used: to draw the weights and in the returned
-   posterior. Negative batch terms then cancel earlier positive ones, so
-   weights whose positive and negative curvature balance keep the prior's variance.
-   ``relu="per_epoch"`` accumulates the signed term too, but clamps ``H`` at zero at
-   the end of every epoch: what the latest version of the paper's code does in
-   effect, because its validation hook, run after every training epoch, replaces the
-   running curvature with its ``relu`` before it samples.
+3. Without gradient, the contrastive GGN diagonal ``h_s`` at ``theta_s`` over every pair
+   of the batch (at most ``max_pairs``; a negative only while its hinge is active), from
+   the fit's curvature backend (:meth:`CurvatureBackend.batch_at`), rescaled to the data
+   set by ``dataset_size**2 / n_pairs``: an estimate of the curvature summed over every
+   pair of the data set.
+4. ``H <- memory_factor * H + relu(mean_s h_s)``, starting from ``H_0 = dataset_size``.
 
 The optimiser is RMSprop with weight decay and an exponential learning-rate decay per
-epoch, as in the paper.
-
-The Hessian pairs decide where the posterior's uncertainty sits. With ``"triplets"`` the
-curvature comes mostly from the classes the network confuses, so on FashionMNIST those
-became its most certain classes, and the uncertainty ranked retrieval errors worse
-(AUSC 0.85 over five seeds) than a post-hoc fit on all pairs at the final weights
-(0.92 with ``fix``, 0.89 with ``pos``), which in turn detected MNIST worse or as well
-(AUROC 0.95, 0.975 against 0.977; docs/results/findings.md, item 8).
+epoch, as in the paper. Subclasses change the pairs (:attr:`OnlineLaplace.selection`),
+the rescaling (:meth:`OnlineLaplace.batch_to_data`) and the update of ``H``
+(:meth:`OnlineLaplace.accumulate`, :meth:`OnlineLaplace.end_epoch`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import replace
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
-from pytorch_metric_learning.miners import TripletMarginMiner
-from torch import Tensor
+from torch import Tensor, nn
 
 from .arguments import number, positive_int
-from .curvature.functorch import FunctorchBackend
-from .curvature.last_layer import LastLayerCurvature, capture_io, head_holds
-from .geometry import output_hessian
-from .losses import ContrastiveBatchLoss
+from .batches import inputs as inputs_of
+from .calling import Batch, ModelCall
+from .curvature.base import CurvatureBackend, FitTarget, UnsupportedModelError
+from .curvature.last_layer import HeadMismatchError
+from .geometry import Geometry, output_hessian
 from .numerics import flush_denormals
-from .pairs import Miner, PairSelection
+from .pairs import PairSelection
 from .parameters import unflatten
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
-from .batches import inputs as inputs_of
-from .calling import Batch
-from .wrapping import batch_size, eval_mode, model_device, prepare_inputs
+from .wrapping import batch_size, model_device, prepare_inputs
 
-if TYPE_CHECKING:
-    from .embedder import LaplaceEmbedder
+__all__ = ["OnlineLaplace", "dataset_size_of", "first_input"]
 
 logger = logging.getLogger(__name__)
 
+Fallback = Callable[[CurvatureBackend, Exception], CurvatureBackend]
+Loss = Callable[[Tensor, Tensor], Tensor]
+
 
 class OnlineLaplace:
-    """Step-wise online LAM for use inside any training loop.
+    """Step-wise online LAM for use inside any training loop (``LaplaceEmbedder.online``
+    builds one from its settings).
 
     Args:
-        embedder: the configured ``LaplaceEmbedder`` (model, subset, geometry, approx,
-            margin, miner, prior).
-        example: one input batch, used to find the parameter subset.
+        model: the model, trained in place.
+        call: how it is called and its embedding taken.
+        target: the weights of the posterior.
+        backend: the curvature backend of ``target`` (any :class:`CurvatureBackend`).
+        selection: the Hessian pairs of a batch (its generator draws the weight noise too).
+        loss: ``loss(embeddings [B, D], labels [B]) -> scalar``.
+        geometry: the geometry of the output Hessian; ``config.approx`` its approximation.
+        config: the configuration recorded in the returned posterior.
+        prior_precision: a number, a ``[P]`` tensor or ``"marglik"`` (1 while training;
+            chosen by :meth:`posterior`).
         dataset_size: number of training items (scales the batch curvature).
         lr, weight_decay: RMSprop settings; ``lr_decay`` multiplies the learning rate at
             each :meth:`end_epoch`.
         memory_factor: ``m`` in ``H <- m H + relu(h)``.
-        relu: ``"per_step"`` (``relu`` of each step's curvature, docs/design.md §4), ``"on_use"``
-            (signed running sum, ``relu`` where it is used) or ``"per_epoch"`` (signed
-            running sum, clamped at zero by :meth:`end_epoch`; the paper's latest code).
         n_samples: weight samples per step.
-        max_pairs: at most this many pairs per batch enter the curvature.
-        curvature: which pairs enter the running curvature and how a batch is rescaled
-            to the data set: ``"pairs"`` or ``"triplets"`` (module docstring).
-        generator: for the weight samples and the pair subsampling.
+        fallback: the backend that takes over when ``backend`` refuses a batch (or raises).
     """
-
-    CURVATURES = ("pairs", "triplets")
-    RELUS = ("per_step", "on_use", "per_epoch")
 
     def __init__(
         self,
-        embedder: "LaplaceEmbedder",
-        example: Batch,
+        model: nn.Module,
+        call: ModelCall,
+        target: FitTarget,
+        backend: CurvatureBackend,
+        selection: PairSelection,
+        loss: Loss,
+        geometry: Geometry,
+        config: PosteriorConfig,
+        prior_precision: float | Tensor | str,
         dataset_size: int,
         *,
         lr: float = 1e-3,
@@ -116,10 +94,7 @@ class OnlineLaplace:
         lr_decay: float = math.exp(-0.01),
         memory_factor: float = 0.999,
         n_samples: int = 1,
-        max_pairs: int | None = 5000,
-        curvature: Literal["pairs", "triplets"] = "pairs",
-        relu: Literal["per_step", "on_use", "per_epoch"] = "per_step",
-        generator: torch.Generator | None = None,
+        fallback: Fallback | None = None,
     ) -> None:
         positive_int(dataset_size, "dataset_size")
         number(lr, "lr", low=0.0)
@@ -127,51 +102,32 @@ class OnlineLaplace:
         number(lr_decay, "lr_decay", low=0.0, high=1.0, high_open=False)
         number(memory_factor, "memory_factor", low=0.0, high=1.0, high_open=False)
         positive_int(n_samples, "n_samples")
-        if max_pairs is not None:
-            positive_int(max_pairs, "max_pairs")
-        if curvature not in self.CURVATURES:
-            raise ValueError(f"curvature must be one of {self.CURVATURES}, got {curvature!r}")
-        if relu not in self.RELUS:
-            raise ValueError(f"relu must be one of {self.RELUS}, got {relu!r}")
-        self.embedder = embedder
-        model = embedder.model
-        with eval_mode(model):
-            self.names, self.layer, self.head = embedder._subset(example)
+        self.model, self.call, self.target, self.backend = model, call, target, backend
+        self.selection, self.loss_fn, self.geometry, self.config = selection, loss, geometry, config
+        self.prior_precision = prior_precision
         self.dataset_size = int(dataset_size)
         self.memory_factor = memory_factor
         self.n_samples = n_samples
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(embedder.seed)
+        self.fallback = fallback
+        self.generator = selection.generator if selection.generator is not None else torch.Generator()
         params = dict(model.named_parameters())
-        n_params = sum(params[n].numel() for n in self.names)
-        self.H = torch.full((n_params,), float(dataset_size), dtype=params[self.names[0]].dtype, device=model_device(model))
-        prior = embedder.prior_precision
-        if isinstance(prior, Tensor) and prior.numel() not in (1, n_params):
+        n_params = sum(params[n].numel() for n in target.names)
+        dtype = params[target.names[0]].dtype
+        self.H = torch.full((n_params,), float(dataset_size), dtype=dtype, device=model_device(model))
+        if isinstance(prior_precision, Tensor) and prior_precision.numel() not in (1, n_params):
             raise ValueError(
                 f"prior_precision must be a scalar or one value per weight of the posterior ({n_params}), "
-                f"got {prior.numel()}"
+                f"got {prior_precision.numel()}"
             )
         self.optimizer = torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=lr_decay)
-        self.loss_fn = ContrastiveBatchLoss(embedder.margin, embedder.miner)
-        self.engine: LastLayerCurvature | FunctorchBackend
-        if self.head is not None and self.layer is not None:
-            self.engine = LastLayerCurvature(model, embedder.model_call, self.names, self.layer, self.head)  # type: ignore[arg-type]
-        else:
-            self.engine = FunctorchBackend(model, embedder.model_call, self.names, embedder.chunk_size)
         self.steps = 0
-        self.curvature = curvature
-        self.relu = relu
-        # the Hessian pairs, whatever miner the loss uses
-        hessian_miner: Miner = "all"
-        if curvature == "triplets":
-            hessian_miner = TripletMarginMiner(margin=embedder.margin, type_of_triplets="all")
-        self.selection = PairSelection(hessian_miner, embedder.margin, max_pairs, self.generator, embedder.hinge)
 
     @property
     def prior(self) -> float | Tensor:
         """The prior precision of the sampled weights: a number, or ``[P]`` on ``H``'s device
         (``"marglik"`` samples with 1 until the end, where :meth:`posterior` chooses it)."""
-        p = self.embedder.prior_precision
+        p = self.prior_precision
         if isinstance(p, str):
             return 1.0
         if isinstance(p, Tensor):
@@ -181,41 +137,24 @@ class OnlineLaplace:
     @flush_denormals()
     def step(self, x: Batch, y: Tensor) -> float:
         """One optimisation step on the batch ``(x, y)``; returns the loss."""
-        emb = self.embedder
-        model = emb.model
-        device = model_device(model)
-        x = prepare_inputs(x, model)
+        device = model_device(self.model)
+        x = prepare_inputs(x, self.model)
         y = torch.as_tensor(y, device=device)
         if y.ndim != 1 or y.shape[0] != batch_size(x):
             raise ValueError(f"y must hold one label per input ({batch_size(x)}), got shape {tuple(y.shape)}")
-        params = dict(model.named_parameters())
+        params = dict(self.model.named_parameters())
         sigma = (self.H.clamp_min(0) + self.prior).rsqrt()
         losses, curvatures = [], []
-        if self.loss_fn.miner is not emb.miner or self.loss_fn.margin != emb.margin:
-            self.loss_fn = ContrastiveBatchLoss(emb.margin, emb.miner)
         for _ in range(self.n_samples):
             eps = torch.randn(self.H.shape, generator=self.generator, dtype=self.H.dtype).to(device)
-            noise = unflatten(sigma * eps, model, self.names)
-            sampled = {n: params[n] + noise[n] for n in self.names}
-            if self.head is not None:
-                with capture_io(self.engine.layer) as io:  # type: ignore[union-attr]
-                    out = emb.model_call.functional(model, sampled, x)
-                if not head_holds(io["output"].detach(), out.detach(), self.head):  # type: ignore[arg-type]
-                    self._leave_closed_form()
-            else:
-                out = emb.model_call.functional(model, sampled, x)
+            noise = unflatten(sigma * eps, self.model, self.target.names)
+            sampled = {n: params[n] + noise[n] for n in self.target.names}
+            out = self.call.functional(self.model, sampled, x)
             losses.append(self.loss_fn(out, y))
             with torch.no_grad():
-                pairs = self.selection(y, out.detach())
-                if len(pairs) == 0:
-                    continue
-                g = output_hessian(out.detach(), pairs, emb.geometry, emb.approx)  # type: ignore[arg-type]
-                if isinstance(self.engine, LastLayerCurvature):
-                    h = self.engine.from_features(io["input"].detach(), io["output"].detach(), g)
-                else:
-                    fixed = {n: t.detach() for n, t in sampled.items()}
-                    h, _ = self.engine.batch(x, lambda _f: g, params=fixed)
-                curvatures.append(h * self._batch_to_data(len(pairs), len(y)))
+                h = self._curvature(x, y, out.detach(), {n: t.detach() for n, t in sampled.items()})
+            if h is not None:
+                curvatures.append(h)
         loss = torch.stack(losses).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -223,72 +162,71 @@ class OnlineLaplace:
         with torch.no_grad():
             self.H.mul_(self.memory_factor)
             if curvatures:
-                h = torch.stack(curvatures).mean(0)
-                self.H.add_(h.clamp_min(0) if self.relu == "per_step" else h)
+                self.accumulate(torch.stack(curvatures).mean(0))
         self.steps += 1
         return float(loss.detach())
 
-    def _leave_closed_form(self) -> None:
-        """Switch to the general backend: on this batch the model output is not the head of
-        the last layer's output. Every earlier step's curvature was exact (each is checked)."""
-        emb = self.embedder
-        logger.warning(
-            "the model output is not '%s' of the output of layer %r on this batch; using the torch.func "
-            "backend from here on",
-            self.head,
-            self.layer,
-        )
-        self.engine = FunctorchBackend(emb.model, emb.model_call, self.names, emb.chunk_size)
-        self.head = None
+    def _curvature(self, x: Batch, y: Tensor, out: Tensor, sampled: dict[str, Tensor]) -> Tensor | None:
+        """The batch curvature at the sampled weights, rescaled to the data set; None
+        when the batch has no Hessian pair."""
+        pairs = self.selection(y, out)
+        if len(pairs) == 0:
+            return None
+        g = output_hessian(out, pairs, self.geometry, self.config.approx)  # type: ignore[arg-type]
+        try:
+            h, _ = self.backend.batch_at(x, lambda _f: g, sampled)
+        except (HeadMismatchError, UnsupportedModelError) as err:
+            if self.fallback is None:
+                raise
+            if isinstance(err, HeadMismatchError):  # sampling cannot take the last layer's shortcut either
+                self.target = FitTarget(self.target.names)
+            self.backend = self.fallback(self.backend, err)
+            logger.warning("%s; using the %s backend from here on", err, self.backend.name)
+            h, _ = self.backend.batch_at(x, lambda _f: g, sampled)
+        return h * self.batch_to_data(len(pairs), len(y))
 
-    def _batch_to_data(self, n_pairs: int, batch_size: int) -> float:
-        """The factor that rescales one batch's curvature sum to the data set."""
-        if self.curvature == "triplets":
-            return self.dataset_size / batch_size
+    def batch_to_data(self, n_pairs: int, batch_size: int) -> float:
+        """The factor that rescales one batch's curvature sum to the data set:
+        ``dataset_size**2 / n_pairs``."""
         return self.dataset_size**2 / n_pairs
 
+    def accumulate(self, h: Tensor) -> None:
+        """Add one step's curvature ``h [P]`` to the decayed ``H``: ``H += relu(h)``."""
+        self.H.add_(h.clamp_min(0))
+
     def end_epoch(self) -> None:
-        """Decay the learning rate and, with ``relu="per_epoch"``, clamp ``H`` at zero (call once per epoch)."""
+        """Decay the learning rate (call once per epoch)."""
         self.scheduler.step()
-        if self.relu == "per_epoch":
-            self.H.clamp_min_(0)
 
     def posterior(self, n_data: int | None = None) -> EmbeddingPosterior:
-        """The posterior at the current weights with the running curvature ``H``."""
-        emb = self.embedder
-        mean = torch.cat([dict(emb.model.named_parameters())[n].detach().reshape(-1) for n in self.names])
+        """The posterior at the current weights with the running curvature ``relu(H)``."""
+        named = dict(self.model.named_parameters())
+        mean = torch.cat([named[n].detach().reshape(-1) for n in self.target.names])
         curvature = self.H.clamp_min(0)
         prior = self.prior
-        if emb.prior_precision == "marglik":
+        if isinstance(self.prior_precision, str):
             prior = marglik_prior_precision(curvature, mean, n_data or self.dataset_size, 1)
-        config = PosteriorConfig(
-            geometry=emb.geometry,
-            approx=emb.approx,
-            margin=emb.margin,
+        config = replace(
+            self.config,
             hessian_scale=1.0,
-            output_key=emb.output_key,
-            call=emb.call,
-            normalize=emb.normalize,
-            layer=self.layer if self.head is not None else None,
-            head=self.head,
-            extra={
-                "online": True,
-                "memory_factor": self.memory_factor,
-                "steps": self.steps,
-                "curvature": self.curvature,
-                "relu": self.relu,
-                "hinge": self.selection.hinge,
-            },
+            layer=self.target.layer if self.target.head is not None else None,
+            head=self.target.head,
+            extra={**self.config.extra, **self.extra()},
         )
+        counts = self.selection.counts
         stats = FitStats(
             n_data=n_data or self.dataset_size,
             n_batches=self.steps,
-            n_positive=self.selection.counts.positive,
-            n_negative_active=self.selection.counts.negative_active,
-            n_negative_total=self.selection.counts.negative_total,
-            backend=f"online/{self.engine.name}",
+            n_positive=counts.positive,
+            n_negative_active=counts.negative_active,
+            n_negative_total=counts.negative_total,
+            backend=f"online/{self.backend.name}",
         )
-        return EmbeddingPosterior(emb.model, self.names, curvature, prior, mean=mean, config=config, stats=stats)
+        return EmbeddingPosterior(self.model, self.target.names, curvature, prior, mean=mean, config=config, stats=stats)
+
+    def extra(self) -> dict[str, Any]:
+        """What the posterior's ``config.extra`` records of this training."""
+        return {"online": True, "memory_factor": self.memory_factor, "steps": self.steps}
 
 
 def dataset_size_of(loader: Iterable[Any]) -> int:

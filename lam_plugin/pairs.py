@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor
 
 Miner = Union[str, Any]
+
+__all__ = ["Miner", "PairCounts", "PairSelection", "PairSet", "active", "all_pairs", "check_miner", "make_pairs", "subsample"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,21 @@ class PairSet:
         return PairSet(self.i[mask], self.j[mask], self.positive[mask])
 
 
+def all_pairs(labels: Tensor) -> PairSet:
+    """Every unordered pair ``{i, j}``, ``i < j``, of a batch: the positives, then the
+    negatives, each in row-major order.
+
+    pytorch-metric-learning's ``get_all_pairs_indices`` gives the same pairs in both
+    orders; this is its upper triangle, formed here so that the default fit needs no
+    pytorch-metric-learning (an optional dependency, for miners and online LAM).
+    """
+    same = labels[:, None] == labels[None, :]
+    upper = torch.ones_like(same).triu(1)
+    a1, p = (same & upper).nonzero(as_tuple=True)
+    a2, n = (~same & upper).nonzero(as_tuple=True)
+    return _from_pml((a1, p, a2, n))
+
+
 def _from_pml(indices: tuple[Tensor, ...]) -> PairSet:
     a1, p, a2, n = indices
     i = torch.cat([a1, a2]).long()
@@ -82,9 +98,7 @@ def make_pairs(labels: Tensor, miner: Miner = "all", embeddings: Tensor | None =
     """
     check_miner(miner)
     if isinstance(miner, str):
-        a1, p, a2, n = lmu.get_all_pairs_indices(labels)
-        keep_pos, keep_neg = a1 < p, a2 < n
-        return _from_pml((a1[keep_pos], p[keep_pos], a2[keep_neg], n[keep_neg]))
+        return all_pairs(labels)
     if embeddings is None:
         raise ValueError("a miner needs the batch embeddings")
     indices = miner(embeddings, labels)
@@ -93,6 +107,8 @@ def make_pairs(labels: Tensor, miner: Miner = "all", embeddings: Tensor | None =
             "the miner must return pairs (a1, p, a2, n) or triplets (a, p, n), "
             f"got {type(indices).__name__} of length {len(indices) if isinstance(indices, tuple) else '?'}"
         )
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu  # a miner object implies the library
+
     return _from_pml(lmu.convert_to_pairs(indices, labels))
 
 
@@ -130,8 +146,6 @@ class PairSelection:
         miner: ``"all"`` or a pytorch-metric-learning miner.
         margin: the hinge margin on squared distances of normalised embeddings.
         max_pairs: at most this many pairs (drawn at random) per batch.
-        hinge: count a negative only while its hinge is active (docs/design.md §2); with
-            ``False`` every mined negative counts, as in the paper's online code.
         generator: for that draw.
         counts: updated by every call.
     """
@@ -140,7 +154,6 @@ class PairSelection:
     margin: float = 0.7
     max_pairs: int | None = None
     generator: torch.Generator | None = None
-    hinge: bool = True
     counts: PairCounts = field(default_factory=PairCounts)
 
     def __call__(self, labels: Tensor, f: Tensor) -> PairSet:
@@ -148,9 +161,13 @@ class PairSelection:
         z = torch.nn.functional.normalize(f, dim=-1)
         pairs = make_pairs(labels, self.miner, z)
         self.counts.negative_total += pairs.n_negative
-        if self.hinge:
-            pairs = active(pairs, z, self.margin)
+        pairs = self.active(pairs, z)
         pairs = subsample(pairs, self.max_pairs, self.generator)
         self.counts.positive += pairs.n_positive
         self.counts.negative_active += pairs.n_negative
         return pairs
+
+    def active(self, pairs: PairSet, z: Tensor) -> PairSet:
+        """The pairs whose curvature is not zero: the positives and the negatives whose
+        hinge is active (:func:`active`); ``z`` is ``[B, D]`` L2-normalised."""
+        return active(pairs, z, self.margin)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .calling import Batch, ModelCall
+from .curvature.base import FitTarget
 from .curvature.last_layer import Head, detect_head, run_with_features
 from .wrapping import eval_mode, head_of_batch
 
@@ -110,6 +111,24 @@ def resolve_subset(model: nn.Module, subset: Subset, last_layer: str | None = No
     if not chosen:
         raise ValueError(f"subset={subset!r} selects no parameter")
     return chosen
+
+
+def fit_target(model: nn.Module, subset: Subset, example: Batch, call: ModelCall) -> FitTarget:
+    """The parameters of ``subset`` on the example batch, with the last layer and its head
+    where the subset is ``"last_layer"`` or names an ``nn.Linear``.
+
+    Calls the model on ``example`` first, so a model that cannot take the batch or
+    returns no ``[B, D]`` embedding fails here, before any work.
+    """
+    names_given = isinstance(subset, str) and subset not in ("all", "last_layer")
+    names = resolve_subset(model, subset) if subset != "last_layer" else None
+    with eval_mode(model):
+        if subset == "last_layer" or (names_given and isinstance(dict(model.named_modules())[subset], nn.Linear)):
+            layer, head = probe_last_layer(model, example, call, None if subset == "last_layer" else str(subset))
+            return FitTarget(resolve_subset(model, subset, layer), layer, head)
+        assert names is not None
+        check_affects_output(model, names, example, call)
+    return FitTarget(names)
 
 
 def check_affects_output(model: nn.Module, names: Sequence[str], example: Batch, call: ModelCall) -> None:

@@ -46,9 +46,14 @@ def marglik_prior_precision(
     """
     if curvature.shape != mean.shape:
         raise ValueError(f"curvature {tuple(curvature.shape)} and mean {tuple(mean.shape)} differ in shape")
-    # imported here: laplace-torch logs through the root logger at import time, which
-    # would configure logging for every program that merely imports lam_plugin
-    from laplace import DiagLaplace
+    # imported here: laplace-torch is an optional dependency, and it logs through the root
+    # logger at import time, which would configure logging for every importing program
+    try:
+        from laplace import DiagLaplace
+    except ImportError as err:
+        raise ImportError(
+            "prior_precision='marglik' uses laplace-torch, which is not installed: pip install 'lam-plugin[marglik]'"
+        ) from err
 
     la = DiagLaplace(_FlatParameters(mean.float().cpu()), likelihood="regression", prior_precision=init)
     la.H = curvature.detach().float().cpu().clamp_min(0)

@@ -289,7 +289,8 @@ def test_small_memory_budget_takes_every_chunked_route(cases, approx):
 def test_token_pairs_that_do_not_fit_run_in_groups_of_samples(cases, monkeypatch):
     """Where the token-pair accumulators of the whole batch exceed the budget, groups of
     samples run apart (each with its own forward pass), and the sum is the same."""
-    import lam_plugin.curvature.hooks as hooks
+    from lam_plugin.curvature import hooks
+    from lam_plugin.curvature._hooked_forward import batch_size
 
     model, x, subsets = cases("small_bert")
     model64 = copy.deepcopy(model).double()
@@ -303,7 +304,7 @@ def test_token_pairs_that_do_not_fit_run_in_groups_of_samples(cases, monkeypatch
     backend = HooksBackend(model64, ModelCall(), names, max_elements=2 * per_sample)
     backend.trim_padding = False
     grouped = backend.batch(x, _hessian_fn("arccos", "fix"))[0]
-    sizes = [hooks._batch_size(b) for b in forwards]
+    sizes = [batch_size(b) for b in forwards]
     assert sizes == [6, 2, 2, 2]  # the whole batch, then three groups of two
     assert _relerr(grouped, whole) <= 1e-10
 
@@ -311,7 +312,7 @@ def test_token_pairs_that_do_not_fit_run_in_groups_of_samples(cases, monkeypatch
 def test_right_padded_batches_run_in_groups_cut_to_their_length(cases, monkeypatch):
     """Samples of a right-padded batch run by decreasing length, each group cut to its
     longest sample; a model whose embedding depends on the padding runs uncut."""
-    import lam_plugin.curvature.hooks as hooks
+    from lam_plugin.curvature import hooks
 
     model, x, subsets = cases("small_bert")
     model64 = copy.deepcopy(model).double()

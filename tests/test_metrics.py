@@ -9,10 +9,11 @@ import faiss
 import numpy as np
 import pytest
 import torch
-import torchmetrics.functional as tmf
-from sklearn import metrics as skm
 
 from lam_plugin import metrics as M
+
+# scikit-learn and torchmetrics serve only as references here: the plug-in computes
+# every metric itself, so the tests that compare with them skip where they are absent.
 
 # --------------------------------------------------------------------------- retrieval
 
@@ -139,7 +140,17 @@ def test_fast_knn_matches_brute_force_and_faiss_on_random_data() -> None:
 # --------------------------------------------------------------------------- OoD
 
 
-def test_auroc_auprc_by_hand_and_against_sklearn_and_torchmetrics() -> None:
+def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) / 2)
+
+
+def _pairwise_auroc(scores_id: np.ndarray, scores_ood: np.ndarray) -> float:
+    """The Mann-Whitney form: the share of (ID, OoD) pairs the OoD score wins, ties one half."""
+    a, b = np.asarray(scores_id)[:, None], np.asarray(scores_ood)[None, :]
+    return float(np.mean((b > a) + 0.5 * (b == a)))
+
+
+def test_auroc_auprc_by_hand() -> None:
     scores_id, scores_ood = np.array([0.1, 0.4]), np.array([0.35, 0.8])
     # AUROC: OoD above ID in pairs (0.35,0.1) yes, (0.35,0.4) no, (0.8,0.1) yes, (0.8,0.4) yes -> 3/4.
     # AP: descending 0.8(OoD) P=1 R=1/2; 0.4(ID); 0.35(OoD) P=2/3 R=1 -> 1/2 * 1 + 1/2 * 2/3 = 5/6.
@@ -150,16 +161,123 @@ def test_auroc_auprc_by_hand_and_against_sklearn_and_torchmetrics() -> None:
     # AP: threshold 0.9 -> P=1, R=1/2; threshold 0.5 -> TP=2, FP=1, P=2/3, R=1 -> 1/2 + 1/3 = 5/6.
     assert M.auroc([0.5], [0.5, 0.9]) == pytest.approx(3 / 4)
     assert M.auprc([0.5], [0.5, 0.9]) == pytest.approx(5 / 6)
+    # ID [0.5, 0.2], OoD [0.5, 0.9]: pairs 1/2 + 1 + 1 + 1 -> 7/8.
+    assert M.auroc([0.5, 0.2], [0.5, 0.9]) == pytest.approx(7 / 8)
 
-    rng = np.random.default_rng(1)
-    cases = ([[0.1, 0.4], [0.35, 0.8]], [[0.5], [0.5, 0.9]], [rng.random(30), rng.random(20) + 0.3])
-    for scores_id, scores_ood in cases:
+
+def test_roc_curve_by_hand_with_ties_and_collinear_points() -> None:
+    # Thresholds are the distinct scores, highest first, after inf (the point (0, 0)).
+    roc = M.roc_curve([0.1, 0.4], [0.35, 0.8])
+    assert isinstance(roc, M.RocCurve)
+    np.testing.assert_array_equal(roc.fpr, [0, 0, 0.5, 0.5, 1])
+    np.testing.assert_array_equal(roc.tpr, [0, 0.5, 0.5, 1, 1])
+    np.testing.assert_array_equal(roc.thresholds, [np.inf, 0.8, 0.4, 0.35, 0.1])
+    assert all(a.dtype == np.float64 for a in roc)
+    # A tie enters as one point: at 0.5 one ID and one OoD come in together.
+    fpr, tpr, thresholds = M.roc_curve([0.5, 0.2], [0.5, 0.9])
+    np.testing.assert_array_equal(fpr, [0, 0, 0.5, 1])
+    np.testing.assert_array_equal(tpr, [0, 0.5, 1, 1])
+    np.testing.assert_array_equal(thresholds, [np.inf, 0.9, 0.5, 0.2])
+    # Separable: thresholds 0.9 .. 0.1 give (fpr, tpr) = (0, 1/3) (0, 2/3) (0, 1) (1/3, 1) (2/3, 1) (1, 1).
+    # Inner points collinear with both neighbours (0.8, 0.3, 0.2) are dropped; the check runs before
+    # (0, 0) is prepended, so the first point, at 0.9, stays.
+    fpr, tpr, thresholds = M.roc_curve([0.1, 0.2, 0.3], [0.7, 0.8, 0.9])
+    np.testing.assert_array_equal(fpr, [0, 0, 0, 1])
+    np.testing.assert_allclose(tpr, [0, 1 / 3, 1, 1])
+    np.testing.assert_array_equal(thresholds, [np.inf, 0.9, 0.7, 0.1])
+
+
+def test_pr_curve_by_hand_with_ties() -> None:
+    # Thresholds ascending; 0.1: TP 2 FP 2; 0.35: TP 2 FP 1; 0.4: TP 1 FP 1; 0.8: TP 1 FP 0; then (P 1, R 0).
+    pr = M.pr_curve([0.1, 0.4], [0.35, 0.8])
+    assert isinstance(pr, M.PrCurve)
+    np.testing.assert_allclose(pr.precision, [1 / 2, 2 / 3, 1 / 2, 1, 1])
+    np.testing.assert_array_equal(pr.recall, [1, 1, 0.5, 0.5, 0])
+    np.testing.assert_array_equal(pr.thresholds, [0.1, 0.35, 0.4, 0.8])
+    # Tie at 0.5: TP 2 FP 1 there; 0.9: TP 1 FP 0.
+    precision, recall, thresholds = M.pr_curve([0.5], [0.5, 0.9])
+    np.testing.assert_allclose(precision, [2 / 3, 1, 1])
+    np.testing.assert_array_equal(recall, [1, 0.5, 0])
+    np.testing.assert_array_equal(thresholds, [0.5, 0.9])
+
+
+def test_all_equal_perfect_and_inverted_scores() -> None:
+    # All equal: one operating point with everything flagged; AUROC 1/2, AP the chance level 3/5.
+    fpr, tpr, thresholds = M.roc_curve([0.5, 0.5], [0.5, 0.5, 0.5])
+    np.testing.assert_array_equal(fpr, [0, 1])
+    np.testing.assert_array_equal(tpr, [0, 1])
+    np.testing.assert_array_equal(thresholds, [np.inf, 0.5])
+    precision, recall, thresholds = M.pr_curve([0.5, 0.5], [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(precision, [3 / 5, 1])
+    np.testing.assert_array_equal(recall, [1, 0])
+    np.testing.assert_array_equal(thresholds, [0.5])
+    assert M.auroc([0.5, 0.5], [0.5, 0.5, 0.5]) == 0.5
+    assert M.auprc([0.5, 0.5], [0.5, 0.5, 0.5]) == pytest.approx(3 / 5)
+    # Trapezoid: (0, 1) to (1, 3/5) -> 4/5.
+    assert M.auprc([0.5, 0.5], [0.5, 0.5, 0.5], integration="trapezoid") == pytest.approx(4 / 5)
+    # Perfect.
+    assert M.auroc([0.1, 0.2], [0.3, 0.4]) == 1.0
+    assert M.auprc([0.1, 0.2], [0.3, 0.4]) == 1.0
+    # Inverted: every OoD below every ID. AUROC 0. PR points ascending: 0.1 (P 1/2, R 1),
+    # 0.2 (P 1/3, R 1/2), 0.3 and 0.4 (P 0, R 0), (1, 0) -> AP = 1/2 * 1/2 + 1/2 * 1/3 = 5/12.
+    assert M.auroc([0.3, 0.4], [0.1, 0.2]) == 0.0
+    precision, recall, _ = M.pr_curve([0.3, 0.4], [0.1, 0.2])
+    np.testing.assert_allclose(precision, [1 / 2, 1 / 3, 0, 0, 1])
+    np.testing.assert_array_equal(recall, [1, 0.5, 0, 0, 0])
+    assert M.auprc([0.3, 0.4], [0.1, 0.2]) == pytest.approx(5 / 12)
+
+
+def test_auroc_is_the_pairwise_win_rate_on_random_data_with_ties() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        n, m = rng.integers(1, 60, size=2)
+        scores_id = rng.integers(0, 8, size=n) / 8  # coarse: many ties within and across classes
+        scores_ood = rng.integers(2, 10, size=m) / 8
+        assert M.auroc(scores_id, scores_ood) == pytest.approx(_pairwise_auroc(scores_id, scores_ood), abs=1e-12)
+        # The order of the scores within a class does not matter.
+        assert M.auroc(rng.permutation(scores_id), rng.permutation(scores_ood)) == pytest.approx(
+            M.auroc(scores_id, scores_ood), abs=1e-12
+        )
+
+
+def _random_ood_cases(seed: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    cases: list[tuple[np.ndarray, np.ndarray]] = [
+        (np.array([0.1, 0.4]), np.array([0.35, 0.8])),
+        (np.array([0.5]), np.array([0.5, 0.9])),
+        (np.full(3, 0.5), np.full(4, 0.5)),
+        (rng.random(30), rng.random(20) + 0.3),
+    ]
+    for _ in range(count):
+        n, m, levels = rng.integers(1, 80), rng.integers(1, 80), rng.integers(1, 12)
+        cases.append((rng.integers(0, levels, size=n) / levels, rng.integers(0, levels, size=m) / levels + 0.1))
+    return cases
+
+
+def test_ood_metrics_and_curves_match_sklearn_on_random_data_with_ties() -> None:
+    skm = pytest.importorskip("sklearn.metrics")
+    for scores_id, scores_ood in _random_ood_cases(seed=6, count=40):
+        y = np.concatenate([np.zeros(len(scores_id)), np.ones(len(scores_ood))])
+        s = np.concatenate([scores_id, scores_ood])
+        for ours, theirs in zip(M.roc_curve(scores_id, scores_ood), skm.roc_curve(y, s)):
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-15)
+        for ours, theirs in zip(M.pr_curve(scores_id, scores_ood), skm.precision_recall_curve(y, s)):
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-15)
+        assert M.auroc(scores_id, scores_ood) == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
+        assert M.auprc(scores_id, scores_ood) == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)
+        precision, recall, _ = skm.precision_recall_curve(y, s)
+        first = np.count_nonzero(recall == 1.0) - 1
+        order = np.argsort(recall[first:], kind="stable")
+        reference = skm.auc(recall[first:][order], precision[first:][order])
+        assert M.auprc(scores_id, scores_ood, integration="trapezoid") == pytest.approx(reference, abs=1e-12)
+
+
+def test_auroc_auprc_against_torchmetrics() -> None:
+    tmf = pytest.importorskip("torchmetrics.functional")
+    for scores_id, scores_ood in _random_ood_cases(seed=1, count=3):
         preds = torch.tensor(np.concatenate([scores_id, scores_ood]), dtype=torch.float64)
         target = torch.cat([torch.zeros(len(scores_id)), torch.ones(len(scores_ood))]).long()
-        y = target.numpy()
-        assert M.auroc(scores_id, scores_ood) == pytest.approx(skm.roc_auc_score(y, preds.numpy()))
         assert M.auroc(scores_id, scores_ood) == pytest.approx(tmf.auroc(preds, target, task="binary").item())
-        assert M.auprc(scores_id, scores_ood) == pytest.approx(skm.average_precision_score(y, preds.numpy()))
         assert M.auprc(scores_id, scores_ood) == pytest.approx(
             tmf.average_precision(preds, target, task="binary").item()
         )
@@ -169,11 +287,10 @@ def test_roc_and_pr_curves_integrate_to_the_scalars() -> None:
     scores_id, scores_ood = [0.1, 0.4, 0.2, 0.7], [0.35, 0.8, 0.9]
     roc = M.roc_curve(scores_id, scores_ood)
     assert (roc.fpr[0], roc.tpr[0], roc.fpr[-1], roc.tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
-    assert skm.auc(roc.fpr, roc.tpr) == pytest.approx(M.auroc(scores_id, scores_ood))
+    assert _trapezoid(roc.fpr, roc.tpr) == pytest.approx(M.auroc(scores_id, scores_ood))
     precision, recall, thresholds = M.pr_curve(scores_id, scores_ood)
     assert len(thresholds) == len(precision) - 1
     assert -np.sum(np.diff(recall) * precision[:-1]) == pytest.approx(M.auprc(scores_id, scores_ood))
-
 
 
 def test_trapezoidal_auprc_of_the_papers_code_by_hand() -> None:
@@ -192,6 +309,7 @@ def test_trapezoidal_auprc_of_the_papers_code_by_hand() -> None:
 
 
 def test_trapezoidal_auprc_against_torchmetrics_auc_of_the_cut_curve() -> None:
+    tmf = pytest.importorskip("torchmetrics.functional")
     from torchmetrics.utilities.compute import _auc_compute
 
     rng = np.random.default_rng(4)
@@ -257,6 +375,14 @@ def test_constant_uncertainty_is_flat_when_all_correct_and_stable_otherwise() ->
     curve = M.sparsification_curve(mean, std, SPARSE_Y[[2, 3, 0, 1]])
     np.testing.assert_allclose(curve.accuracy, 2 * np.cumsum([0, 0, 1, 1])[KEPT - 1] / (2 * KEPT))
     assert curve.accuracy[0] == 0.5
+
+
+def test_ausc_matches_sklearn_auc_of_the_curve() -> None:
+    skm = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(7)
+    mean, std, labels = rng.normal(size=(250, 3)), rng.random((250, 3)), rng.integers(0, 6, size=250)
+    accuracy = M.sparsification_curve(mean, std, labels).accuracy
+    assert M.ausc(mean, std, labels) == pytest.approx(skm.auc(np.arange(99) / 99, accuracy), abs=1e-12)
 
 
 # --------------------------------------------------------------------------- calibration

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from backpack import backpack, extend
@@ -244,6 +244,22 @@ class BackpackBackend(CurvatureBackend):
         params = dict(self.net.named_parameters())
         diag = torch.cat([parts[n] if n in parts else torch.zeros_like(params[n]).reshape(-1) for n in self.param_names])
         return check_finite(diag, self.name), out.detach()
+
+    @contextlib.contextmanager
+    def _weights_at(self, params: Mapping[str, Tensor]) -> Iterator[None]:
+        """Bring the copy in step with the model (which may have been trained since, as in
+        online LAM) and set the subset to ``params``; the user's model is not touched."""
+        own = dict(self.net.named_parameters()) | dict(self.net.named_buffers())
+        source = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        stale = [n for n in source if n not in own]
+        if stale:
+            raise UnsupportedModelError(
+                f"BackPACK's converter renamed {stale[:3]}, so its copy of the model cannot follow the model's weights"
+            )
+        with torch.no_grad():
+            for n, value in source.items():
+                own[n].copy_(params[n] if n in params else value)
+        yield
 
     def close(self) -> None:
         self.net = None  # type: ignore[assignment]

@@ -3,22 +3,61 @@
 A backend runs the model on one batch, lets the caller turn the outputs into the
 batch's output Hessian G (which needs the outputs: pairs are mined and hinges tested
 on them), and returns ``diag(J^T G J)`` over the parameter subset, where ``J`` is the
-``[B*D, P]`` Jacobian of the ``[B, D]`` outputs. Sums over batches, the ``relu`` and
-the prior are the caller's business.
+``[B*D, P]`` Jacobian of the ``[B, D]`` outputs, at the model's weights or at other
+values of the subset's weights (:meth:`CurvatureBackend.batch_at`, what online LAM
+needs). Sums over batches, the ``relu`` and the prior are the caller's business.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..geometry import OutputHessian
 from ..calling import Batch, ModelCall
+from ..geometry import OutputHessian
+
+__all__ = [
+    "BackendOptions",
+    "CurvatureBackend",
+    "FitTarget",
+    "HessianFn",
+    "UnsupportedModelError",
+    "check_finite",
+    "flat_jacobian",
+]
 
 HessianFn = Callable[[Tensor], OutputHessian]
+
+
+@dataclass(frozen=True)
+class FitTarget:
+    """The weights a posterior covers.
+
+    Attributes:
+        names: the parameters, in ``named_parameters()`` order.
+        layer: the ``nn.Linear`` of a last-layer subset (or of a subset naming one).
+        head: the parameter-free map from that layer's output to the embedding
+            (``"identity"`` or ``"l2"``), None where there is none.
+    """
+
+    names: list[str] = field(default_factory=list)
+    layer: str | None = None
+    head: str | None = None
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Settings a backend may use: ``chunk_size`` (vmap chunks of torch.func),
+    ``mc_samples`` (random directions per batch of the Monte Carlo backend) and ``seed``."""
+
+    chunk_size: int | None = None
+    mc_samples: int = 16
+    seed: int = 0
 
 
 class UnsupportedModelError(RuntimeError):
@@ -40,6 +79,33 @@ class CurvatureBackend(ABC):
         self.model = model
         self.call = call
         self.param_names = list(param_names)
+
+    @classmethod
+    def create(cls, model: nn.Module, call: ModelCall, target: FitTarget, options: BackendOptions) -> "CurvatureBackend":
+        """The backend for ``target`` of ``model``; a subclass whose constructor takes more
+        than the three arguments of this one overrides this to read them from ``options``."""
+        return cls(model, call, target.names)
+
+    def batch_at(self, x: Batch, hessian_fn: HessianFn, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """:meth:`batch` with the subset's weights set to ``params`` (name -> tensor) and the
+        rest of the model as it is now. The default writes them into the model for the call
+        and puts the model's own values back afterwards, also on error."""
+        with self._weights_at(params):
+            return self.batch(x, hessian_fn)
+
+    @contextlib.contextmanager
+    def _weights_at(self, params: Mapping[str, Tensor]) -> Iterator[None]:
+        named = dict(self.model.named_parameters())
+        kept = {n: named[n].detach().clone() for n in self.param_names}
+        try:
+            with torch.no_grad():
+                for n in self.param_names:
+                    named[n].copy_(params[n])
+            yield
+        finally:
+            with torch.no_grad():
+                for n, value in kept.items():
+                    named[n].copy_(value)
 
     @abstractmethod
     def batch(self, x: Batch, hessian_fn: HessianFn) -> tuple[Tensor, Tensor]:

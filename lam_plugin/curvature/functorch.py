@@ -16,7 +16,7 @@ from torch.func import jacrev, vmap
 from torch.utils._pytree import tree_map
 
 from ..calling import Batch, ModelCall
-from .base import CurvatureBackend, HessianFn, check_finite, flat_jacobian
+from .base import BackendOptions, CurvatureBackend, FitTarget, HessianFn, check_finite, flat_jacobian
 
 
 class FunctorchBackend(CurvatureBackend):
@@ -33,6 +33,10 @@ class FunctorchBackend(CurvatureBackend):
     ) -> None:
         super().__init__(model, call, param_names)
         self.chunk_size = chunk_size
+
+    @classmethod
+    def create(cls, model: nn.Module, call: ModelCall, target: FitTarget, options: BackendOptions) -> "FunctorchBackend":
+        return cls(model, call, target.names, options.chunk_size)
 
     def jacobians(self, x: Batch, params: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor]:
         """Per-sample Jacobians ``{name: [B, D, *shape]}`` and outputs ``[B, D]``.
@@ -57,3 +61,7 @@ class FunctorchBackend(CurvatureBackend):
         g = hessian_fn(out.detach())
         diag = torch.cat([g.contract(flat_jacobian(jac[n])) for n in self.param_names])
         return check_finite(diag, self.name), out.detach()
+
+    def batch_at(self, x: Batch, hessian_fn: HessianFn, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """:meth:`batch` at ``params``, functionally: the model is not written to."""
+        return self.batch(x, hessian_fn, params)

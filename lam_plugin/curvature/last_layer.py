@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..geometry import LowRankBlocks, OutputHessian
 from ..calling import Batch, ModelCall
-from .base import CurvatureBackend, HessianFn, check_finite
+from .base import BackendOptions, CurvatureBackend, FitTarget, HessianFn, UnsupportedModelError, check_finite
 
 Head = Literal["identity", "normalize"]
 _CHUNK_ELEMENTS = 2**21
@@ -163,6 +163,15 @@ class LastLayerCurvature(CurvatureBackend):
             raise TypeError(f"{layer_name!r} is a {type(self.layer).__name__}, not an nn.Linear")
         self.layer_name = layer_name
         self.head = head
+
+    @classmethod
+    def create(cls, model: nn.Module, call: ModelCall, target: FitTarget, options: BackendOptions) -> "LastLayerCurvature":
+        if target.layer is None or target.head is None:
+            raise UnsupportedModelError(
+                "the last layer's closed form needs a subset that is one nn.Linear whose output, or its L2 "
+                "normalisation, is the embedding (subset='last_layer' finds it)"
+            )
+        return cls(model, call, target.names, target.layer, target.head)  # type: ignore[arg-type]
 
     def batch(self, x: Batch, hessian_fn: HessianFn) -> tuple[Tensor, Tensor]:
         """As :meth:`CurvatureBackend.batch`.

@@ -56,21 +56,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from ..calling import Batch, ModelCall
 from ..geometry import LowRankBlocks, OutputHessian
+from ._hooked_forward import MAX_ELEMENTS, HookedForward, hooked_forward, leaf_forward
 from .base import CurvatureBackend, HessianFn, UnsupportedModelError, check_finite
-from .hooks import MAX_ELEMENTS, HookedForward, block_factors, hooked_forward, hooks_support, leaf_forward
+from .hooks import block_factors, hooks_support
 
 logger = logging.getLogger(__name__)
 
 Estimator = Literal["auto", "per-sample", "full-batch"]
-ESTIMATORS = ("auto", "per-sample", "full-batch")
-
+ESTIMATORS = get_args(Estimator)
 
 #: pairs per chunk of ``OutputHessian.cross_blocks``
 PAIR_CHUNK = 4096
@@ -85,11 +85,11 @@ class _Sampler:
         chunks = list(g.cross_blocks(PAIR_CHUNK))
         self.k: Tensor | None = None
         if chunks:
-            self.k = torch.cat([k for k, _, _ in chunks])
-            self.l = torch.cat([l for _, l, _ in chunks])
-            self.kappa = torch.cat([c.alpha for _, _, c in chunks]).to(dtype)
-            self.px = torch.cat([c.x for _, _, c in chunks], dim=1).to(dtype)  # [T, pairs, D]
-            self.py = torch.cat([c.y for _, _, c in chunks], dim=1).to(dtype)
+            ks, ls, blocks = zip(*chunks)
+            self.k, self.l = torch.cat(ks), torch.cat(ls)
+            self.kappa = torch.cat([c.alpha for c in blocks]).to(dtype)
+            self.px = torch.cat([c.x for c in blocks], dim=1).to(dtype)  # [T, pairs, D]
+            self.py = torch.cat([c.y for c in blocks], dim=1).to(dtype)
             # kappa I at (k, l) is -kappa/2 [I; -I][I; -I]^T plus kappa/2 I on both diagonal blocks
             alpha = alpha.index_add(0, self.k, self.kappa / 2).index_add(0, self.l, self.kappa / 2)
         self.alpha, self.basis, core = block_factors(LowRankBlocks(alpha, x, y))
@@ -109,7 +109,7 @@ class _Sampler:
         eps, eta = noise(bsz, dim), noise(bsz, self.lam.shape[1])
         rest = eps - (basis @ (basis.mT @ eps[..., None])).squeeze(-1)  # eps off the basis' span
         parts = []
-        for sign in (1, -1):
+        for sign in (1.0, -1.0):
             alpha, lam = (sign * self.alpha).clamp_min(0), (sign * self.lam).clamp_min(0)
             parts.append(alpha.sqrt()[:, None] * rest + (self.span @ (lam.sqrt() * eta)[..., None]).squeeze(-1))
         plus, minus = parts
@@ -176,20 +176,19 @@ class MonteCarloBackend(CurvatureBackend):
                 fwd = hooked_forward(self.model, self.call, self.param_names, x, self.max_elements)
             except UnsupportedModelError as err:
                 self._full_batch_from_now(err)
-        if fwd is not None:
-            emb, leaves = fwd.embedding, fwd.leaves
-        else:
-            emb, leaves = leaf_forward(self.model, self.call, self.param_names, x)
+        emb, leaves = (
+            (fwd.embedding, fwd.leaves) if fwd is not None else leaf_forward(self.model, self.call, self.param_names, x)
+        )
         out = emb.detach()
         g = hessian_fn(out)
-        per_sample = fwd is not None and g.block_diagonal and emb.requires_grad
-        if per_sample:
+        hooked = fwd if g.block_diagonal and emb.requires_grad else None
+        if hooked is not None:
             try:
-                fwd.check()
+                hooked.check()
             except UnsupportedModelError as err:
                 self._full_batch_from_now(err)
-                per_sample = False
-        diags = self._per_sample(fwd, g) if per_sample else self._full_batch(emb, leaves, g)
+                hooked = None
+        diags = self._full_batch(emb, leaves, g) if hooked is None else self._per_sample(hooked, g)
         diag = torch.cat([diags[n].reshape(-1) for n in self.param_names])
         return check_finite(diag, self.name), out
 
@@ -216,15 +215,13 @@ class MonteCarloBackend(CurvatureBackend):
         if not emb.requires_grad:
             return diags
         sampler = _Sampler(g, emb.dtype)
-        names = list(leaves)
+        params = list(leaves.values())
         for _ in range(self.samples):
             for v, sign in zip(sampler.draw(self.generator), (1.0, -1.0)):
                 if not bool(v.any()):
                     continue
-                grads = torch.autograd.grad(
-                    emb, [leaves[n] for n in names], grad_outputs=v, retain_graph=True, allow_unused=True
-                )
-                for n, grad in zip(names, grads):
+                grads = torch.autograd.grad(emb, params, grad_outputs=v, retain_graph=True, allow_unused=True)
+                for n, grad in zip(leaves, grads):
                     if grad is not None:
                         diags[n] += (sign / self.samples) * grad.square()
         return diags

@@ -29,7 +29,11 @@ left to FAISS. Written here: the user-id mapping (FAISS's ``IndexIDMap`` does no
 cover every index type, e.g. HNSW), the per-item variances, the moments above, the
 probability helpers, re-ranking and filtering, locking, and the file format, in:
 
-* ``uncertain_index``: :class:`UncertainIndex` (add, search, re-rank, filter, save, load);
+* ``uncertain_index``: :class:`UncertainIndex`, its configuration, state and public
+  methods (add, search, save, load), which hand the work to the private modules
+  ``_embedding`` (inputs to checked rows), ``_adding`` (the add path), ``_searching``
+  (the search path: moments, re-ranking, filtering, probabilities) and ``_persistence``
+  (what save writes and load checks);
 * ``result``: :class:`SearchResult` and the Gaussian approximation of its probabilities;
 * ``moments``: the closed-form and Monte Carlo moments above;
 * ``faiss_backend``: building, training and moving the FAISS index;

@@ -27,7 +27,8 @@ def new_index(train_on: np.ndarray, factory: str, metric: str) -> Any:
     except RuntimeError as err:
         raise ValueError(f"index_factory {factory!r} cannot build an index of dimension {dim}: {err}") from err
     if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        raise ValueError("UncertainIndex keeps the ids itself: remove 'IDMap' from index_factory")
+        # a bad value of index_factory, not an argument of the wrong type
+        raise ValueError("UncertainIndex keeps the ids itself: remove 'IDMap' from index_factory")  # noqa: TRY004
     if not index.is_trained:
         needed = min_training_points(index)
         if n < needed:

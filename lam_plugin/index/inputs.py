@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence, Sized
+from typing import Any, cast
 
 import numpy as np
 from torch import Tensor
@@ -31,7 +31,7 @@ def batches(data: Any, batch_size: int, name: str) -> tuple[Iterable[Any], int |
         n = next(iter(lengths.values()))
         return (slice_batch(data, i, i + batch_size) for i in range(0, n, batch_size)), -(-n // batch_size)
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
-        total = len(data) if hasattr(data, "__len__") else None
+        total = len(cast("Sized", data)) if hasattr(data, "__len__") else None
         return (inputs(b) for b in data), total
     raise TypeError(
         f"{name} must be a Prediction, a tensor, a dict of tensors or an iterable of batches, "

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from lam_plugin import wrapping
 from lam_plugin.arguments import check_schedule
-from lam_plugin.losses import ContrastiveBatchLoss
+from .losses import ContrastiveBatchLoss
 from lam_plugin.metrics import map_at_k
 from lam_plugin.numerics import flush_denormals
 from lam_plugin.wrapping import eval_mode

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..models import DROPOUT_LAYOUTS
-from lam_plugin.online import OnlineLaplace
+from ..paper import CURVATURES, RELUS
 
 
 #: The pairs of a contrastive loss: every pair of a batch, or the pairs of the
@@ -177,7 +177,7 @@ class ReproduceConfig:
             default) or ``"all"`` (every pair of the batch).
         online_relu: where the ``relu`` of online LAM's running curvature is applied:
             ``"per_step"`` (docs/design.md §4), ``"on_use"`` or ``"per_epoch"`` (the paper's latest
-            code in effect); see :class:`~lam_plugin.online.OnlineLaplace`.
+            code in effect); see :mod:`lam_study.paper`.
         online_hinge: count a negative Hessian pair only while its hinge is active
             (docs/design.md §2); ``False`` counts every mined negative (the paper's code).
         online_max_pairs: online LAM's Hessian pairs per batch (default ``max_pairs``);
@@ -286,9 +286,9 @@ class ReproduceConfig:
         for name in ("embedding_dim", "epochs", "batch_size", "lam_batch_size", "max_pairs", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.online_curvature not in OnlineLaplace.CURVATURES:
+        if self.online_curvature not in CURVATURES:
             raise ValueError(
-                f"online_curvature must be one of {OnlineLaplace.CURVATURES}, got {self.online_curvature!r}"
+                f"online_curvature must be one of {CURVATURES}, got {self.online_curvature!r}"
             )
         for name in ("posthoc_approx", "online_approx"):
             if getattr(self, name) not in LAM_APPROXES:
@@ -309,8 +309,8 @@ class ReproduceConfig:
             )
         if self.lr_decay is not None and not 0.0 < self.lr_decay <= 1.0:
             raise ValueError(f"lr_decay must lie in (0, 1] (or None), got {self.lr_decay}")
-        if self.online_relu not in OnlineLaplace.RELUS:
-            raise ValueError(f"online_relu must be one of {OnlineLaplace.RELUS}, got {self.online_relu!r}")
+        if self.online_relu not in RELUS:
+            raise ValueError(f"online_relu must be one of {RELUS}, got {self.online_relu!r}")
         if self.online_max_pairs is not None and int(self.online_max_pairs) < 1:
             raise ValueError(f"online_max_pairs must be positive, got {self.online_max_pairs}")
         if self.n_samples < 2:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,8 +19,8 @@ from ..baselines import HIB, PFE, DeepEnsemble, DeterministicEmbedder, MCDropout
 from ..baselines.base import default_feature_fn, variance_head
 from ..baselines.mc_dropout import dropout_modules
 from lam_plugin.calibration import calibrate_temperature
-from lam_plugin.embedder import LaplaceEmbedder
 from ..models import fashionmnist_net
+from ..paper import PaperLaplaceEmbedder
 from lam_plugin.posterior import EmbeddingPosterior
 from lam_plugin.prediction import Prediction
 from lam_plugin.prior import marglik_prior_precision
@@ -52,22 +51,17 @@ class _Method:
 
 
 def _online_kwargs(config: ReproduceConfig, progress: bool) -> dict[str, Any]:
-    """Arguments for ``fit_online`` that its signature accepts (it is allowed to evolve)."""
-    wanted: dict[str, Any] = {
+    """The arguments of :meth:`PaperLaplaceEmbedder.fit_online` that the configuration sets."""
+    return {
         "lr": config.online_lr,
         "max_pairs": config.online_max_pairs or config.max_pairs,
         "curvature": config.online_curvature,
         "relu": config.online_relu,
-        "progress": progress,
     }
-    params = inspect.signature(LaplaceEmbedder.fit_online).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return wanted
-    return {k: v for k, v in wanted.items() if k in params}
 
 
 def _require_online() -> None:
-    if not callable(getattr(LaplaceEmbedder, "fit_online", None)):
+    if not callable(getattr(PaperLaplaceEmbedder, "fit_online", None)):
         raise MethodUnavailableError(
             "method 'lam_online' needs LaplaceEmbedder.fit_online, which this lam_plugin installation "
             f"({__version__}) does not provide; run without it (e.g. --methods deterministic lam_posthoc ...)"
@@ -186,12 +180,12 @@ class _Runner:
         g = torch.Generator().manual_seed(seed)
         return DataLoader(dataset, batch_size=self.config.lam_batch_size, shuffle=True, generator=g)
 
-    def _embedder(self, net: nn.Module, seed: int, approx: str = "fix", pairs: str = "all") -> LaplaceEmbedder:
+    def _embedder(self, net: nn.Module, seed: int, approx: str = "fix", pairs: str = "all") -> PaperLaplaceEmbedder:
         """The last-layer ``arccos`` embedder of ``net`` (prior 1) with Hessian pairs ``pairs``
         (:attr:`ReproduceConfig.posthoc_pairs`)."""
         c = self.config
         triplets = pairs == "triplets"
-        return LaplaceEmbedder(
+        return PaperLaplaceEmbedder(
             net,
             subset="last_layer",
             approx=approx,

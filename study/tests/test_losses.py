@@ -8,7 +8,7 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import ContrastiveLoss
 from pytorch_metric_learning.miners import MultiSimilarityMiner, TripletMarginMiner
 
-from lam_plugin.losses import ContrastiveBatchLoss, violating_triplet_counts, violating_triplet_loss
+from lam_study.losses import ContrastiveBatchLoss, violating_triplet_counts, violating_triplet_loss
 
 
 def _library(emb: torch.Tensor, y: torch.Tensor, triplet_margin: float, neg_margin: float) -> torch.Tensor:

@@ -1,0 +1,80 @@
+"""Saving and loading :class:`~lam_plugin.index.UncertainIndex`: what goes into the file
+(:mod:`lam_plugin.index.storage` has the format) and the checks on what comes out of it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+
+from .faiss_backend import to_gpu
+
+if TYPE_CHECKING:
+    from .uncertain_index import PosteriorLike, UncertainIndex
+
+__all__ = ["check_fingerprint", "file_config", "file_tensors", "restore"]
+
+logger = logging.getLogger(__name__)
+
+
+def file_tensors(index: UncertainIndex) -> dict[str, np.ndarray]:
+    """The tensors of the file: the serialised FAISS index, the ids and the variances
+    ``[N, D]`` (closed form) or samples ``[N, n, D]`` (``"mc"``)."""
+    out: dict[str, np.ndarray] = {"faiss_index": faiss.serialize_index(index._index), "ids": index._ids}
+    out.update({"samples": index._samples} if index.variance == "mc" else {"var": index._var})
+    return out
+
+
+def file_config(index: UncertainIndex) -> dict[str, Any]:
+    """The configuration of the file: the constructor arguments :meth:`UncertainIndex.load`
+    passes back, and the dimension."""
+    return {
+        "metric": index.metric,
+        "index_factory": index.index_factory,
+        "n_samples": index.n_samples,
+        "batch_size": index.batch_size,
+        "variance": index.variance,
+        "seed": index.seed,
+        "dim": index._dim,
+    }
+
+
+def check_fingerprint(path: Path, posterior: PosteriorLike | None, stored: str | None) -> None:
+    """Refuse a ``posterior`` whose fingerprint differs from the ``stored`` one of ``path``
+    (a file built without a posterior is accepted with a warning)."""
+    if posterior is None:
+        return
+    given = str(posterior.fingerprint)
+    if stored is None:
+        logger.warning("%s was built without a posterior; its fingerprint cannot be checked", path)
+    elif given != stored:
+        raise ValueError(
+            f"the posterior does not match the one {path} was built with "
+            f"(fingerprint {given!r}, stored {stored!r})"
+        )
+
+
+def restore(index: UncertainIndex, path: Path, tensors: dict[str, np.ndarray], dim: int, stored: str | None) -> None:
+    """Fill the new, empty ``index`` with the ``tensors`` read from ``path``, checked to
+    agree with each other and with ``dim``; ``stored`` is the file's posterior fingerprint."""
+    try:
+        faiss_index = faiss.deserialize_index(tensors["faiss_index"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: the FAISS index cannot be read: {err}") from err
+    ids = tensors["ids"]
+    body = tensors["samples"] if index.variance == "mc" else tensors["var"]
+    if faiss_index.d != dim or faiss_index.ntotal != len(ids) or body.shape[0] != len(ids) or body.shape[-1] != dim:
+        raise ValueError(f"{path} is inconsistent: {faiss_index.ntotal} vectors, {len(ids)} ids, data {body.shape}")
+    index._index, index._dim, index._ids = faiss_index, dim, ids
+    index._flat = isinstance(faiss.downcast_index(faiss_index), faiss.IndexFlat)
+    index._fingerprint = stored if stored is not None else index._fingerprint
+    if index.variance == "mc":
+        index._samples = body
+    else:
+        index._var, index._var_sum = body, body.sum(axis=1)
+    index._rows = index._growing_rows()
+    if index._gpu_id is not None:
+        index._gpu_index = to_gpu(index._gpu_res, index._gpu_id, faiss_index, index.index_factory)
