@@ -51,7 +51,8 @@ def calibrate_temperature(
     """The tempered posterior with the lowest validation ECE, and the report.
 
     Args:
-        x, labels: validation inputs and their labels (several items per label).
+        x: validation inputs.
+        labels: their labels (several items per label).
         temperatures: candidate covariance multipliers (default ``10^-4 ... 10^4``); when
             the best lies on the edge of the grid, the search goes on beyond it by factors
             of 10 for as long as the ECE improves.

@@ -289,7 +289,8 @@ def output_hessian(f: Tensor, pairs: PairSet, geometry: "str | Geometry", approx
     Args:
         f: ``[B, D]`` network outputs (detached).
         pairs: the pairs that count (negatives already filtered for an active hinge).
-        geometry, approx: as in docs/design.md §2.
+        geometry: a registered name or a :class:`Geometry` (docs/design.md §2).
+        approx: ``"pos"``, ``"fix"`` or ``"full"`` (docs/design.md §2).
     """
     if approx not in APPROXES:
         raise ValueError(f"approx must be one of {APPROXES}, got {approx!r}")

@@ -69,8 +69,9 @@ class OnlineLaplace:
         prior_precision: a number, a ``[P]`` tensor or ``"marglik"`` (1 while training;
             chosen by :meth:`posterior`).
         dataset_size: number of training items (scales the batch curvature).
-        lr, weight_decay: RMSprop settings; ``lr_decay`` multiplies the learning rate at
-            each :meth:`end_epoch`.
+        lr: RMSprop's learning rate.
+        weight_decay: RMSprop's weight decay.
+        lr_decay: multiplies the learning rate at each :meth:`end_epoch`.
         memory_factor: ``m`` in ``H <- m H + relu(h)``.
         n_samples: weight samples per step.
         fallback: the backend that takes over when ``backend`` refuses a batch (or raises).

@@ -99,6 +99,6 @@ def test_a_fit_and_an_online_step_never_build_dense_blocks(monkeypatch, approx):
     assert post.stats.backend == "last_layer"
     assert post.curvature.abs().max() > 0
     trainer = lam.online(x, dataset_size=64)
-    assert trainer.engine.name == "last_layer"
+    assert trainer.backend.name == "last_layer"
     trainer.step(x, y)
     assert torch.isfinite(trainer.H).all()

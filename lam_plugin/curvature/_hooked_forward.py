@@ -4,7 +4,7 @@ forward, and the backward passes on it that the per-layer rules turn into the di
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,7 @@ CHUNK = 8
 
 
 def _module_reason(name: str, module: nn.Module, locals_: Sequence[str]) -> str | None:
+    """Why the hooks cannot cover parameters ``locals_`` of ``module``, or None."""
     cls = stock_type(module)
     if cls is None:
         kinds = ", ".join(c.__name__ for c in STOCK)
@@ -291,7 +292,7 @@ def hooked_forward(
     bsz = batch_size(x)
     broadcast: list[str] = []
 
-    def hook(rule: Rule):
+    def hook(rule: Rule) -> Callable[..., Tensor]:
         def capture(module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> Tensor:
             inp = args[0] if args else kwargs["input"]
             if out.ndim >= 2 and out.shape[0] == 1 and bsz > 1:

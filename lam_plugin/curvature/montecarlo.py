@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from ..calling import Batch, ModelCall
 from ..geometry import LowRankBlocks, OutputHessian
 from ._hooked_forward import MAX_ELEMENTS, HookedForward, hooked_forward, leaf_forward
-from .base import CurvatureBackend, HessianFn, UnsupportedModelError, check_finite
+from .base import BackendOptions, CurvatureBackend, FitTarget, HessianFn, UnsupportedModelError, check_finite
 from .hooks import block_factors, hooks_support
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,11 @@ class MonteCarloBackend(CurvatureBackend):
             samples, "per-sample" if self.hooks else "full-batch",
         )
         self.max_elements = max_elements
+
+    @classmethod
+    def create(cls, model: nn.Module, call: ModelCall, target: FitTarget, options: BackendOptions) -> MonteCarloBackend:
+        """``options.mc_samples`` directions per batch, drawn from a generator seeded with ``options.seed``."""
+        return cls(model, call, target.names, options.mc_samples, torch.Generator().manual_seed(options.seed))
 
     def batch(self, x: Batch, hessian_fn: HessianFn) -> tuple[Tensor, Tensor]:
         fwd = None

@@ -466,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from .data import DatasetNotFoundError
-    from .reproduce import CacheMissError, DeviceUnavailableError, MethodUnavailableError
+    from .reproduce import CacheMissError, DeviceUnavailableError
 
     try:
         with _logging(args.verbose):
@@ -474,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetNotFoundError as err:
         print(f"lam-study: error: {err}", file=sys.stderr)
         return 1
-    except (MethodUnavailableError, DeviceUnavailableError, CacheMissError) as err:
+    except (DeviceUnavailableError, CacheMissError) as err:
         print(f"lam-study: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,7 +19,6 @@ from lam_study.reproduce import runner
 from lam_study.reproduce.report import _cache_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-HAS_ONLINE = callable(getattr(LaplaceEmbedder, "fit_online", None))
 
 
 def synthetic(n: int, classes: int, seed: int, kind: str = "id") -> ImageDataset:
@@ -43,9 +42,7 @@ def data() -> R.ProtocolData:
 
 
 def tiny_config(**overrides) -> R.ReproduceConfig:
-    methods = ["deterministic", "deep_ensemble", "pfe", "mc_dropout", "lam_posthoc"]
-    if HAS_ONLINE:
-        methods.append("lam_online")
+    methods = ["deterministic", "deep_ensemble", "pfe", "mc_dropout", "lam_posthoc", "lam_online"]
     settings = dict(
         seeds=(1,),
         methods=tuple(methods),
@@ -195,7 +192,6 @@ def test_cached_only_refuses_to_train_and_names_the_missing_model(monkeypatch, t
         R.reproduce_fashionmnist(config, tmp_path, data=data, progress=False, cached_only=True)
 
 
-@pytest.mark.skipif(not HAS_ONLINE, reason="needs LaplaceEmbedder.fit_online")
 def test_cached_only_refuses_a_missing_refit_of_cached_online_networks(first_run, data):
     config, out, _ = first_run
     refit = R.with_overrides(config, methods=("lam_online",), online_posterior="refit", posthoc_approx="pos")
@@ -259,16 +255,15 @@ def test_train_recipe_reaches_training_and_the_cache_key(monkeypatch, tmp_path, 
 
     seen = training_calls(monkeypatch)
     seen_online = []
-    if HAS_ONLINE:
-        real_online = runner.LaplaceEmbedder.fit_online
+    real_online = runner.PaperLaplaceEmbedder.fit_online
 
-        @functools.wraps(real_online)  # reproduce passes only the arguments the signature names
-        def spy_online(self, *args, **kwargs):
-            seen_online.append(kwargs)
-            return real_online(self, *args, **kwargs)
+    @functools.wraps(real_online)
+    def spy_online(self, *args, **kwargs):
+        seen_online.append(kwargs)
+        return real_online(self, *args, **kwargs)
 
-        monkeypatch.setattr(runner.LaplaceEmbedder, "fit_online", spy_online)
-    methods = ("deterministic", "lam_online") if HAS_ONLINE else ("deterministic",)
+    monkeypatch.setattr(runner.PaperLaplaceEmbedder, "fit_online", spy_online)
+    methods = ("deterministic", "lam_online")
     paper = tiny_config(methods=methods, val_fraction=0.0, prior_precision=1.0).with_recipe("paper")
     adam = paper.with_recipe("adam")
     assert (adam.recipe, paper.recipe) == ("adam", "paper")
@@ -285,10 +280,10 @@ def test_train_recipe_reaches_training_and_the_cache_key(monkeypatch, tmp_path, 
     with safe_open(str(tmp_path / "cache" / det["paper"][0]), "pt") as f:
         spec = json.loads(f.metadata()["spec"])
     assert (spec["optimizer"], spec["miner"], spec["weight_decay"]) == ("rmsprop", "triplets", 1e-5)
-    if HAS_ONLINE:  # online LAM takes only the recipe's learning rate, which gives it a key of its own
-        assert [kw["lr"] for kw in seen_online] == [adam.online_lr, paper.online_lr]
-        online = {k: [n for n in r.trained if n.startswith("lam_online")] for k, r in runs.items()}
-        assert online["adam"] and online["paper"] and not set(online["adam"]) & set(online["paper"])
+    # online LAM takes only the recipe's learning rate, which gives it a key of its own
+    assert [kw["lr"] for kw in seen_online] == [adam.online_lr, paper.online_lr]
+    online = {k: [n for n in r.trained if n.startswith("lam_online")] for k, r in runs.items()}
+    assert online["adam"] and online["paper"] and not set(online["adam"]) & set(online["paper"])
     text = (tmp_path / "results.md").read_text()
     assert "rmsprop at lr 0.032" in text and "This is the paper's code" in text
     with pytest.raises(ValueError, match="recipe"):
@@ -333,19 +328,18 @@ def spy_fit_online(monkeypatch) -> list[tuple[str, dict]]:
     """Record ``(miner name, {**kwargs, "hinge", "approx"})`` of every ``fit_online`` call,
     which then runs as usual."""
     seen: list[tuple[str, dict]] = []
-    real = runner.LaplaceEmbedder.fit_online
+    real = runner.PaperLaplaceEmbedder.fit_online
 
-    @functools.wraps(real)  # the same signature, which reproduce inspects
+    @functools.wraps(real)
     def spy(self, loader, epochs=20, **kwargs):
         miner = self.miner if isinstance(self.miner, str) else type(self.miner).__name__
         seen.append((miner, {**kwargs, "hinge": self.hinge, "approx": self.approx}))
         return real(self, loader, epochs, **kwargs)
 
-    monkeypatch.setattr(runner.LaplaceEmbedder, "fit_online", spy)
+    monkeypatch.setattr(runner.PaperLaplaceEmbedder, "fit_online", spy)
     return seen
 
 
-@pytest.mark.skipif(not HAS_ONLINE, reason="needs LaplaceEmbedder.fit_online")
 def test_online_options_reach_fit_online_and_the_cache_key(monkeypatch, tmp_path, data):
     from safetensors import safe_open
 
@@ -375,19 +369,18 @@ def test_online_options_reach_fit_online_and_the_cache_key(monkeypatch, tmp_path
     )
 
 
-@pytest.mark.skipif(not HAS_ONLINE, reason="needs LaplaceEmbedder.fit_online")
 def test_online_posterior_refit_reuses_the_network_and_fits_at_its_weights(monkeypatch, tmp_path, data):
     base = tiny_config(methods=("lam_online",), val_fraction=0.2)
     running = R.reproduce_fashionmnist(base, tmp_path, data=data, progress=False)
     assert "--online-posterior refit" not in (tmp_path / "results.md").read_text()
     fitted = []
-    real_fit = runner.LaplaceEmbedder.fit
+    real_fit = runner.PaperLaplaceEmbedder.fit
 
     def spy(self, loader, *args, **kwargs):
         fitted.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
         return real_fit(self, loader, *args, **kwargs)
 
-    monkeypatch.setattr(runner.LaplaceEmbedder, "fit", spy)
+    monkeypatch.setattr(runner.PaperLaplaceEmbedder, "fit", spy)
     refit = R.reproduce_fashionmnist(R.with_overrides(base, online_posterior="refit"), tmp_path, data=data, progress=False)
     # the online network and its running curvature come from the cache; only the fit is new
     assert set(refit.loaded) >= set(running.trained)
@@ -409,7 +402,6 @@ def test_online_posterior_refit_reuses_the_network_and_fits_at_its_weights(monke
         R.ReproduceConfig(online_posterior="final")
 
 
-@pytest.mark.skipif(not HAS_ONLINE, reason="needs LaplaceEmbedder.fit_online")
 def test_online_approx_reaches_the_running_curvature_and_the_cache_key(monkeypatch, tmp_path, data):
     seen = spy_fit_online(monkeypatch)
     base = tiny_config(methods=("lam_online",), val_fraction=0.2)
@@ -436,13 +428,13 @@ def test_online_approx_reaches_the_running_curvature_and_the_cache_key(monkeypat
 
 def test_posthoc_approx_reaches_the_fit_and_the_cache_key(monkeypatch, tmp_path, data):
     approxes = []
-    real_init = runner.LaplaceEmbedder.__init__
+    real_init = runner.PaperLaplaceEmbedder.__init__
 
     def spy(self, model, **kwargs):
         approxes.append(kwargs["approx"])
         real_init(self, model, **kwargs)
 
-    monkeypatch.setattr(runner.LaplaceEmbedder, "__init__", spy)
+    monkeypatch.setattr(runner.PaperLaplaceEmbedder, "__init__", spy)
     base = tiny_config(methods=("lam_posthoc",), prior_precision=1.0)
     fix = R.reproduce_fashionmnist(base, tmp_path, data=data, progress=False)
     assert "`--posthoc-approx`" not in (tmp_path / "results.md").read_text()
@@ -459,13 +451,13 @@ def test_posthoc_approx_reaches_the_fit_and_the_cache_key(monkeypatch, tmp_path,
 
 def test_posthoc_pairs_triplets_reach_the_fit_and_the_cache_key(monkeypatch, tmp_path, data):
     seen = []
-    real_init = runner.LaplaceEmbedder.__init__
+    real_init = runner.PaperLaplaceEmbedder.__init__
 
     def spy(self, model, **kwargs):
         seen.append((kwargs["miner"], kwargs["hinge"], kwargs["max_pairs"]))
         real_init(self, model, **kwargs)
 
-    monkeypatch.setattr(runner.LaplaceEmbedder, "__init__", spy)
+    monkeypatch.setattr(runner.PaperLaplaceEmbedder, "__init__", spy)
     # a wide margin: the trained tiny network separates the synthetic classes, and at the
     # default margin no triplet violates it (a fit without pairs is refused)
     base = tiny_config(methods=("lam_posthoc",), prior_precision=1.0, margin=1.9)
@@ -490,13 +482,6 @@ def test_posthoc_pairs_triplets_reach_the_fit_and_the_cache_key(monkeypatch, tmp
     assert not again.trained and fits[1][0] in again.loaded
     with pytest.raises(ValueError, match="posthoc_pairs"):
         R.ReproduceConfig(posthoc_pairs="triplet")
-
-
-def test_lam_online_without_fit_online(monkeypatch, tmp_path, data):
-    monkeypatch.delattr(runner.LaplaceEmbedder, "fit_online", raising=False)
-    with pytest.raises(R.MethodUnavailableError, match="fit_online"):
-        R.reproduce_fashionmnist(tiny_config(methods=("lam_online",)), tmp_path, data=data, progress=False)
-    assert not (tmp_path / "cache").exists()
 
 
 def test_config_validation():

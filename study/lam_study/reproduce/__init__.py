@@ -77,7 +77,6 @@ from .config import (
     LAM_APPROXES,
     METHOD_LABELS,
     METRICS,
-    MethodUnavailableError,
     PAPER_FASHIONMNIST,
     ReproduceConfig,
     SUPPLEMENTARY_METRICS,
@@ -96,7 +95,7 @@ from .evaluation import (
 )
 from .protocol import ProtocolData, _prepare, load_fashionmnist_protocol
 from .report import _json_safe, _machine, _markdown, _plots, results_table, seed_counts
-from .runner import _Method, _posterior_predict, _require_online, _Runner
+from .runner import _Method, _posterior_predict, _Runner
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +112,6 @@ __all__ = [
     "UNCERTAINTY_METRICS",
     "CacheMissError",
     "DeviceUnavailableError",
-    "MethodUnavailableError",
     "ProtocolData",
     "ReproduceConfig",
     "ReproduceResult",
@@ -178,7 +176,6 @@ def reproduce_fashionmnist(
 
     Raises:
         DatasetNotFoundError: a dataset is missing.
-        MethodUnavailableError: a requested method is not available in this installation.
         DeviceUnavailableError: ``device`` is CUDA and no CUDA device is usable.
         CacheMissError: ``cached_only`` and a model of this configuration is not cached.
     """
@@ -190,8 +187,6 @@ def reproduce_fashionmnist(
             "device 'cuda' was asked for, but this torch build or machine has no usable CUDA device "
             f"(torch {torch.__version__}, torch.cuda.is_available() is False); use device 'cpu'"
         )
-    if "lam_online" in config.methods:
-        _require_online()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if data is None:

@@ -128,9 +128,6 @@ CACHE_VERSION = 1
 CALIBRATION_TEMPERATURES: tuple[float, ...] = tuple(10.0**e for e in range(-5, 4))
 
 
-class MethodUnavailableError(RuntimeError):
-    """A requested method needs a part of lam_plugin that this installation lacks."""
-
 
 class DeviceUnavailableError(RuntimeError):
     """The requested torch device cannot be used on this machine."""

@@ -30,7 +30,6 @@ from .config import (
     CACHE_VERSION,
     CALIBRATION_TEMPERATURES,
     ONLINE_LATER_DEFAULTS,
-    MethodUnavailableError,
     ReproduceConfig,
     _prior_name,
 )
@@ -58,14 +57,6 @@ def _online_kwargs(config: ReproduceConfig, progress: bool) -> dict[str, Any]:
         "curvature": config.online_curvature,
         "relu": config.online_relu,
     }
-
-
-def _require_online() -> None:
-    if not callable(getattr(PaperLaplaceEmbedder, "fit_online", None)):
-        raise MethodUnavailableError(
-            "method 'lam_online' needs LaplaceEmbedder.fit_online, which this lam_plugin installation "
-            f"({__version__}) does not provide; run without it (e.g. --methods deterministic lam_posthoc ...)"
-        )
 
 
 class _Runner:
@@ -393,7 +384,6 @@ class _Runner:
         return out
 
     def _build_lam_online(self, seed: int) -> _Method:
-        _require_online()
         c = self.config
         net = self.new_net(seed)
         kwargs = _online_kwargs(c, self.progress)
