@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fashionmnist_or_random  # noqa: E402
+from common import fashionmnist_or_random
 
 
 def _model() -> torch.nn.Module:

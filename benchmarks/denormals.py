@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fashionmnist_or_random  # noqa: E402
+from common import fashionmnist_or_random
 
 
 def _median_seconds(fn: Callable[[], None], repeats: int) -> float:
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
 
     from lam_plugin import LaplaceEmbedder
-    from lam_study.models import fashionmnist_net
     from lam_plugin.online import OnlineLaplace
+    from lam_study.models import fashionmnist_net
 
     x, y, source = fashionmnist_or_random(max(args.images, 64 * args.steps))
 

@@ -37,15 +37,15 @@ from pytorch_metric_learning.miners import TripletMarginMiner
 from torch.utils.data import DataLoader, TensorDataset
 
 from lam_plugin import LaplaceEmbedder, metrics
-from lam_study.data.fashionmnist import CLASSES
 from lam_plugin.posterior import EmbeddingPosterior
 from lam_plugin.prediction import Prediction
+from lam_study.data.fashionmnist import CLASSES
 from lam_study.reproduce import ReproduceConfig, load_fashionmnist_protocol
 from lam_study.reproduce.protocol import _prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ood_scores import _net  # noqa: E402
-from uncertainty_by_class import class_levels  # noqa: E402
+from ood_scores import _net
+from uncertainty_by_class import class_levels
 
 VARIANTS = ("cached", "all-fix", "all-pos", "triplets-fix", "triplets-pos")
 METRICS = ("val_ausc", "ausc", "auroc", "auprc", "between")
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             fitted = time.perf_counter() - start
 
-            def predict(x: torch.Tensor, n: int) -> Prediction:
+            def predict(x: torch.Tensor, n: int, posterior=posterior, seed=seed) -> Prediction:
                 return posterior.predict(x, n=n, generator=torch.Generator().manual_seed(seed), batch_size=2000)
 
             val, test, ood = predict(data.val_x, 30), predict(data.test_x, args.samples), predict(data.ood_x, args.samples)

@@ -38,7 +38,7 @@ def wordnet_batches(
             if line.startswith(" ") or "|" not in line:
                 continue
             gloss = line.split("|", 1)[1].split(";")[0].strip()
-            if 3 <= len(gloss.split()) and (max_words == 0 or len(gloss.split()) <= max_words):
+            if len(gloss.split()) >= 3 and (max_words == 0 or len(gloss.split()) <= max_words):
                 by_class[int(line.split()[1])].append(gloss)
     classes = sorted(c for c, texts in by_class.items() if len(texts) >= n_batches * per_class)
     per_batch = batch_size // per_class
@@ -100,7 +100,7 @@ def main() -> None:
     def backend_fit() -> None:
         for x, y in data:
             selection = PairSelection()
-            backend.batch(x, lambda f, y=y: output_hessian(f, selection(y, f), "arccos", "fix"))
+            backend.batch(x, lambda f, y=y, selection=selection: output_hessian(f, selection(y, f), "arccos", "fix"))
 
     def embedder_fit() -> None:
         LaplaceEmbedder(model, subset=LAYER, approx="fix", backend="hooks", progress=False).fit(data)

@@ -34,9 +34,9 @@ from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import Tensor, nn
 
+from lam_plugin.posterior import EmbeddingPosterior
 from lam_study.data import load_fashionmnist, load_mnist
 from lam_study.models import fashionmnist_net
-from lam_plugin.posterior import EmbeddingPosterior
 
 
 def _one(cache: Path, pattern: str) -> Path:

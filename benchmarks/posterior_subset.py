@@ -39,7 +39,7 @@ from lam_study.reproduce.config import CALIBRATION_TEMPERATURES
 from lam_study.reproduce.protocol import _prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ood_scores import _net  # noqa: E402
+from ood_scores import _net
 
 
 def _print_prior_share(net: torch.nn.Module, posterior: EmbeddingPosterior, prior: float) -> None:

@@ -28,7 +28,7 @@ import torch
 from pytorch_metric_learning.miners import TripletMarginMiner
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fashionmnist_or_random  # noqa: E402
+from common import fashionmnist_or_random
 
 
 def main(argv: list[str] | None = None) -> int:

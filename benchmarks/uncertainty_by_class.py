@@ -36,11 +36,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from lam_plugin import metrics
-from lam_study.data import load_fashionmnist
 from lam_plugin.posterior import EmbeddingPosterior
+from lam_study.data import load_fashionmnist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ood_scores import _features, _net  # noqa: E402
+from ood_scores import _features, _net
 
 
 def class_levels(

@@ -40,14 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-
-from lam_plugin import L2Normalize, LaplaceEmbedder, UncertainIndex
-from lam_study.data import ImageDataset, load_fashionmnist, load_mnist
-from lam_study.data.fashionmnist import CLASSES
-from lam_plugin.numerics import flush_denormals
-from lam_study.training import embed, train_contrastive
-
 from evaluation import (
     markdown_report,
     nearest_distance,
@@ -60,6 +52,13 @@ from evaluation import (
     setup_logging,
     write_results,
 )
+from torch import Tensor, nn
+
+from lam_plugin import L2Normalize, LaplaceEmbedder, UncertainIndex
+from lam_plugin.numerics import flush_denormals
+from lam_study.data import ImageDataset, load_fashionmnist, load_mnist
+from lam_study.data.fashionmnist import CLASSES
+from lam_study.training import embed, train_contrastive
 
 logger = logging.getLogger("image_retrieval")
 

@@ -16,8 +16,8 @@ import logging
 import torch
 
 from lam_plugin import LaplaceEmbedder
-from lam_study.data import load_fashionmnist, load_mnist
 from lam_plugin.metrics import auroc, retrieval_metrics
+from lam_study.data import load_fashionmnist, load_mnist
 from lam_study.models import fashionmnist_net
 from lam_study.training import train_contrastive
 

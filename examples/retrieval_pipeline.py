@@ -54,10 +54,10 @@ from torch import nn
 
 from lam_plugin import EmbeddingPosterior, LaplaceEmbedder
 from lam_plugin.calibration import calibrate_temperature
-from lam_study.data import ImageDataset, load_fashionmnist, load_mnist
-from lam_study.data.fashionmnist import CLASSES
 from lam_plugin.index import SearchResult, UncertainIndex
 from lam_plugin.metrics import auroc, recall_at_k
+from lam_study.data import ImageDataset, load_fashionmnist, load_mnist
+from lam_study.data.fashionmnist import CLASSES
 from lam_study.models import fashionmnist_net
 from lam_study.training import train_contrastive
 

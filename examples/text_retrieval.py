@@ -42,11 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-
-from lam_plugin import LaplaceEmbedder, UncertainIndex
-from lam_plugin.metrics import auroc
-
 from evaluation import (
     markdown_report,
     nearest_distance,
@@ -59,18 +54,15 @@ from evaluation import (
     setup_logging,
     write_results,
 )
+from torch import Tensor, nn
+
+from lam_plugin import LaplaceEmbedder, UncertainIndex
+from lam_plugin.metrics import auroc
 
 logger = logging.getLogger("text_retrieval")
 
 #: WordNet's lexicographer files, by number (field 2 of a synset line in data.*)
-LEXNAMES = (
-    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
-    "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
-    "noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process "
-    "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change "
-    "verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation "
-    "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl"
-).split()
+LEXNAMES = ["adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition", "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl"]
 IN_DISTRIBUTION = (
     "noun.animal", "noun.artifact", "noun.body", "noun.food",
     "noun.location", "noun.person", "noun.plant", "noun.substance",

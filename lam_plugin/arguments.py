@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["check_prior", "check_schedule", "integer", "number", "positive_int"]
+__all__ = ["check_prior", "integer", "number", "positive_int"]
 
 
 def integer(value: Any, name: str, *, low: int) -> int:
@@ -28,12 +28,6 @@ def integer(value: Any, name: str, *, low: int) -> int:
 def positive_int(value: Any, name: str) -> int:
     """``value`` as an int of at least 1; bools and non-integers are refused."""
     return integer(value, name, low=1)
-
-
-def check_schedule(epochs: Any, batch_size: Any, lr: Any) -> tuple[int, int, float]:
-    """A training loop's ``epochs`` (an int, 0 allowed), ``batch_size`` (an int of at least
-    1) and ``lr`` (a positive finite number), checked before any weight changes."""
-    return integer(epochs, "epochs", low=0), positive_int(batch_size, "batch_size"), number(lr, "lr", low=0.0)
 
 
 def number(

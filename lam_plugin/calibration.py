@@ -23,6 +23,8 @@ from .metrics import ece
 from .posterior import EmbeddingPosterior
 from .wrapping import Batch
 
+__all__ = ["DEFAULT_TEMPERATURES", "CalibrationReport", "calibrate_temperature"]
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPERATURES: tuple[float, ...] = tuple(float(t) for t in np.logspace(-4, 4, 17))

@@ -24,14 +24,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from torch import Tensor, nn
 from torch.func import functional_call
 
-Batch = Union[Tensor, Mapping[str, Any]]
+__all__ = ["CONVENTIONS", "SENTENCE_EMBEDDING", "Batch", "Convention", "ModelCall", "OutputFn", "OutputKey", "as_call", "mean_pooling", "takes_keywords"]
+
+Batch = Tensor | Mapping[str, Any]
 OutputFn = Callable[[Any, Batch], Tensor]
-OutputKey = Union[str, int, OutputFn, None]
+OutputKey = str | int | OutputFn | None
 Convention = Literal["auto", "positional", "keywords"]
 CONVENTIONS = ("auto", "positional", "keywords")
 
@@ -121,7 +123,7 @@ class ModelCall:
         """The ``[B, D]`` embedding of ``x`` with ``params`` substituted into ``model``."""
         try:
             if self.keywords(model, x):
-                out: Any = functional_call(model, dict(params), (), dict(x))  # type: ignore[arg-type]
+                out: Any = functional_call(model, dict(params), (), dict(x))
             else:
                 out = functional_call(model, dict(params), (dict(x) if isinstance(x, Mapping) else x,))
         except TypeError as err:

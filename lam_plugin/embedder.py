@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._batches import labelled
+from ._parameters import Subset, fit_target, flatten
 from .arguments import check_prior, number, positive_int
-from .batches import labelled
 from .calling import Batch, Convention, ModelCall, OutputKey
 from .curvature.base import BackendOptions, CurvatureBackend, FitTarget, HessianFn, UnsupportedModelError
 from .curvature.last_layer import HeadMismatchError
@@ -22,7 +22,6 @@ from .losses import ContrastiveBatchLoss
 from .numerics import flush_denormals
 from .online import OnlineLaplace, dataset_size_of, first_input
 from .pairs import Miner, PairSelection, check_miner
-from .parameters import Subset, fit_target, flatten
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
 from .wrapping import batch_size, eval_mode, model_device, prepare_inputs
@@ -31,7 +30,7 @@ __all__ = ["LaplaceEmbedder"]
 
 logger = logging.getLogger(__name__)
 
-PriorPrecision = Union[float, Tensor, Literal["marglik"]]
+PriorPrecision = float | Tensor | Literal["marglik"]
 
 
 class LaplaceEmbedder:
@@ -122,7 +121,7 @@ class LaplaceEmbedder:
 
     # -- what a fit is made of (subclasses may override) -----------------------------------
     def fit_target(self, example: Batch) -> FitTarget:
-        """The weights of :attr:`subset` on an example batch (``lam_plugin.parameters.fit_target``)."""
+        """The weights of :attr:`subset` on an example batch (``lam_plugin._parameters.fit_target``)."""
         return fit_target(self.model, self.subset, prepare_inputs(example, self.model), self.model_call)
 
     def make_backend(self, target: FitTarget) -> CurvatureBackend:
@@ -354,7 +353,7 @@ def _len_or_none(loader: Iterable[Any], default: int) -> int:
 
 
 def _first_batch(loader: Iterable[Any]) -> Any:
-    if iter(loader) is loader:  # type: ignore[comparison-overlap]
+    if iter(loader) is loader:
         raise TypeError("loader must be re-iterable (a DataLoader or a list of batches), not a one-shot iterator")
     try:
         return next(iter(loader))

@@ -45,6 +45,8 @@ from torch import Tensor
 
 from .pairs import PairSet
 
+__all__ = ["APPROXES", "GEOMETRIES", "Approx", "ArccosGeometry", "EuclideanGeometry", "Geometry", "LowRankBlocks", "OutputHessian", "output_hessian", "pair_blocks", "resolve_geometry"]
+
 Approx = Literal["pos", "fix", "full"]
 APPROXES = ("pos", "fix", "full")
 
@@ -72,11 +74,11 @@ class Geometry(ABC):
         """Positive-pair Hessian blocks ``H11, H12, H22``, each ``[P, D, D]``, for outputs ``a, b [P, D]``."""
 
     @abstractmethod
-    def self_blocks(self, w: Tensor, norm: Tensor, e: Tensor) -> "LowRankBlocks":
+    def self_blocks(self, w: Tensor, norm: Tensor, e: Tensor) -> LowRankBlocks:
         """The ``B`` blocks ``G_kk = sum_l W_kl S_kl`` from the signed pair counts ``w [B, B]``,
         the output norms ``norm [B]`` and directions ``e [B, D]`` (:class:`OutputHessian`)."""
 
-    def cross_blocks(self, w_kl: Tensor, norm_k: Tensor, norm_l: Tensor, e_k: Tensor, e_l: Tensor) -> "LowRankBlocks":
+    def cross_blocks(self, w_kl: Tensor, norm_k: Tensor, norm_l: Tensor, e_k: Tensor, e_l: Tensor) -> LowRankBlocks:
         """``C_n = w_kl[n] X_kl`` for ``N`` pairs ``(k, l)`` (``[N]`` weights and norms, ``[N, D]``
         directions), with ``X_kl = -(I - e_k e_k^T - e_l e_l^T + c_kl e_k e_l^T) / (n_k n_l)``,
         the cross block that both built-in geometries share (:class:`OutputHessian`)."""
@@ -106,7 +108,7 @@ class ArccosGeometry(Geometry):
         cross = eye - _outer(ah, ah) - _outer(bh, bh) + c * _outer(ah, bh)
         return h11, -cross / (na * nb).unsqueeze(-1), h22
 
-    def self_blocks(self, w: Tensor, norm: Tensor, e: Tensor) -> "LowRankBlocks":
+    def self_blocks(self, w: Tensor, norm: Tensor, e: Tensor) -> LowRankBlocks:
         """``alpha_k = sum_l W_kl c_kl / n_k^2`` and the terms ``e_k w_k^T + w_k e_k^T -
         3 alpha_k e_k e_k^T`` with ``w_k = sum_l W_kl e_l / n_k^2``."""
         inv = norm.pow(-2)
@@ -130,7 +132,7 @@ class EuclideanGeometry(Geometry):
         pb = (eye - _outer(bh, bh)) / nb.unsqueeze(-1)
         return pa @ pa, -(pa @ pb), pb @ pb
 
-    def self_blocks(self, w: Tensor, norm: Tensor, e: Tensor) -> "LowRankBlocks":
+    def self_blocks(self, w: Tensor, norm: Tensor, e: Tensor) -> LowRankBlocks:
         """``alpha_k = sum_l W_kl / n_k^2`` and the term ``-alpha_k e_k e_k^T``."""
         omega = w.sum(1) * norm.pow(-2)
         return LowRankBlocks(omega, e[None], -(omega[:, None] * e)[None])
@@ -140,7 +142,7 @@ class EuclideanGeometry(Geometry):
 GEOMETRIES: dict[str, type[Geometry]] = {"arccos": ArccosGeometry, "euclidean": EuclideanGeometry}
 
 
-def resolve_geometry(geometry: "str | Geometry") -> Geometry:
+def resolve_geometry(geometry: str | Geometry) -> Geometry:
     """A :class:`Geometry` from a registered name or an instance."""
     if isinstance(geometry, Geometry):
         return geometry
@@ -149,7 +151,7 @@ def resolve_geometry(geometry: "str | Geometry") -> Geometry:
     raise ValueError(f"geometry must be one of {tuple(GEOMETRIES)} or a Geometry instance, got {geometry!r}")
 
 
-def pair_blocks(a: Tensor, b: Tensor, geometry: "str | Geometry") -> tuple[Tensor, Tensor, Tensor]:
+def pair_blocks(a: Tensor, b: Tensor, geometry: str | Geometry) -> tuple[Tensor, Tensor, Tensor]:
     """Positive-pair Hessian blocks ``H11, H12, H22`` (``[P, D, D]`` each) of ``geometry``."""
     return resolve_geometry(geometry).pair_blocks(a, b)
 
@@ -283,7 +285,7 @@ def _dense(f: Tensor, pairs: PairSet, geometry: Geometry, block_diagonal: bool) 
     return g.permute(0, 2, 1, 3).reshape(bsz * dim, bsz * dim)
 
 
-def output_hessian(f: Tensor, pairs: PairSet, geometry: "str | Geometry", approx: Approx) -> OutputHessian:
+def output_hessian(f: Tensor, pairs: PairSet, geometry: str | Geometry, approx: Approx) -> OutputHessian:
     """The output Hessian of a batch from its signed pairs (nothing is materialised here).
 
     Args:

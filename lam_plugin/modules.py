@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+__all__ = ["L2Normalize"]
+
 
 class L2Normalize(nn.Module):
     """Projects each row onto the unit sphere: ``z = f / ||f||`` along ``dim``.

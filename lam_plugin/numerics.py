@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
+__all__ = ["denormals_flushed_now", "flush_denormals"]
+
 _SUBNORMAL = 1e-39  # a float32 subnormal
 
 

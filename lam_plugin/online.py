@@ -25,22 +25,22 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._batches import inputs as inputs_of
+from ._parameters import unflatten
 from .arguments import number, positive_int
-from .batches import inputs as inputs_of
 from .calling import Batch, ModelCall
 from .curvature.base import CurvatureBackend, FitTarget, UnsupportedModelError
 from .curvature.last_layer import HeadMismatchError
 from .geometry import Geometry, output_hessian
 from .numerics import flush_denormals
 from .pairs import PairSelection
-from .parameters import unflatten
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
 from .wrapping import batch_size, model_device, prepare_inputs

@@ -13,12 +13,12 @@ Conventions (docs/design.md §2):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
-Miner = Union[str, Any]
+Miner = str | Any
 
 __all__ = ["Miner", "PairCounts", "PairSelection", "PairSet", "active", "all_pairs", "check_miner", "make_pairs", "subsample"]
 
@@ -52,7 +52,7 @@ class PairSet:
         """``[P]`` +1 for positive pairs, -1 for negative pairs (the sign of their curvature)."""
         return self.positive.to(torch.int8) * 2 - 1
 
-    def select(self, mask: Tensor) -> "PairSet":
+    def select(self, mask: Tensor) -> PairSet:
         return PairSet(self.i[mask], self.j[mask], self.positive[mask])
 
 

@@ -21,14 +21,16 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from . import __version__, file_format
-from .curvature.last_layer import apply_head, head_holds, run_with_features
-from .parameters import architecture, fingerprint, flatten, unflatten
-from .prediction import Prediction
+from ._batches import inputs as inputs_of
+from ._batches import iter_inputs
+from ._parameters import architecture, fingerprint, flatten, unflatten
 from .calling import Batch, ModelCall, OutputKey
-from .batches import inputs as inputs_of
-from .batches import iter_inputs
-from .wrapping import eval_mode, model_device, prepare_inputs, slice_batch
+from .curvature.last_layer import apply_head, head_holds, run_with_features
+from .prediction import Prediction
 from .wrapping import batch_size as batch_size_of
+from .wrapping import eval_mode, model_device, prepare_inputs, slice_batch
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "EmbeddingPosterior", "FitStats", "PosteriorConfig", "PosteriorSummary"]
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +290,7 @@ class EmbeddingPosterior:
                     self._vmap_ok = False
             return torch.stack([embed({k: v[s] for k, v in params.items()}) for s in range(weights.shape[0])])
 
-    def tempered(self, temperature: float) -> "EmbeddingPosterior":
+    def tempered(self, temperature: float) -> EmbeddingPosterior:
         """The same posterior with its covariance multiplied by ``temperature``.
 
         Both terms of the precision are divided by it, so the balance between data and
@@ -426,7 +428,7 @@ class EmbeddingPosterior:
         file_format.write(path, tensors, meta, format_name=FORMAT, version=FORMAT_VERSION, framework="pt")
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module, output_key: OutputKey = None) -> "EmbeddingPosterior":
+    def load(cls, path: str | Path, model: nn.Module, output_key: OutputKey = None) -> EmbeddingPosterior:
         """Read a file written by :meth:`save` for ``model``; refuse one made for another model.
 
         ``output_key``: the callable that took the embedding from the output, when the

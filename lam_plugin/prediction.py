@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+__all__ = ["Prediction"]
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -43,7 +45,7 @@ class Prediction:
         return None if self.output_var is None else self.output_var.sum(dim=-1)
 
     @classmethod
-    def from_samples(cls, samples: Tensor, keep_samples: bool = False) -> "Prediction":
+    def from_samples(cls, samples: Tensor, keep_samples: bool = False) -> Prediction:
         """Summarise ``[n, B, D]`` unit-norm samples (``n >= 2``)."""
         if samples.ndim != 3:
             raise ValueError(f"samples must have shape [n, B, D], got {tuple(samples.shape)}")
@@ -54,7 +56,7 @@ class Prediction:
         return cls(mean=mean, std=std, samples=samples if keep_samples else None)
 
     @classmethod
-    def from_outputs(cls, outputs: Tensor, keep_samples: bool = False, normalize: bool = True) -> "Prediction":
+    def from_outputs(cls, outputs: Tensor, keep_samples: bool = False, normalize: bool = True) -> Prediction:
         """Summarise ``[n, B, D]`` model outputs: the samples are the outputs L2-normalised
         (as given when ``normalize`` is false), and ``output_var`` is the variance of the
         outputs themselves."""
@@ -63,7 +65,7 @@ class Prediction:
         return replace(pred, output_var=outputs.var(dim=0))
 
     @classmethod
-    def concat(cls, parts: list["Prediction"]) -> "Prediction":
+    def concat(cls, parts: list[Prediction]) -> Prediction:
         """One prediction of the items of ``parts``, in order (samples along dimension 1)."""
         if not parts:
             raise ValueError("no prediction to concatenate")
@@ -76,7 +78,7 @@ class Prediction:
 
         return cls(mean=cat("mean"), std=cat("std"), samples=cat("samples", 1), output_var=cat("output_var"))  # type: ignore[arg-type]
 
-    def to(self, device: torch.device | str) -> "Prediction":
+    def to(self, device: torch.device | str) -> Prediction:
         """A copy on ``device``."""
         return Prediction(
             mean=self.mean.to(device),

@@ -15,6 +15,8 @@ import logging
 import torch
 from torch import Tensor, nn
 
+__all__ = ["marglik_prior_precision"]
+
 logger = logging.getLogger(__name__)
 
 

@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
 from .calling import Batch
+
+__all__ = ["batch_size", "check_inputs", "eval_mode", "head_of_batch", "model_device", "prepare_inputs", "slice_batch"]
 
 
 

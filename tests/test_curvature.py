@@ -38,7 +38,7 @@ def reference_curvature(model, names, batches, geometry, approx, output_key=None
     sizes = [params[n].numel() for n in names]
     total = torch.zeros_like(theta0)
     for x, y in batches:
-        def out_fn(theta):
+        def out_fn(theta, x=x):
             chunks = dict(zip(names, [c.reshape(params[n].shape) for c, n in zip(theta.split(sizes), names)]))
             out = functional_call(model, chunks, (x,))
             out = out[output_key] if output_key is not None else out
@@ -103,7 +103,7 @@ def test_curvature_matches_reference_float32(model_name, geometry, approx):
     backends = ["torch.func"] + (["backpack"] if backpack_ok else [])
     for subset in ("all", "last_layer"):
         ref = None
-        for backend in backends + ["auto"]:
+        for backend in [*backends, "auto"]:
             post = _fit(model, batches, key, subset=subset, geometry=geometry, approx=approx, backend=backend)
             if ref is None:
                 ref = reference_curvature(ref_model, post.param_names, ref_batches, geometry, approx, key)
@@ -152,7 +152,7 @@ def test_miner_pairs_count_as_given():
 
     total = torch.zeros_like(post.curvature)
     for x, y in batches:
-        a, p, n = lmu.get_all_triplets_indices(y)
+        a, p, _n = lmu.get_all_triplets_indices(y)
         counts: dict[tuple[int, int], int] = {}
         for ai, pi in zip(a.tolist(), p.tolist()):
             counts[(ai, pi)] = counts.get((ai, pi), 0) + 1

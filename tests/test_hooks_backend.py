@@ -575,7 +575,7 @@ def test_a_sentence_transformers_model_with_no_option(cases):
     for xb, yb in batches:
         jac, f = brute_jacobian(model64, xb, normalize=False)
         sizes = [p.numel() for p in model64.parameters()]
-        offsets = torch.tensor([0] + sizes).cumsum(0)
+        offsets = torch.tensor([0, *sizes]).cumsum(0)
         cols = torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in where])
         total = total + reference_diagonal(jac[..., cols], f, yb, "arccos", "fix")
     assert _relerr(post.curvature, total.clamp_min(0)) <= 1e-4

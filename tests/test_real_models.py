@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lam_plugin import LaplaceEmbedder, UncertainIndex
-from lam_plugin.batches import iter_inputs, labelled, stack_pairs
+from lam_plugin._batches import iter_inputs, labelled, stack_pairs
 from lam_plugin.calling import ModelCall, mean_pooling
 
 VOCAB, WIDTH, DIM = 30, 12, 6

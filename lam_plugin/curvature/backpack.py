@@ -22,16 +22,18 @@ import torch
 from backpack import backpack, extend
 from backpack.core.derivatives.basederivatives import BaseDerivatives
 from backpack.core.derivatives.convnd import ConvNDDerivatives
+from backpack.custom_module.graph_utils import BackpackTracer
 from backpack.extensions import SqrtGGNExact
 from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
-from backpack.custom_module.graph_utils import BackpackTracer
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.fx import Graph
 
-from ..modules import L2Normalize
 from ..calling import Batch, ModelCall
+from ..modules import L2Normalize
 from .base import CurvatureBackend, HessianFn, UnsupportedModelError, check_finite, flat_jacobian
+
+__all__ = ["BackpackBackend", "ParameterFreeDerivatives", "backpack_support"]
 
 
 _GRAPH_OPS_OK = {"placeholder", "output", "call_module", "get_attr"}
@@ -56,8 +58,9 @@ class ParameterFreeDerivatives(BaseDerivatives):
         mat: Tensor,
         subsampling: list[int] | None = None,
     ) -> Tensor:
-        inp = module.input0 if subsampling is None else module.input0[subsampling]
-        _, pullback = vjp(module.forward, inp.detach())
+        stored: Tensor = module.input0  # type: ignore[assignment]
+        inp = stored if subsampling is None else stored[subsampling]
+        _, pullback = vjp(module.forward, inp.detach())  # type: ignore[misc]
         return vmap(lambda m: pullback(m)[0])(mat)
 
 
@@ -85,9 +88,10 @@ class _ConvDerivatives(ConvNDDerivatives):
         if subsampling is not None:
             unfolded = unfolded[subsampling]
         flat = mat.flatten(start_dim=3)
+        shape = tuple(module.weight.shape)  # type: ignore[arg-type]
         if sum_batch:
-            return torch.einsum("vnol,nil->voi", flat, unfolded).reshape(mat.shape[0], *module.weight.shape)
-        return torch.einsum("vnol,nil->vnoi", flat, unfolded).reshape(*mat.shape[:2], *module.weight.shape)
+            return torch.einsum("vnol,nil->voi", flat, unfolded).reshape(mat.shape[0], *shape)
+        return torch.einsum("vnol,nil->vnoi", flat, unfolded).reshape(*mat.shape[:2], *shape)
 
 
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
@@ -132,11 +136,11 @@ def _l2normalize_kept_whole() -> Iterator[None]:
     def is_leaf_module(tracer: BackpackTracer, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, L2Normalize) or original(tracer, m, module_qualified_name)
 
-    BackpackTracer.is_leaf_module = is_leaf_module  # type: ignore[method-assign]
+    BackpackTracer.is_leaf_module = is_leaf_module
     try:
         yield
     finally:
-        BackpackTracer.is_leaf_module = original  # type: ignore[method-assign]
+        BackpackTracer.is_leaf_module = original
 
 
 def _unsupported(gm: nn.Module, graph: Graph) -> str | None:
@@ -229,7 +233,7 @@ class BackpackBackend(CurvatureBackend):
                         continue
                     jac = flat_jacobian(factor.transpose(0, 1))
                     parts[name] = g.contract(jac) / 2.0
-                    del p.sqrt_ggn_exact
+                    delattr(p, "sqrt_ggn_exact")
 
             loss = self.loss(out, torch.zeros_like(out))
             with backpack(self.ext, extension_hook=contract), warnings.catch_warnings():
@@ -258,7 +262,7 @@ class BackpackBackend(CurvatureBackend):
             )
         with torch.no_grad():
             for n, value in source.items():
-                own[n].copy_(params[n] if n in params else value)
+                own[n].copy_(params.get(n, value))
         yield
 
     def close(self) -> None:

@@ -81,7 +81,7 @@ class CurvatureBackend(ABC):
         self.param_names = list(param_names)
 
     @classmethod
-    def create(cls, model: nn.Module, call: ModelCall, target: FitTarget, options: BackendOptions) -> "CurvatureBackend":
+    def create(cls, model: nn.Module, call: ModelCall, target: FitTarget, options: BackendOptions) -> CurvatureBackend:
         """The backend for ``target`` of ``model``; a subclass whose constructor takes more
         than the three arguments of this one overrides this to read them from ``options``."""
         return cls(model, call, target.names)
@@ -114,7 +114,7 @@ class CurvatureBackend(ABC):
         ``hessian_fn`` maps the detached outputs ``[B, D]`` to the batch's output Hessian.
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a default that holds nothing to release)
         """Release what the backend holds (copies, hooks)."""
 
 

@@ -18,6 +18,8 @@ from torch.utils._pytree import tree_map
 from ..calling import Batch, ModelCall
 from .base import BackendOptions, CurvatureBackend, FitTarget, HessianFn, check_finite, flat_jacobian
 
+__all__ = ["FunctorchBackend"]
+
 
 class FunctorchBackend(CurvatureBackend):
     """Per-sample Jacobians with ``torch.func``; ``chunk_size`` bounds vmap's memory."""
@@ -35,7 +37,7 @@ class FunctorchBackend(CurvatureBackend):
         self.chunk_size = chunk_size
 
     @classmethod
-    def create(cls, model: nn.Module, call: ModelCall, target: FitTarget, options: BackendOptions) -> "FunctorchBackend":
+    def create(cls, model: nn.Module, call: ModelCall, target: FitTarget, options: BackendOptions) -> FunctorchBackend:
         return cls(model, call, target.names, options.chunk_size)
 
     def jacobians(self, x: Batch, params: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor]:

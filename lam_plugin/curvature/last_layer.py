@@ -27,9 +27,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..geometry import LowRankBlocks, OutputHessian
 from ..calling import Batch, ModelCall
+from ..geometry import LowRankBlocks, OutputHessian
 from .base import BackendOptions, CurvatureBackend, FitTarget, HessianFn, UnsupportedModelError, check_finite
+
+__all__ = ["Head", "HeadJacobian", "HeadMismatchError", "LastLayerCurvature", "apply_head", "capture_io", "detect_head", "head_holds", "run_with_features"]
 
 Head = Literal["identity", "normalize"]
 _CHUNK_ELEMENTS = 2**21
@@ -74,8 +76,8 @@ def head_holds(u: Tensor, out: Tensor, head: Head) -> bool:
 def detect_head(u: Tensor, out: Tensor) -> Head | None:
     """Which parameter-free head maps the last layer's output ``u`` to the model output, if any."""
     for head in ("identity", "normalize"):
-        if head_holds(u, out, head):  # type: ignore[arg-type]
-            return head  # type: ignore[return-value]
+        if head_holds(u, out, head):
+            return head
     return None
 
 
@@ -99,7 +101,7 @@ class HeadJacobian:
     r: Tensor | None
 
     @classmethod
-    def at(cls, u: Tensor, head: Head) -> "HeadJacobian":
+    def at(cls, u: Tensor, head: Head) -> HeadJacobian:
         """The Jacobians of ``head`` at the layer outputs ``u [B, D]``."""
         if head == "identity":
             return cls(None, None)
@@ -165,7 +167,7 @@ class LastLayerCurvature(CurvatureBackend):
         self.head = head
 
     @classmethod
-    def create(cls, model: nn.Module, call: ModelCall, target: FitTarget, options: BackendOptions) -> "LastLayerCurvature":
+    def create(cls, model: nn.Module, call: ModelCall, target: FitTarget, options: BackendOptions) -> LastLayerCurvature:
         if target.layer is None or target.head is None:
             raise UnsupportedModelError(
                 "the last layer's closed form needs a subset that is one nn.Linear whose output, or its L2 "

@@ -67,6 +67,8 @@ from ._hooked_forward import MAX_ELEMENTS, HookedForward, hooked_forward, leaf_f
 from .base import BackendOptions, CurvatureBackend, FitTarget, HessianFn, UnsupportedModelError, check_finite
 from .hooks import block_factors, hooks_support
 
+__all__ = ["ESTIMATORS", "PAIR_CHUNK", "Estimator", "MonteCarloBackend"]
+
 logger = logging.getLogger(__name__)
 
 Estimator = Literal["auto", "per-sample", "full-batch"]

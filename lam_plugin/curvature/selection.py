@@ -10,7 +10,6 @@ takes over from that batch.
 from __future__ import annotations
 
 import logging
-from typing import Union
 
 from torch import nn
 
@@ -35,7 +34,7 @@ BACKENDS: dict[str, type[CurvatureBackend]] = {
     "last_layer": LastLayerCurvature,
 }
 
-BackendSpec = Union[str, type[CurvatureBackend], CurvatureBackend]
+BackendSpec = str | type[CurvatureBackend] | CurvatureBackend
 
 
 def register_backend(name: str, backend: type[CurvatureBackend]) -> None:

@@ -129,6 +129,6 @@ def _concat(parts: list[tuple[Chunk, ChunkIds]]) -> tuple[Chunk, ChunkIds]:
     rows = (
         np.concatenate(means),
         np.concatenate(variances),
-        None if samples[0] is None else np.concatenate(samples),  # type: ignore[arg-type]
+        None if samples[0] is None else np.concatenate(samples),
     )
     return rows, None if ids[0] is None else np.concatenate(ids)  # type: ignore[arg-type]

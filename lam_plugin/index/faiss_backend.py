@@ -5,6 +5,7 @@ FAISS does the work; this module turns its failures into errors that say what to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -28,7 +29,7 @@ def new_index(train_on: np.ndarray, factory: str, metric: str) -> Any:
         raise ValueError(f"index_factory {factory!r} cannot build an index of dimension {dim}: {err}") from err
     if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
         # a bad value of index_factory, not an argument of the wrong type
-        raise ValueError("UncertainIndex keeps the ids itself: remove 'IDMap' from index_factory")  # noqa: TRY004
+        raise ValueError("UncertainIndex keeps the ids itself: remove 'IDMap' from index_factory")
     if not index.is_trained:
         needed = min_training_points(index)
         if n < needed:
@@ -41,10 +42,9 @@ def new_index(train_on: np.ndarray, factory: str, metric: str) -> Any:
             index.train(train_on)
         except RuntimeError as err:
             raise ValueError(f"training {factory!r} on {n} vectors failed: {err}") from err
-    try:  # IVF indexes reconstruct stored vectors by id only with a direct map
+    # IVF indexes reconstruct stored vectors by id only with a direct map; others raise
+    with contextlib.suppress(RuntimeError):
         faiss.extract_index_ivf(index).make_direct_map()
-    except RuntimeError:
-        pass  # not an IVF index
     return index
 
 

@@ -10,6 +10,8 @@ import numpy as np
 from .inputs import ArrayLike, as_float_array, as_labels, check_at_least_two
 from .neighbours import knn
 
+__all__ = ["Certain", "NearestNeighbourVotes", "ReliabilityDiagram", "ece", "nearest_neighbour_votes", "reliability_diagram"]
+
 
 class ReliabilityDiagram(NamedTuple):
     """Per-bin summary of confidence against accuracy (``bins`` equal-width bins on ``[0, 1]``).

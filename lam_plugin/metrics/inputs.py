@@ -4,12 +4,13 @@ array of the expected rank, or a ``ValueError``/``TypeError`` that names the arg
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 import torch
 
-ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[float], Sequence[int]]
+__all__ = ["ArrayLike", "as_float_array", "as_labels", "check_at_least_two", "check_k", "to_numpy"]
+
+ArrayLike = torch.Tensor | np.ndarray | Sequence[float] | Sequence[int]
 
 
 def to_numpy(x: ArrayLike) -> np.ndarray:

@@ -10,6 +10,8 @@ import torch
 
 from .inputs import ArrayLike, as_float_array, check_at_least_two, check_k
 
+__all__ = ["knn", "nearest_neighbours"]
+
 logger = logging.getLogger(__name__)
 
 # Number of query-to-item distances held at once by the blocked k-NN search

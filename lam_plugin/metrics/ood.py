@@ -16,6 +16,8 @@ import numpy as np
 
 from .inputs import ArrayLike, as_float_array
 
+__all__ = ["PrCurve", "RocCurve", "auprc", "auroc", "pr_curve", "roc_curve"]
+
 
 class RocCurve(NamedTuple):
     """Receiver operating characteristic, as ``sklearn.metrics.roc_curve`` returns it."""

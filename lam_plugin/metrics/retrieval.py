@@ -10,6 +10,8 @@ import numpy as np
 from .inputs import ArrayLike, as_float_array, as_labels, check_at_least_two, check_k
 from .neighbours import knn
 
+__all__ = ["map_at_k", "recall_at_k", "retrieval_metrics"]
+
 logger = logging.getLogger(__name__)
 
 

@@ -13,6 +13,8 @@ import numpy as np
 from .inputs import ArrayLike, as_float_array, as_labels, check_at_least_two
 from .neighbours import knn
 
+__all__ = ["SparsificationCurve", "ausc", "sparsification_curve"]
+
 # The sparsification curve removes 0, 1, ..., 98 percent of the queries.
 _SPARSIFICATION_STEPS = 99
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lam_plugin.modules import L2Normalize
 
-__all__ = ["DROPOUT_LAYOUTS", "ResidualBlock", "fashionmnist_net", "small_resnet", "mlp_embedder"]
+__all__ = ["DROPOUT_LAYOUTS", "ResidualBlock", "fashionmnist_net", "mlp_embedder", "small_resnet"]
 
 
 def _head(layers: list[nn.Module], normalize: bool) -> nn.Sequential:

@@ -28,10 +28,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from lam_plugin.metrics import PrCurve, ReliabilityDiagram, RocCurve, SparsificationCurve
 
 __all__ = [
-    "plot_roc_curves",
     "plot_pr_curves",
-    "plot_sparsification_curves",
     "plot_reliability_diagrams",
+    "plot_roc_curves",
+    "plot_sparsification_curves",
 ]
 
 PathLike = str | Path

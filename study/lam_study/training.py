@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lam_plugin import wrapping
-from lam_plugin.arguments import check_schedule
-from .losses import ContrastiveBatchLoss
+from lam_plugin.arguments import integer, number, positive_int
 from lam_plugin.metrics import map_at_k
 from lam_plugin.numerics import flush_denormals
 from lam_plugin.wrapping import eval_mode
 
+from .losses import ContrastiveBatchLoss
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainingHistory", "train_contrastive", "embed", "preserve_modes", "model_device", "seeded"]
+__all__ = ["TrainingHistory", "embed", "model_device", "preserve_modes", "seeded", "train_contrastive"]
 
 
 @dataclass
@@ -51,6 +53,12 @@ class TrainingHistory:
 
     def __len__(self) -> int:
         return len(self.epoch_losses)
+
+
+def check_schedule(epochs: Any, batch_size: Any, lr: Any) -> tuple[int, int, float]:
+    """A training loop's ``epochs`` (an int, 0 allowed), ``batch_size`` (an int of at least
+    1) and ``lr`` (a positive finite number), checked before any weight changes."""
+    return integer(epochs, "epochs", low=0), positive_int(batch_size, "batch_size"), number(lr, "lr", low=0.0)
 
 
 @contextlib.contextmanager

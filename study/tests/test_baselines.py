@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lam_plugin.prediction import Prediction
 from lam_study.baselines import (
     HIB,
     PFE,
@@ -20,7 +21,6 @@ from lam_study.baselines import (
 )
 from lam_study.baselines.base import InputScale
 from lam_study.models import fashionmnist_net, mlp_embedder
-from lam_plugin.prediction import Prediction
 from lam_study.training import train_contrastive
 
 D_IN, D = 8, 4
@@ -280,7 +280,7 @@ def test_pfe_fit_lowers_mls_and_keeps_embedder(trained_embedder, fitted_pfe):
     with torch.no_grad():
         ref = nn.functional.normalize(copy.deepcopy(trained_embedder).eval()(x[:10]), dim=-1)
     torch.testing.assert_close(pred.mean, ref)  # mean = the frozen embedding
-    mu, log_var = pfe.mean_log_var(x[:10])
+    _mu, log_var = pfe.mean_log_var(x[:10])
     torch.testing.assert_close(pred.std, (0.5 * log_var).exp())
     assert_unchanged(trained_embedder, snap)
 
@@ -333,7 +333,7 @@ def test_every_baseline_refuses_bad_inputs(fitted_pfe):
     methods = make_methods(pfe)
     x = torch.randn(4, D_IN)
     x[1, 2] = float("nan")
-    for name, method in methods.items():
+    for _name, method in methods.items():
         with pytest.raises(ValueError, match="NaN or infinite"):
             method.predict(x)
         with pytest.raises(ValueError, match="empty"):

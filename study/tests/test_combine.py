@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from test_reproduce import synthetic
 
 from lam_study import cli
 from lam_study import reproduce as R
 from lam_study.combine import combine_results, write_combined
-
-from test_reproduce import synthetic
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +81,7 @@ def test_runs_without_the_paper_convention_metrics_still_combine(runs, tmp_path)
     newer = ("auprc_trapezoid", "ece_certain_dropped")
 
     def drop(results):
-        for rows in [*results["per_seed"].values(), {"": r for r in results["supplementary"].values()}]:
+        for rows in [*results["per_seed"].values(), *({"": r} for r in results["supplementary"].values())]:
             for row in rows.values():
                 for key in newer:
                     row.pop(key, None)
@@ -228,7 +227,7 @@ def test_a_combined_file_combines_again_as_its_sources(runs, tmp_path):
 
 def test_a_combined_file_without_source_configurations_is_not_trusted(runs, tmp_path):
     _, files = runs
-    first, _ = write_combined([files["s1"], files["s2"]], tmp_path / "first")
+    _first, _ = write_combined([files["s1"], files["s2"]], tmp_path / "first")
 
     def older(results):  # written before the sources kept their configuration
         for source in results["sources"]:

@@ -21,7 +21,9 @@ from lam_study.data import (
     DatasetFormatError,
     DatasetNotFoundError,
     ImageDataset,
+    cifar10,
     download_fashionmnist,
+    fashionmnist,
     get_dataset,
     load_cars196,
     load_cifar10,
@@ -30,9 +32,9 @@ from lam_study.data import (
     load_lfw,
     load_mnist,
     load_svhn,
+    mnist,
     read_idx,
 )
-from lam_study.data import cifar10, fashionmnist, mnist
 from lam_study.data.images import load_rgb
 
 Image = pytest.importorskip("PIL.Image")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lam_study.models import ResidualBlock, fashionmnist_net, mlp_embedder, small_resnet
 from lam_plugin.modules import L2Normalize
+from lam_study.models import ResidualBlock, fashionmnist_net, mlp_embedder, small_resnet
 from lam_study.training import TrainingHistory, embed, train_contrastive
 
 

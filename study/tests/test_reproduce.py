@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lam_plugin import LaplaceEmbedder
-from lam_study import cli, plots
 from lam_plugin import metrics as M
+from lam_study import cli, plots
 from lam_study import reproduce as R
 from lam_study.data import DatasetNotFoundError, ImageDataset
 from lam_study.reproduce import runner
@@ -73,7 +72,7 @@ def first_run(tmp_path_factory, data):
 
 
 def test_results_json_schema(first_run):
-    config, out, result = first_run
+    config, out, _result = first_run
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"] == "fashionmnist"
     assert results["seeds"] == [1]

@@ -12,14 +12,14 @@ from lam_study.baselines.mc_dropout import MCDropout, dropout_modules
 from lam_study.baselines.pfe import PFE, mls_loss
 
 __all__ = [
-    "UncertaintyBaseline",
-    "default_feature_fn",
+    "HIB",
+    "PFE",
+    "DeepEnsemble",
     "DeterministicEmbedder",
     "MCDropout",
+    "UncertaintyBaseline",
+    "default_feature_fn",
     "dropout_modules",
-    "DeepEnsemble",
-    "PFE",
-    "mls_loss",
-    "HIB",
     "hib_loss",
+    "mls_loss",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -12,19 +12,19 @@ from tqdm.auto import tqdm
 
 from lam_plugin.numerics import flush_denormals
 from lam_plugin.prediction import Prediction
-from lam_study.training import TrainingHistory, model_device, seeded
 from lam_plugin.wrapping import check_inputs, eval_mode
+from lam_study.training import TrainingHistory, model_device, seeded
 
 __all__ = [
+    "InputScale",
     "UncertaintyBaseline",
     "VarianceHeadBaseline",
     "default_feature_fn",
-    "normalized_forward",
     "eval_forward",
-    "variance_head",
-    "InputScale",
     "feature_scale",
+    "normalized_forward",
     "positive_pairs",
+    "variance_head",
 ]
 
 #: Training images whose features set the default head's input scale, and the batch

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lam_study.baselines.base import UncertaintyBaseline, eval_forward, normalized_forward
 from lam_plugin.prediction import Prediction
 from lam_plugin.wrapping import check_inputs
+from lam_study.baselines.base import UncertaintyBaseline, eval_forward, normalized_forward
 
 __all__ = ["DeterministicEmbedder"]
 

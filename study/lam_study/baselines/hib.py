@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from lam_plugin.arguments import check_schedule
+from lam_plugin.wrapping import eval_mode
 from lam_study.baselines.base import VarianceHeadBaseline
 from lam_study.training import TrainingHistory, _check_data, model_device, preserve_modes, seeded
-from lam_plugin.wrapping import eval_mode
+
+from ..training import check_schedule
 
 __all__ = ["HIB", "hib_loss"]
 
@@ -135,7 +136,7 @@ class HIB(VarianceHeadBaseline):
             head = self._prepare_head(images, device)
             self.raw_a.data = self.raw_a.data.to(device)
             self.b.data = self.b.data.to(device)
-            params = list(head.parameters()) + [self.raw_a, self.b]
+            params = [*list(head.parameters()), self.raw_a, self.b]
             if train_embedder:
                 params += [p for p in self.model.parameters() if p.requires_grad]
 

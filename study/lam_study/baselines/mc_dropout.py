@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lam_plugin.wrapping import eval_mode
 from lam_study.baselines.base import UncertaintyBaseline
 from lam_study.training import model_device, seeded
-from lam_plugin.wrapping import eval_mode
 
 __all__ = ["MCDropout", "dropout_modules"]
 

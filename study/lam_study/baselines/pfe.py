@@ -7,11 +7,12 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from lam_plugin.arguments import check_schedule
-from lam_study.baselines.base import VarianceHeadBaseline, positive_pairs
 from lam_plugin.prediction import Prediction
-from lam_study.training import TrainingHistory, _check_data, model_device, seeded
 from lam_plugin.wrapping import check_inputs, eval_mode
+from lam_study.baselines.base import VarianceHeadBaseline, positive_pairs
+from lam_study.training import TrainingHistory, _check_data, model_device, seeded
+
+from ..training import check_schedule
 
 __all__ = ["PFE", "mls_loss"]
 

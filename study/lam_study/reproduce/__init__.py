@@ -66,23 +66,24 @@ from lam_plugin import __version__
 from lam_plugin import metrics as M
 from lam_plugin.numerics import flush_denormals
 from lam_plugin.posterior import EmbeddingPosterior
+
 from ..training import seeded
 from .config import (
     ALL_METHODS,
     CONFIG_FIELDS_ABSENT,
-    CacheMissError,
     DEFAULT_METHODS,
     DEFAULT_PRIOR_CANDIDATES,
-    DeviceUnavailableError,
     LAM_APPROXES,
     METHOD_LABELS,
     METRICS,
     PAPER_FASHIONMNIST,
-    ReproduceConfig,
     SUPPLEMENTARY_METRICS,
     UNCERTAINTY_METRICS,
-    with_overrides,
+    CacheMissError,
+    DeviceUnavailableError,
+    ReproduceConfig,
     _prior_name,
+    with_overrides,
 )
 from .evaluation import (
     _aggregate,
@@ -102,11 +103,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ALL_METHODS",
     "CONFIG_FIELDS_ABSENT",
-    "DEFAULT_PRIOR_CANDIDATES",
     "DEFAULT_METHODS",
+    "DEFAULT_PRIOR_CANDIDATES",
     "LAM_APPROXES",
-    "METRICS",
     "METHOD_LABELS",
+    "METRICS",
     "PAPER_FASHIONMNIST",
     "SUPPLEMENTARY_METRICS",
     "UNCERTAINTY_METRICS",

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lam_plugin import __version__, file_format
+
 from .config import CacheMissError
 
 # the package's logger, so that log lines keep the name "lam_study.reproduce"

@@ -11,7 +11,6 @@ from typing import Any
 from ..models import DROPOUT_LAYOUTS
 from ..paper import CURVATURES, RELUS
 
-
 #: The pairs of a contrastive loss: every pair of a batch, or the pairs of the
 #: margin-violating triplets (the paper's code).
 LOSS_MINERS: tuple[str, ...] = ("all", "triplets")

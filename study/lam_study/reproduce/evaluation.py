@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from lam_plugin import metrics as M
 from lam_plugin.posterior import EmbeddingPosterior
 from lam_plugin.prediction import Prediction
+
 from ..training import seeded
 from .config import SUPPLEMENTARY_METRICS, UNCERTAINTY_METRICS, ReproduceConfig
 from .protocol import _Tensors

@@ -71,7 +71,7 @@ def _prepare(data: ProtocolData, config: ReproduceConfig) -> _Tensors:
     g = torch.Generator().manual_seed(config.split_seed)
     train = _limit(data.train, config.train_limit, g)
     order = torch.randperm(len(train), generator=g)
-    n_val = int(round(config.val_fraction * len(train)))
+    n_val = round(config.val_fraction * len(train))
     fit, val = train.subset(order[n_val:]), train.subset(order[:n_val])
     test = _limit(data.test, config.test_limit, g)
     ood = _limit(data.ood, config.ood_limit, g)

@@ -14,16 +14,16 @@ from pytorch_metric_learning.miners import TripletMarginMiner
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lam_plugin import __version__
-from ..baselines import HIB, PFE, DeepEnsemble, DeterministicEmbedder, MCDropout
-from ..baselines.base import default_feature_fn, variance_head
-from ..baselines.mc_dropout import dropout_modules
 from lam_plugin.calibration import calibrate_temperature
-from ..models import fashionmnist_net
-from ..paper import PaperLaplaceEmbedder
 from lam_plugin.posterior import EmbeddingPosterior
 from lam_plugin.prediction import Prediction
 from lam_plugin.prior import marglik_prior_precision
+
+from ..baselines import HIB, PFE, DeepEnsemble, DeterministicEmbedder, MCDropout
+from ..baselines.base import default_feature_fn, variance_head
+from ..baselines.mc_dropout import dropout_modules
+from ..models import fashionmnist_net
+from ..paper import PaperLaplaceEmbedder
 from ..training import seeded, train_contrastive
 from .cache import ModelCache, short_hash
 from .config import (

@@ -78,7 +78,7 @@ def iter_inputs(data: Any) -> Iterator[Batch]:
         yield inputs(data)
         return
     if not isinstance(data, Iterable) or isinstance(data, (str, bytes, np.ndarray)):
-        yield data  # not inputs: checking them (wrapping.check_inputs) says what to pass instead
+        yield data  # type: ignore[misc]  # not inputs: checking them (wrapping.check_inputs) says what to pass instead
         return
     for batch in data:
         yield inputs(batch)

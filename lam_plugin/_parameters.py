@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +17,7 @@ from .curvature.base import FitTarget
 from .curvature.last_layer import Head, detect_head, run_with_features
 from .wrapping import eval_mode, head_of_batch
 
-Subset = Union[str, Sequence[str]]
+Subset = str | Sequence[str]
 
 
 def last_linear(model: nn.Module, example: Batch, call: ModelCall) -> str:
