@@ -8,11 +8,10 @@ weight sample gives one embedding per input; their spread is the uncertainty.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,105 +19,23 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from . import __version__, file_format
+from . import _posterior_file
 from ._batches import inputs as inputs_of
 from ._batches import iter_inputs
-from ._parameters import architecture, fingerprint, flatten, unflatten
+from ._parameters import fingerprint, flatten, unflatten
 from .calling import Batch, ModelCall, OutputKey
 from .curvature.last_layer import apply_head, head_holds, run_with_features
 from .prediction import Prediction
+from .records import FitStats, PosteriorConfig, PosteriorSummary
 from .wrapping import batch_size as batch_size_of
-from .wrapping import eval_mode, model_device, prepare_inputs, slice_batch
+from .wrapping import eval_mode, prepare_inputs, slice_batch
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "EmbeddingPosterior", "FitStats", "PosteriorConfig", "PosteriorSummary"]
+__all__ = ["EmbeddingPosterior", "FitStats", "PosteriorConfig", "PosteriorSummary"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "lam-plugin/embedding-posterior"
-FORMAT_VERSION = 1
 #: floats of weight samples held at once while sampling (:meth:`EmbeddingPosterior.weight_chunks`)
 _WEIGHT_FLOATS = 1 << 24
-
-
-@dataclass(frozen=True)
-class FitStats:
-    """What a fit saw: data size and the pairs that made the curvature."""
-
-    n_data: int = 0
-    n_batches: int = 0
-    n_positive: int = 0
-    n_negative_active: int = 0
-    n_negative_total: int = 0
-    backend: str = ""
-
-
-@dataclass(frozen=True)
-class PosteriorConfig:
-    """How the posterior was built and how it maps weights to embeddings.
-
-    ``output_key`` and ``call`` say how the model is called and its embedding taken
-    (:class:`~lam_plugin.calling.ModelCall`); a callable ``output_key`` is saved by its
-    name (``output_fn``) and must be passed again to :meth:`EmbeddingPosterior.load`.
-    ``layer`` and ``head`` are set for a last-layer posterior whose model output is the
-    layer's output or its L2 normalisation: sampling then runs the backbone once.
-    """
-
-    geometry: str = "arccos"
-    approx: str = "fix"
-    margin: float = 0.7
-    hessian_scale: float = 1.0
-    output_key: OutputKey = None
-    call: str = "auto"
-    output_fn: str | None = None
-    normalize: bool = True
-    layer: str | None = None
-    head: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class PosteriorSummary:
-    """Where the posterior precision comes from, and how much the uncertainty varies.
-
-    ``data_share`` is ``hessian_scale * curvature / precision`` per parameter: near 0 the
-    prior swamps the data and every input gets about the same uncertainty.
-    """
-
-    n_params: int
-    prior_precision: float
-    hessian_scale: float
-    data_share_mean: float
-    data_share_median: float
-    params_data_dominated: float
-    curvature_median: float
-    curvature_max: float
-    stats: FitStats
-    uncertainty_quantiles: dict[str, float] | None = None
-
-    def __str__(self) -> str:
-        s = self.stats
-        lines = [
-            f"EmbeddingPosterior over {self.n_params:,} parameters (fit on {s.n_data:,} items, "
-            f"{s.n_batches} batches, backend {s.backend})",
-            f"  pairs: {s.n_positive:,} positive, {s.n_negative_active:,} active negative "
-            f"of {s.n_negative_total:,} negative",
-            f"  prior precision {self.prior_precision:.4g}, hessian scale {self.hessian_scale:.4g}",
-            f"  data share of the precision: mean {self.data_share_mean:.3f}, median "
-            f"{self.data_share_median:.3f}; data dominates in {100 * self.params_data_dominated:.1f}% of parameters",
-            f"  curvature: median {self.curvature_median:.4g}, max {self.curvature_max:.4g}",
-        ]
-        if self.uncertainty_quantiles:
-            q = self.uncertainty_quantiles
-            lines.append(
-                "  uncertainty over the given data: "
-                + ", ".join(f"{k} {v:.4g}" for k, v in q.items())
-            )
-        if self.data_share_median < 0.1:
-            lines.append(
-                "  warning: the prior swamps the data curvature, so uncertainties will look alike; "
-                "try prior_precision='marglik' or a larger hessian_scale"
-            )
-        return "\n".join(lines)
 
 
 class EmbeddingPosterior:
@@ -411,21 +328,7 @@ class EmbeddingPosterior:
     def save(self, path: str | Path) -> None:
         """Write a safetensors file (tensors plus JSON metadata; nothing executable; see
         :mod:`lam_plugin.file_format`)."""
-        prior = self.prior_precision
-        tensors = {
-            "curvature": self.curvature.detach().cpu().contiguous(),
-            "mean": self.mean.detach().cpu().contiguous(),
-            "prior_precision": (prior if isinstance(prior, Tensor) else torch.tensor([prior])).detach().cpu().contiguous(),
-        }
-        meta = {
-            "lam_plugin_version": __version__,
-            "param_names": json.dumps(self.param_names),
-            "architecture": json.dumps(architecture(self.model)),
-            "model_fingerprint": fingerprint(self.model),
-            "config": json.dumps(_config_record(self.config)),
-            "stats": json.dumps(asdict(self.stats)),
-        }
-        file_format.write(path, tensors, meta, format_name=FORMAT, version=FORMAT_VERSION, framework="pt")
+        _posterior_file.write(path, self)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module, output_key: OutputKey = None) -> EmbeddingPosterior:
@@ -434,68 +337,14 @@ class EmbeddingPosterior:
         ``output_key``: the callable that took the embedding from the output, when the
         posterior was fitted with one (files record only its name).
         """
-        tensors, meta = file_format.read(
-            path, format_name=FORMAT, version=FORMAT_VERSION, what="lam-plugin posterior", framework="pt"
-        )
-        saved_arch = json.loads(meta["architecture"])
-        arch = architecture(model)
-        if saved_arch != arch:
-            diff = _arch_diff(saved_arch, arch)
-            raise ValueError(f"{path} was made for another model architecture; differing parameters: {diff[:10]}")
-        saved_dtype, model_dtype = tensors["mean"].dtype, flatten(model, json.loads(meta["param_names"])[:1]).dtype
-        if saved_dtype != model_dtype:
-            raise ValueError(
-                f"{path} was fitted on a {saved_dtype} model; this model's parameters are {model_dtype}: "
-                "convert the model back (e.g. model.float()), or refit"
-            )
-        if meta["model_fingerprint"] != fingerprint(model):
-            raise ValueError(
-                f"{path} was fitted on other weights than this model's (same architecture, different "
-                "parameters or buffers); refit the posterior for this model"
-            )
-        names = json.loads(meta["param_names"])
-        config = PosteriorConfig(**json.loads(meta["config"]))
-        if config.output_fn is not None:
-            if not callable(output_key):
-                raise ValueError(
-                    f"{path} was fitted with output_key={config.output_fn} (a callable); pass that callable "
-                    "as EmbeddingPosterior.load(path, model, output_key=...)"
-                )
-            config = replace(config, output_key=output_key)
-        elif output_key is not None and output_key != config.output_key:
-            raise ValueError(f"{path} was fitted with output_key={config.output_key!r}, not {output_key!r}")
-        stats = FitStats(**json.loads(meta["stats"]))
-        prior = tensors["prior_precision"]
-        dev = model_device(model)
-        return cls(
-            model,
-            names,
-            tensors["curvature"].to(dev),
-            float(prior[0]) if prior.numel() == 1 else prior.to(dev),
-            mean=tensors["mean"].to(dev),
-            config=config,
-            stats=stats,
-        )
+        names, curvature, prior, mean, config, stats = _posterior_file.read(path, model, output_key)
+        return cls(model, names, curvature, prior, mean=mean, config=config, stats=stats)
 
     def __repr__(self) -> str:
         return (
             f"EmbeddingPosterior(params={self.mean.numel()}, geometry={self.config.geometry!r}, "
             f"approx={self.config.approx!r}, backend={self.stats.backend!r})"
         )
-
-
-def _config_record(config: PosteriorConfig) -> dict[str, Any]:
-    """The configuration as JSON-safe values: a callable ``output_key`` by its name."""
-    record = asdict(config)
-    if callable(config.output_key):
-        record["output_key"] = None
-        record["output_fn"] = ModelCall(config.output_key).describe()
-    return record
-
-
-def _arch_diff(a: dict[str, list[int]], b: dict[str, list[int]]) -> list[str]:
-    names = sorted(set(a) | set(b))
-    return [f"{n}: {a.get(n)} vs {b.get(n)}" for n in names if a.get(n) != b.get(n)]
 
 
 def _check_prior(prior: float | Tensor, mean: Tensor) -> float | Tensor:
