@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from ._batches import labelled
-from ._parameters import Subset, fit_target, flatten
+from ._parameters import Subset, architecture, fit_target, flatten
 from .arguments import check_prior, number, positive_int
 from .calling import Batch, Convention, ModelCall, OutputKey
 from .curvature.base import BackendOptions, CurvatureBackend, FitTarget, HessianFn, UnsupportedModelError
@@ -110,7 +111,7 @@ class LaplaceEmbedder:
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
         check_miner(miner)
-        self.model = model
+        self.model = distributed.unwrap(model)
         self.subset, self.approx, self.geometry = subset, approx, resolve_geometry(geometry)
         self.margin, self.miner, self.prior_precision = float(margin), miner, check_prior(prior_precision)
         self.backend, self.output_key, self.call = backend, output_key, call
@@ -172,6 +173,8 @@ class LaplaceEmbedder:
         with eval_mode(self.model):
             target = self.fit_target(labelled(first)[0])
             total, n_data, n_batches, out_dim, target, backend = self._sum_batches(loader, target, selection)
+        if distributed.in_process_group():
+            total, n_data, n_batches, target = self._sum_over_ranks(total, n_data, n_batches, target, selection)
         dtype = flatten(self.model, target.names[:1]).dtype
         curvature = (total.clamp_min(0) if self.approx in ("fix", "full") else total).to(dtype)
         _check_curvature(total, curvature, target.names, self.model, selection, self.approx)
@@ -193,6 +196,33 @@ class LaplaceEmbedder:
         return self.posterior
 
     fit_posterior = fit
+
+    def _sum_over_ranks(
+        self, total: Tensor, n_data: int, n_batches: int, target: FitTarget, selection: PairSelection
+    ) -> tuple[Tensor, int, int, FitTarget]:
+        """The curvature sum, item and batch counts and pair counts over every rank of the
+        process group (:mod:`lam_plugin.distributed`), after checking that the ranks fit
+        the same thing. The last layer's shortcut is kept only where every rank kept it."""
+        distributed.check_same_everywhere(
+            {
+                "parameters": {n: list(p.shape) for n, p in self.model.named_parameters() if n in set(target.names)},
+                "architecture": architecture(self.model),
+                "approx": self.approx,
+                "geometry": self.geometry.name,
+                "margin": self.margin,
+                "hessian_scale": self.hessian_scale,
+                "normalize": self.normalize,
+                "prior_precision": self.prior_precision if not isinstance(self.prior_precision, Tensor) else "tensor",
+            }
+        )
+        c = selection.counts
+        local = [n_data, n_batches, c.positive, c.negative_active, c.negative_total, int(target.head is not None)]
+        total, (n_data, n_batches, c.positive, c.negative_active, c.negative_total, heads) = distributed.sum_over_ranks(
+            total, local
+        )
+        if target.head is not None and heads < torch.distributed.get_world_size():
+            target = FitTarget(target.names)
+        return total, n_data, n_batches, target
 
     def _sum_batches(
         self, loader: Iterable[Any], target: FitTarget, selection: PairSelection

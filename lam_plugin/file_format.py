@@ -16,6 +16,7 @@ cache through :func:`save_atomically` too, without the header.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import uuid
@@ -28,6 +29,9 @@ import safetensors.torch
 from safetensors import SafetensorError, safe_open
 
 from . import __version__
+from .distributed import is_writer
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["read", "save_atomically", "write"]
 
@@ -55,6 +59,9 @@ def save_atomically(
     """``safetensors`` ``save_file`` to a temporary file beside ``path``, renamed to ``path``
     at the end; the temporary file is removed if anything fails."""
     path = Path(path)
+    if not is_writer():
+        logger.debug("not writing %s: only rank 0 of the process group writes files", path)
+        return
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot save {path}: there is no folder {path.parent}")
     save = safetensors.torch.save_file if framework == "pt" else safetensors.numpy.save_file

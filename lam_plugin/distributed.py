@@ -1,0 +1,72 @@
+"""Fitting inside a ``torch.distributed`` process group.
+
+Each rank runs the fit over its own shard of the batches (a ``DistributedSampler``, say).
+The curvature of a fit is a sum over pairs within batches, so the sum over the union of
+the shards is the sum of the ranks' sums: :func:`sum_over_ranks` all-reduces the signed
+float64 curvature sums and the pair counts, before the ``relu`` and the prior, and every
+rank then builds the same posterior as one process over all the batches. Before that,
+:func:`check_same_everywhere` compares what each rank is fitting (the subset, the
+approximation, the model's parameter shapes, ...) and fails on every rank with one
+message where they differ, rather than hanging in a collective of mismatched sizes.
+
+Files are written by rank 0 only (:func:`is_writer`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["check_same_everywhere", "in_process_group", "is_writer", "sum_over_ranks", "unwrap"]
+
+logger = logging.getLogger(__name__)
+
+
+def in_process_group() -> bool:
+    """Whether a ``torch.distributed`` process group of more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_writer() -> bool:
+    """Whether this process writes files: always outside a process group, else rank 0 only."""
+    return not in_process_group() or dist.get_rank() == 0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel``, else ``model``: the
+    posterior covers the user's module (its parameter names carry no ``module.`` prefix)."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        logger.info("fitting the module inside %s", type(model).__name__)
+        return model.module
+    return model
+
+
+def check_same_everywhere(record: dict[str, Any]) -> None:
+    """Raise on every rank, naming the entries and ranks, unless ``record`` (what this rank
+    fits: JSON-like values) is the same on all ranks."""
+    records: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(records, record)
+    differ = sorted({k for r in records for k in set(r) | set(records[0]) if r.get(k) != records[0].get(k)})
+    if differ:
+        shown = "; ".join(f"{k}: " + ", ".join(f"rank {i} {r.get(k)!r}" for i, r in enumerate(records)) for k in differ)
+        raise ValueError(
+            f"the ranks of the process group fit different configurations ({shown[:2000]}); every rank must "
+            "wrap the same model architecture with the same LaplaceEmbedder settings"
+        )
+
+
+def sum_over_ranks(total: Tensor, counts: list[int]) -> tuple[Tensor, list[int]]:
+    """The sums of ``total`` (the signed float64 curvature ``[P]``) and of the ``counts``
+    over all ranks. Under gloo, which reduces CPU tensors only, a CUDA sum goes through
+    the CPU."""
+    device = total.device
+    on_cpu = dist.get_backend() == "gloo" and device.type != "cpu"
+    summed = total.cpu() if on_cpu else total
+    numbers = torch.tensor(counts, dtype=torch.float64, device=summed.device)
+    dist.all_reduce(summed)
+    dist.all_reduce(numbers)
+    return summed.to(device), [round(v) for v in numbers.tolist()]

@@ -1,0 +1,68 @@
+"""One rank of the distributed-fit tests (tests/test_distributed.py), launched by
+``python -m torch.distributed.run --standalone --nproc-per-node 2``.
+
+    distributed_worker.py MODE OUT
+
+MODE ``fit`` fits the rank's shard of the batches, ``ddp`` does so with the model
+wrapped in DistributedDataParallel, ``mismatch`` gives rank 1 another approximation.
+Each rank writes what it got to ``OUT/rank<r>.pt`` (or its error to ``OUT/rank<r>.err``)
+and calls ``posterior.save(OUT/posterior.safetensors)``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lam_plugin import L2Normalize, LaplaceEmbedder
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3), L2Normalize())
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)) for _ in range(6)]
+
+
+def settings() -> dict:
+    return dict(subset="all", approx="pos", prior_precision="marglik", progress=False)
+
+
+def main(mode: str, out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net = model()
+    if mode == "ddp":
+        net = nn.parallel.DistributedDataParallel(net)
+    kwargs = settings()
+    if mode == "mismatch" and rank == 1:
+        kwargs["approx"] = "fix"
+    try:
+        posterior = LaplaceEmbedder(net, **kwargs).fit(batches()[rank::world])
+    except ValueError as err:
+        (out / f"rank{rank}.err").write_text(str(err))
+        sys.exit(3)
+    posterior.save(out / "posterior.safetensors")
+    torch.save(
+        {
+            "curvature": posterior.curvature,
+            "prior": torch.tensor(float(posterior.prior_precision)),
+            "n_data": posterior.stats.n_data,
+            "pairs": (posterior.stats.n_positive, posterior.stats.n_negative_total),
+            "names": posterior.param_names,
+        },
+        out / f"rank{rank}.pt",
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
