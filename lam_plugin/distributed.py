@@ -21,7 +21,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["check_same_everywhere", "in_process_group", "is_writer", "sum_over_ranks", "unwrap"]
+__all__ = [
+    "average_gradients",
+    "broadcast_module",
+    "check_same_everywhere",
+    "in_process_group",
+    "is_writer",
+    "mean_over_ranks",
+    "sum_over_ranks",
+    "unwrap",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,3 +79,31 @@ def sum_over_ranks(total: Tensor, counts: list[int]) -> tuple[Tensor, list[int]]
     dist.all_reduce(summed)
     dist.all_reduce(numbers)
     return summed.to(device), [round(v) for v in numbers.tolist()]
+
+
+def broadcast_module(model: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers (online LAM trains one model)."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def average_gradients(model: nn.Module) -> None:
+    """Replace each parameter's gradient by its mean over the ranks (a missing one counts as
+    zero), as ``DistributedDataParallel`` does for its own forward passes."""
+    world = dist.get_world_size()
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+def mean_over_ranks(h: Tensor | None, like: Tensor) -> Tensor | None:
+    """The mean of ``h`` over the ranks that have one (``None``: this rank's batch had no
+    pair), or None where no rank has one; every rank takes part in the same collective."""
+    payload = torch.cat([h if h is not None else torch.zeros_like(like), like.new_ones(1) * (h is not None)])
+    dist.all_reduce(payload)
+    count = float(payload[-1])
+    return payload[:-1] / count if count > 0 else None

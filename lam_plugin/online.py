@@ -16,7 +16,10 @@ Each step (docs/design.md §4), with ``mu`` the current weights of the Laplace s
 4. ``H <- memory_factor * H + relu(mean_s h_s)``, starting from ``H_0 = dataset_size``.
 
 The optimiser is RMSprop with weight decay and an exponential learning-rate decay per
-epoch, as in the paper. Subclasses change the pairs (:attr:`OnlineLaplace.selection`),
+epoch, as in the paper. Inside a ``torch.distributed`` process group every rank starts
+from rank 0's weights and draws the same weight noise; the gradients and each step's
+curvature are averaged over the ranks (:mod:`lam_plugin.distributed`), so all ranks keep
+one model and one ``H``. Subclasses change the pairs (:attr:`OnlineLaplace.selection`),
 the rescaling (:meth:`OnlineLaplace.batch_to_data`) and the update of ``H``
 (:meth:`OnlineLaplace.accumulate`, :meth:`OnlineLaplace.end_epoch`).
 """
@@ -32,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from ._batches import inputs as inputs_of
 from ._parameters import unflatten
 from .arguments import number, positive_int
@@ -123,6 +127,23 @@ class OnlineLaplace:
         self.optimizer = torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=lr_decay)
         self.steps = 0
+        self.distributed = distributed.in_process_group()
+        if self.distributed:
+            self._join_process_group()
+
+    def _join_process_group(self) -> None:
+        """Check that every rank trains the same thing, and start them from rank 0's weights."""
+        distributed.check_same_everywhere(
+            {
+                "parameters": [[n, list(p.shape)] for n, p in self.model.named_parameters()],
+                "subset": self.target.names,
+                "approx": self.config.approx,
+                "geometry": self.geometry.name,
+                "dataset_size": self.dataset_size,
+                "n_samples": self.n_samples,
+            }
+        )
+        distributed.broadcast_module(self.model)
 
     @property
     def prior(self) -> float | Tensor:
@@ -159,11 +180,16 @@ class OnlineLaplace:
         loss = torch.stack(losses).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.distributed:
+            distributed.average_gradients(self.model)
         self.optimizer.step()
         with torch.no_grad():
             self.H.mul_(self.memory_factor)
-            if curvatures:
-                self.accumulate(torch.stack(curvatures).mean(0))
+            h = torch.stack(curvatures).mean(0) if curvatures else None
+            if self.distributed:
+                h = distributed.mean_over_ranks(h, self.H)
+            if h is not None:
+                self.accumulate(h)
         self.steps += 1
         return float(loss.detach())
 

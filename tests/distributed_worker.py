@@ -4,7 +4,9 @@
     distributed_worker.py MODE OUT
 
 MODE ``fit`` fits the rank's shard of the batches, ``ddp`` does so with the model
-wrapped in DistributedDataParallel, ``mismatch`` gives rank 1 another approximation.
+wrapped in DistributedDataParallel, ``mismatch`` gives rank 1 another approximation;
+``online`` trains with online LAM on the rank's shard, ``online-same`` on all batches on
+every rank.
 Each rank writes what it got to ``OUT/rank<r>.pt`` (or its error to ``OUT/rank<r>.err``)
 and calls ``posterior.save(OUT/posterior.safetensors)``.
 """
@@ -44,6 +46,9 @@ def main(mode: str, out: Path) -> None:
     kwargs = settings()
     if mode == "mismatch" and rank == 1:
         kwargs["approx"] = "fix"
+    if mode.startswith("online"):
+        online(net, rank, world, mode == "online-same", out)
+        return
     try:
         posterior = LaplaceEmbedder(net, **kwargs).fit(batches()[rank::world])
     except ValueError as err:
@@ -60,6 +65,22 @@ def main(mode: str, out: Path) -> None:
         },
         out / f"rank{rank}.pt",
     )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def online_settings() -> dict:
+    return dict(subset="all", prior_precision=10.0, progress=False)
+
+
+def online(net: nn.Module, rank: int, world: int, same: bool, out: Path) -> None:
+    if rank == 1:  # another start: online LAM gives every rank rank 0's weights
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1.0)
+    data = batches() if same else batches()[rank::world]
+    posterior = LaplaceEmbedder(net, **online_settings()).fit_online(data, epochs=2, dataset_size=72, max_pairs=None)
+    torch.save({"curvature": posterior.curvature, "weights": net.state_dict()}, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 

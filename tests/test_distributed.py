@@ -15,7 +15,7 @@ from lam_plugin import LaplaceEmbedder
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from distributed_worker import batches, model, settings  # noqa: E402
+from distributed_worker import batches, model, online_settings, settings  # noqa: E402
 
 pytest.importorskip("laplace")  # the workers use prior_precision="marglik"
 
@@ -60,3 +60,27 @@ def test_ranks_that_fit_different_configurations_fail_on_every_rank(tmp_path):
         message = (tmp_path / f"rank{r}.err").read_text()
         assert "the ranks of the process group fit different configurations" in message
         assert "approx: rank 0 'pos', rank 1 'fix'" in message
+
+
+def test_online_lam_keeps_one_model_over_the_ranks(tmp_path):
+    """Every rank starts from rank 0's weights, the gradients and each step's curvature are
+    averaged: ranks with the same batches train what one process trains on them, and
+    ranks with different shards stay one model."""
+    pytest.importorskip("pytorch_metric_learning")
+    result = _launch("online-same", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    net = model()
+    single = LaplaceEmbedder(net, **online_settings()).fit_online(batches(), epochs=2, dataset_size=72, max_pairs=None)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert _relerr(got["curvature"], single.curvature) <= 1e-5
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(got["weights"][k], v, rtol=1e-5, atol=1e-6)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    result = _launch("online", shards)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (torch.load(shards / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(a["curvature"], b["curvature"])
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    assert _relerr(a["curvature"], single.curvature) > 1e-3  # the shards are not the whole
