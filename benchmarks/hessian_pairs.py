@@ -36,10 +36,11 @@ import torch
 from pytorch_metric_learning.miners import TripletMarginMiner
 from torch.utils.data import DataLoader, TensorDataset
 
-from lam_plugin import LaplaceEmbedder, metrics
+from lam_plugin import metrics
 from lam_plugin.posterior import EmbeddingPosterior
 from lam_plugin.prediction import Prediction
 from lam_study.data.fashionmnist import CLASSES
+from lam_study.paper import PaperLaplaceEmbedder
 from lam_study.reproduce import ReproduceConfig, load_fashionmnist_protocol
 from lam_study.reproduce.protocol import _prepare
 
@@ -69,7 +70,7 @@ def _fit(
     loader = DataLoader(
         TensorDataset(x, y), batch_size=config.lam_batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
-    lam = LaplaceEmbedder(
+    lam = PaperLaplaceEmbedder(
         net, approx=approx, margin=config.margin, miner=miner, max_pairs=config.max_pairs, hinge=hinge,
         progress=False, seed=seed,
     )

@@ -3,7 +3,8 @@
 Model: ``Sequential(Linear(F=2048 -> D), L2Normalize())`` on random features, 10 batches
 of 64 with labels drawn from 8 classes per batch, ``subset="last_layer"``, ``arccos``,
 for D = 128, 512, 2048 and ``approx`` fix / pos / full (and ``full`` with
-``hinge=False``, where every negative pair counts: the most pairs a batch can have).
+``hinge=False``, where every negative pair counts: the most pairs a batch can have; the
+study's ``PaperLaplaceEmbedder``, whose only difference is that option).
 Targets at D = 512: fit / forward <= 10 (fix), 50 (pos), 300 (full); each fit adds
 <= 1.5 GB.
 
@@ -45,7 +46,8 @@ def _time(run: Callable[[], object]) -> float:
 
 def _measure(dim: int, approx: str, hinge: bool, repeats: int, queue: mp.Queue) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    from lam_plugin import L2Normalize, LaplaceEmbedder
+    from lam_plugin import L2Normalize
+    from lam_study.paper import PaperLaplaceEmbedder
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(FEATURES, dim), L2Normalize()).eval()
@@ -60,7 +62,7 @@ def _measure(dim: int, approx: str, hinge: bool, repeats: int, queue: mp.Queue) 
             for x, _ in batches:
                 model(x)
 
-    lam = LaplaceEmbedder(model, approx=approx, hinge=hinge, progress=False)
+    lam = PaperLaplaceEmbedder(model, approx=approx, hinge=hinge, progress=False)
     forward()
     base = _rss_mb()
     forwards, fits = [], []
