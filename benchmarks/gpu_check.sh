@@ -6,7 +6,9 @@
 #   2. `lam-study reproduce fashionmnist --quick --device cuda`, timed end to end;
 #   3. benchmarks/training.py --device cuda: images/s of plain training and of the
 #      online-LAM step on the GPU;
-#   4. benchmarks/gpu_index_check.py, where faiss has GPU support.
+#   4. benchmarks/gpu_index_check.py, where faiss has GPU support;
+#   5. the distributed fit with NCCL, one rank per GPU (1 where there is one): each
+#      rank's posterior against one process over all the batches (tests/distributed_worker.py).
 #
 # Usage: bash benchmarks/gpu_check.sh [OUTDIR]   (default: gpu-check)
 # It runs in the current Python environment with the repository on PYTHONPATH. Set
@@ -42,3 +44,21 @@ timeout 180 python3 benchmarks/training.py --device cuda --images 8192 --repeats
 if python3 -c "import faiss, sys; sys.exit(0 if getattr(faiss, 'get_num_gpus', lambda: 0)() > 0 else 1)"; then
     timeout 120 python3 benchmarks/gpu_index_check.py 2>&1 | tee "$out/gpu-index.log"
 fi
+
+ngpu=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
+mkdir -p "$out/distributed"
+LAM_DIST_BACKEND=nccl timeout 180 python3 -m torch.distributed.run --standalone --nproc-per-node "$ngpu" \
+    tests/distributed_worker.py fit "$out/distributed" 2>&1 | tee "$out/distributed.log"
+python3 - "$out/distributed" "$ngpu" <<'EOF' 2>&1 | tee -a "$out/distributed.log"
+import sys
+import torch
+sys.path.insert(0, "tests")
+from distributed_worker import batches, model, settings
+from lam_plugin import LaplaceEmbedder
+out, n = sys.argv[1], int(sys.argv[2])
+single = LaplaceEmbedder(model().cuda(), **settings()).fit([(x.cuda(), y) for x, y in batches()])
+for r in range(n):
+    got = torch.load(f"{out}/rank{r}.pt")["curvature"]
+    err = float((got - single.curvature.cpu()).norm() / single.curvature.norm())
+    print(f"NCCL rank {r} of {n}: curvature relative difference {err:.2e} (target 1e-5)")
+EOF

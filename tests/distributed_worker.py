@@ -8,11 +8,14 @@ wrapped in DistributedDataParallel, ``mismatch`` gives rank 1 another approximat
 ``online`` trains with online LAM on the rank's shard, ``online-same`` on all batches on
 every rank.
 Each rank writes what it got to ``OUT/rank<r>.pt`` (or its error to ``OUT/rank<r>.err``)
-and calls ``posterior.save(OUT/posterior.safetensors)``.
+and calls ``posterior.save(OUT/posterior.safetensors)``. ``LAM_DIST_BACKEND=nccl`` runs
+the ranks on the GPUs (rank r on ``cuda:r``; benchmarks/gpu_check.sh), gloo on the CPU
+otherwise.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -38,11 +41,13 @@ def settings() -> dict:
 
 
 def main(mode: str, out: Path) -> None:
-    dist.init_process_group("gloo")
+    backend = os.environ.get("LAM_DIST_BACKEND", "gloo")
+    dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    net = model()
+    device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
+    net = model().to(device)
     if mode == "ddp":
-        net = nn.parallel.DistributedDataParallel(net)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[rank] if device.type == "cuda" else None)
     kwargs = settings()
     if mode == "mismatch" and rank == 1:
         kwargs["approx"] = "fix"
@@ -50,14 +55,14 @@ def main(mode: str, out: Path) -> None:
         online(net, rank, world, mode == "online-same", out)
         return
     try:
-        posterior = LaplaceEmbedder(net, **kwargs).fit(batches()[rank::world])
+        posterior = LaplaceEmbedder(net, **kwargs).fit([(x.to(device), y) for x, y in batches()[rank::world]])
     except ValueError as err:
         (out / f"rank{rank}.err").write_text(str(err))
         sys.exit(3)
     posterior.save(out / "posterior.safetensors")
     torch.save(
         {
-            "curvature": posterior.curvature,
+            "curvature": posterior.curvature.cpu(),
             "prior": torch.tensor(float(posterior.prior_precision)),
             "n_data": posterior.stats.n_data,
             "pairs": (posterior.stats.n_positive, posterior.stats.n_negative_total),
