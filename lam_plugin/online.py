@@ -17,9 +17,8 @@ Each step (docs/design.md §4), with ``mu`` the current weights of the Laplace s
 
 The optimiser is RMSprop with weight decay and an exponential learning-rate decay per
 epoch, as in the paper. Inside a ``torch.distributed`` process group every rank starts
-from rank 0's weights and draws the same weight noise; the gradients and each step's
-curvature are averaged over the ranks (:mod:`lam_plugin.distributed`), so all ranks keep
-one model and one ``H``. Subclasses change the pairs (:attr:`OnlineLaplace.selection`),
+from rank 0's weights, and the gradients and each step's curvature are averaged over the
+ranks (:mod:`lam_plugin.distributed`), so all ranks keep one model and one ``H``. Subclasses change the pairs (:attr:`OnlineLaplace.selection`),
 the rescaling (:meth:`OnlineLaplace.batch_to_data`) and the update of ``H``
 (:meth:`OnlineLaplace.accumulate`, :meth:`OnlineLaplace.end_epoch`).
 """
