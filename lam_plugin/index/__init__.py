@@ -30,13 +30,16 @@ cover every index type, e.g. HNSW), the per-item variances, the moments above, t
 probability helpers, re-ranking and filtering, locking, and the file format, in:
 
 * ``uncertain_index``: :class:`UncertainIndex`, its configuration, state and public
-  methods (add, search, save, load), which hand the work to the private modules
-  ``_embedding`` (inputs to checked rows), ``_adding`` (the add path), ``_searching``
-  (the search path: moments, re-ranking, filtering, probabilities) and ``_persistence``
-  (what save writes and load checks);
+  methods (add, train, remove, search, save, load), which hand the work to the private
+  modules ``_embedding`` (inputs to checked rows), ``_adding`` (the streamed add path
+  and training), ``_searching`` (the search path: moments, re-ranking, filtering,
+  probabilities) and ``_persistence`` (what save writes and load checks);
+* ``items``: the per-item arrays beside FAISS (ids, float16 or float32 variances, or
+  samples) and the error bound of float16 storage; ``rows``: arrays that grow by rows
+  in amortised O(1) and a log-structured set of ids;
 * ``result``: :class:`SearchResult` and the Gaussian approximation of its probabilities;
 * ``moments``: the closed-form and Monte Carlo moments above;
-* ``faiss_backend``: building, training and moving the FAISS index;
+* ``faiss_backend``: building, training, removing from and moving the FAISS index;
 * ``storage``: the safetensors file format;
 * ``inputs``: checking and batching what users pass; ``locking``: the readers-writer lock.
 """

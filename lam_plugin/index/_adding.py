@@ -1,6 +1,15 @@
-"""The add path of :class:`~lam_plugin.index.UncertainIndex`: checked rows into the FAISS
-index (means) and beside it (ids, variances or samples), batch by batch or all at once
-when the index must first be trained."""
+"""The add path of :class:`~lam_plugin.index.UncertainIndex`: items streamed batch by
+batch into the FAISS index (means) and the item store (ids, variances or samples), and
+the training of an index that needs it.
+
+Memory: one batch of predictions at a time, plus, while an index that needs training
+(IVF, PQ, SQ, ...) is not trained yet, a buffer of its first items: at most
+``train_size`` of them (default :func:`~lam_plugin.index.faiss_backend.training_size`,
+``max(10_000, 40 k)`` for ``k`` IVF lists or PQ centroids). The index is trained on
+the buffer's means as soon as it is full or at the end of the first add, whichever
+comes first; the buffered items are then added and the rest streams on.
+:func:`train` trains on items given apart instead.
+"""
 
 from __future__ import annotations
 
@@ -13,96 +22,152 @@ import numpy as np
 from torch import Tensor
 
 from ..prediction import Prediction
-from . import _embedding
-from .faiss_backend import new_index, to_gpu
+from ._embedding import check, check_mean, predictions
+from .faiss_backend import new_index, to_gpu, training_size
 from .inputs import as_ids
 
 if TYPE_CHECKING:
     from .uncertain_index import UncertainIndex
 
-__all__ = ["add_batch", "add_rows", "add_stream"]
+__all__ = ["add", "refresh", "train"]
 
 logger = logging.getLogger(__name__)
 
-#: Checked rows of a chunk: means ``[B, D]``, variances ``[B, D]``, samples ``[B, n, D]`` or ``None``.
-Chunk: TypeAlias = tuple[np.ndarray, np.ndarray, np.ndarray | None]
-#: User ids given with a chunk (``None``: after the largest id).
-ChunkIds: TypeAlias = np.ndarray | None
+#: Checked items: means ``[B, D]``, variances ``[B, D]``, samples ``[B, n, D]`` (``"mc"``)
+#: or ``None``, user ids ``[B]`` or ``None`` (default ids).
+Chunk: TypeAlias = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
 
-def add_batch(
-    index: UncertainIndex,
-    data: Prediction | Tensor | Mapping[str, Any],
-    ids: Sequence[int] | np.ndarray | Tensor | None,
-) -> None:
-    """Add one batch (a prediction, a tensor or a dict of tensors) in one go."""
-    add_rows(index, *_embedding.prepare(index, data, "data")[:3], None if ids is None else as_ids(ids, _length(data)))
-    _added(index, _length(data))
+class _TrainingBuffer:
+    """The first ``limit`` items of an add to an index that needs training."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size, self.chunks = limit, 0, list[Chunk]()
+
+    def take(self, chunk: Chunk) -> Chunk | None:
+        """Keep the first items of ``chunk`` that fit; the rest of it (``None`` if none)."""
+        n = chunk[0].shape[0]
+        if self.chunks and chunk[0].shape[1] != self.chunks[0][0].shape[1]:
+            raise ValueError(f"data has dimension {chunk[0].shape[1]}, the items before have {self.chunks[0][0].shape[1]}")
+        k = min(n, self.limit - self.size)
+        self.chunks.append(_rows(chunk, 0, k))
+        self.size += k
+        return _rows(chunk, k, n) if k < n else None
 
 
-def add_stream(index: UncertainIndex, data: Any, ids: Sequence[int] | np.ndarray | Tensor | None) -> None:
-    """Add an iterable of batches, batch by batch; an index that needs training is
-    trained on all of the first add, so its rows wait until the last batch."""
-    given = None if ids is None else np.asarray(ids.detach().cpu() if isinstance(ids, Tensor) else ids)
+def add(index: UncertainIndex, data: Any, ids: Sequence[int] | np.ndarray | Tensor | None) -> None:
+    """Add ``data`` (a prediction, a tensor, a dict of tensors or an iterable of batches)
+    under ``ids`` (default: after the largest id), batch by batch."""
+    given = None if ids is None else as_ids(ids)
+    if given is not None:
+        if isinstance(data, (Prediction, Tensor, Mapping)) and len(given) != _length(data):
+            raise ValueError(f"ids must have shape ({_length(data)},), got {given.shape}")
+        with index._lock.write():
+            index._items.check_new(given)  # checked again batch by batch; fail before embedding
     done, before = 0, len(index)
-    pending: list[tuple[Chunk, ChunkIds]] = []
+    buffer: _TrainingBuffer | None = None
     try:
-        for pred in _embedding.predictions(index, data, "data"):
-            rows = _embedding.check(index, pred, "data")[:3]
-            chunk = None if given is None else as_ids(given[done : done + len(rows[0])], len(rows[0]))
-            done += len(rows[0])
-            if index._index is None and (pending or _needs_training(index.index_factory, rows[0].shape[1])):
-                pending.append((rows, chunk))  # an index that needs training is trained on all of the first add
-                continue
-            add_rows(index, *rows, chunk)
+        for pred in predictions(index, data, "data"):
+            mean, var, samples, _ = check(index, pred, "data")
+            n = mean.shape[0]
+            if given is not None and done + n > len(given):
+                raise ValueError(f"ids has {len(given)} entries, data has more items")
+            chunk: Chunk = (mean, var, samples, None if given is None else given[done : done + n])
+            done += n
+            if done == n and index._index is None:  # the first batch into an untrained index
+                default = training_size(index.index_factory, mean.shape[1], index.metric)
+                buffer = None if default is None else _TrainingBuffer(index.train_size or default)
+            rest: Chunk | None = chunk if buffer is None else buffer.take(chunk)
+            if buffer is not None and buffer.size >= buffer.limit:
+                _train_and_add(index, buffer)
+                buffer = None
+            if rest is not None:
+                add_rows(index, *rest)
         if done == 0:
             raise ValueError("data is empty")
         if given is not None and done != len(given):
             raise ValueError(f"ids has {len(given)} entries, data has {done} items")
-        if pending:
-            (mean, var, samples), chunk = _concat(pending)
-            add_rows(index, mean, var, samples, chunk)
+        if buffer is not None:
+            _train_and_add(index, buffer)
     finally:  # the GPU copy holds what was added, even when a later batch fails
         if len(index) > before:
-            _added(index, len(index) - before)
+            refresh(index, f"added {len(index) - before} items")
+
+
+def train(index: UncertainIndex, data: Any) -> None:
+    """Train the empty ``index``'s FAISS index on the means of all of ``data``."""
+    if index._index is not None:
+        raise ValueError(_trained_already(index))
+    means = [check_mean(index, pred, "data") for pred in predictions(index, data, "data")]
+    if not means:
+        raise ValueError("data is empty")
+    dims = sorted({m.shape[1] for m in means})
+    if len(dims) > 1:
+        raise ValueError(f"data has items of dimensions {dims}")
+    trained = new_index(np.concatenate(means), index.index_factory, index.metric)
+    with index._lock.write():
+        if index._index is not None:
+            raise ValueError(_trained_already(index))
+        _install(index, trained)
+    logger.info("trained %r on %d items", index.index_factory, sum(m.shape[0] for m in means))
 
 
 def add_rows(
     index: UncertainIndex, mean: np.ndarray, var: np.ndarray, samples: np.ndarray | None, new_ids: np.ndarray | None
 ) -> None:
-    """Index checked rows: means ``[B, D]``, variances ``[B, D]``, samples ``[B, n, D]``
-    (``"mc"`` mode), under ``new_ids`` (default: after the largest id)."""
-    n = mean.shape[0]
+    """Index checked items: means ``[B, D]``, variances ``[B, D]``, samples ``[B, n, D]``
+    (``"mc"`` mode), under ``new_ids`` ``[B]`` (default: after the largest id). Everything
+    is checked before anything changes."""
     with index._lock.write():
         if index._dim is not None and mean.shape[1] != index._dim:
             raise ValueError(f"data has dimension {mean.shape[1]}, the index has dimension {index._dim}")
         if new_ids is None:
-            start = int(index._ids.max()) + 1 if len(index._ids) else 0
-            new_ids = np.arange(start, start + n, dtype=np.int64)
+            new_ids = index._items.next_ids(mean.shape[0])
         else:
-            clash = new_ids[np.isin(new_ids, index._ids)]
-            if clash.size:
-                raise ValueError(f"ids already in the index: {clash[:10].tolist()}")
-        faiss_index = index._index if index._index is not None else new_index(mean, index.index_factory, index.metric)
-        faiss_index.add(mean)
-        index._index, index._dim = faiss_index, mean.shape[1]
-        index._flat = isinstance(faiss.downcast_index(faiss_index), faiss.IndexFlat)
-        index._ids = index._rows["ids"].append(new_ids)
-        if index.variance == "mc":
-            index._samples = index._rows["samples"].append(samples)  # type: ignore[arg-type]
-        else:
-            index._var = index._rows["var"].append(var)
-            index._var_sum = index._rows["var_sum"].append(var.sum(axis=1))
-        logger.debug("added %d rows, the index holds %d", n, len(index._ids))
+            index._items.check_new(new_ids)
+        if index._index is None:
+            _install(index, new_index(mean, index.index_factory, index.metric))
+        index._index.add(mean)
+        index._items.append(new_ids, var, samples)
+        logger.debug("added %d rows, the index holds %d", mean.shape[0], len(index._items))
 
 
-def _added(index: UncertainIndex, n: int) -> None:
-    """After an ``add`` of ``n`` items: refresh the GPU copy once (not per batch of a
+def refresh(index: UncertainIndex, what: str) -> None:
+    """After a change (``what`` it was): refresh the GPU copy once (not per batch of a
     streamed loader) and say what the index holds."""
     if index._gpu_id is not None:
         with index._lock.write():
             index._gpu_index = to_gpu(index._gpu_res, index._gpu_id, index._index, index.index_factory)
-    logger.info("added %d items, the index holds %d", n, len(index._ids))
+    logger.info("%s, the index holds %d", what, len(index._items))
+
+
+def _train_and_add(index: UncertainIndex, buffer: _TrainingBuffer) -> None:
+    """Train the index on the buffer's means (unless another add trained it meanwhile)
+    and add the buffered items; a failed training stores nothing."""
+    if index._index is None:
+        trained = new_index(np.concatenate([chunk[0] for chunk in buffer.chunks]), index.index_factory, index.metric)
+        with index._lock.write():
+            if index._index is None:
+                _install(index, trained)
+    while buffer.chunks:
+        add_rows(index, *buffer.chunks.pop(0))
+
+
+def _install(index: UncertainIndex, faiss_index: Any) -> None:
+    """Make the new ``faiss_index`` the index's (under the write lock)."""
+    index._index, index._dim = faiss_index, faiss_index.d
+    index._flat = isinstance(faiss.downcast_index(faiss_index), faiss.IndexFlat)
+
+
+def _trained_already(index: UncertainIndex) -> str:
+    return f"the index is trained already (it holds {len(index)} items): train() prepares a new, empty index"
+
+
+def _rows(chunk: Chunk, start: int, stop: int) -> Chunk:
+    """Items ``start:stop`` of ``chunk``."""
+    mean, var, samples, ids = chunk
+    part = slice(start, stop)
+    return mean[part], var[part], None if samples is None else samples[part], None if ids is None else ids[part]
 
 
 def _length(data: Prediction | Tensor | Mapping[str, Any]) -> int:
@@ -112,23 +177,3 @@ def _length(data: Prediction | Tensor | Mapping[str, Any]) -> int:
     if isinstance(data, Tensor):
         return int(data.shape[0])
     return next(int(v.shape[0]) for v in data.values() if isinstance(v, Tensor))
-
-
-def _needs_training(factory: str, dim: int) -> bool:
-    """Whether a FAISS index of ``factory`` must be trained before items are added."""
-    try:
-        return not faiss.index_factory(dim, factory).is_trained
-    except RuntimeError:
-        return False  # an unusable factory string is reported when the index is built
-
-
-def _concat(parts: list[tuple[Chunk, ChunkIds]]) -> tuple[Chunk, ChunkIds]:
-    """The rows and ids of several chunks as one."""
-    means, variances, samples = zip(*(rows for rows, _ in parts))
-    ids = [chunk for _, chunk in parts]
-    rows = (
-        np.concatenate(means),
-        np.concatenate(variances),
-        None if samples[0] is None else np.concatenate(samples),
-    )
-    return rows, None if ids[0] is None else np.concatenate(ids)  # type: ignore[arg-type]

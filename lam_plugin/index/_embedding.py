@@ -20,7 +20,7 @@ from .inputs import batches, float32
 if TYPE_CHECKING:
     from .uncertain_index import UncertainIndex
 
-__all__ = ["Rows", "check", "predictions", "prepare"]
+__all__ = ["Rows", "check", "check_mean", "predictions", "prepare"]
 
 #: ``(mean [B, D], var [B, D], samples [B, n, D] in "mc" mode else None, std [B, D])``, float32.
 Rows: TypeAlias = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]
@@ -39,17 +39,12 @@ def prepare(index: UncertainIndex, data: Any, name: str) -> Rows:
 
 def check(index: UncertainIndex, pred: Prediction, name: str) -> Rows:
     """The checked float32 arrays of :func:`prepare` for one prediction."""
-    mean, std = float32(pred.mean, f"{name}.mean"), float32(pred.std, f"{name}.std")
-    if mean.ndim != 2 or mean.shape[0] == 0 or mean.shape[1] == 0:
-        raise ValueError(f"{name}.mean must have shape [B, D] with B, D >= 1, got {mean.shape}")
+    mean = check_mean(index, pred, name)
+    std = float32(pred.std, f"{name}.std")
     if std.shape != mean.shape:
         raise ValueError(f"{name}.std must have the shape of {name}.mean {mean.shape}, got {std.shape}")
     if (std < 0).any():
         raise ValueError(f"{name}.std has negative entries")
-    if index.metric == "cosine":
-        norms = np.linalg.norm(mean, axis=1)
-        if np.abs(norms - 1.0).max() > _UNIT_NORM_TOL:
-            raise ValueError(f"metric='cosine' needs unit-norm {name}.mean, norms range {norms.min():.4g}..{norms.max():.4g}")
     samples = None
     if index.variance == "mc":
         if pred.samples is None:
@@ -59,6 +54,18 @@ def check(index: UncertainIndex, pred: Prediction, name: str) -> Rows:
             raise ValueError(f"{name}.samples must have shape {(index.n_samples, *mean.shape)}, got {samples.shape}")
         samples = np.ascontiguousarray(samples.transpose(1, 0, 2))
     return mean, std * std, samples, std
+
+
+def check_mean(index: UncertainIndex, pred: Prediction, name: str) -> np.ndarray:
+    """The checked float32 means ``[B, D]`` of one prediction (unit-norm for ``"cosine"``)."""
+    mean = float32(pred.mean, f"{name}.mean")
+    if mean.ndim != 2 or mean.shape[0] == 0 or mean.shape[1] == 0:
+        raise ValueError(f"{name}.mean must have shape [B, D] with B, D >= 1, got {mean.shape}")
+    if index.metric == "cosine":
+        norms = np.linalg.norm(mean, axis=1)
+        if np.abs(norms - 1.0).max() > _UNIT_NORM_TOL:
+            raise ValueError(f"metric='cosine' needs unit-norm {name}.mean, norms range {norms.min():.4g}..{norms.max():.4g}")
+    return mean
 
 
 @torch.no_grad()

@@ -21,11 +21,10 @@ logger = logging.getLogger(__name__)
 
 
 def file_tensors(index: UncertainIndex) -> dict[str, np.ndarray]:
-    """The tensors of the file: the serialised FAISS index, the ids and the variances
-    ``[N, D]`` (closed form) or samples ``[N, n, D]`` (``"mc"``)."""
-    out: dict[str, np.ndarray] = {"faiss_index": faiss.serialize_index(index._index), "ids": index._ids}
-    out.update({"samples": index._samples} if index.variance == "mc" else {"var": index._var})
-    return out
+    """The tensors of the file: the serialised FAISS index and the per-item arrays of
+    :class:`~lam_plugin.index.items.ItemStore` (ids; variances, their scales and sums,
+    or samples)."""
+    return {"faiss_index": faiss.serialize_index(index._index), **index._items.tensors()}
 
 
 def file_config(index: UncertainIndex) -> dict[str, Any]:
@@ -37,6 +36,8 @@ def file_config(index: UncertainIndex) -> dict[str, Any]:
         "n_samples": index.n_samples,
         "batch_size": index.batch_size,
         "variance": index.variance,
+        "variance_dtype": index.variance_dtype,
+        "train_size": index.train_size,
         "seed": index.seed,
         "dim": index._dim,
     }
@@ -64,17 +65,12 @@ def restore(index: UncertainIndex, path: Path, tensors: dict[str, np.ndarray], d
         faiss_index = faiss.deserialize_index(tensors["faiss_index"])
     except RuntimeError as err:
         raise ValueError(f"{path}: the FAISS index cannot be read: {err}") from err
-    ids = tensors["ids"]
-    body = tensors["samples"] if index.variance == "mc" else tensors["var"]
-    if faiss_index.d != dim or faiss_index.ntotal != len(ids) or body.shape[0] != len(ids) or body.shape[-1] != dim:
-        raise ValueError(f"{path} is inconsistent: {faiss_index.ntotal} vectors, {len(ids)} ids, data {body.shape}")
-    index._index, index._dim, index._ids = faiss_index, dim, ids
+    index._items.restore(tensors, dim, path)
+    if faiss_index.d != dim or faiss_index.ntotal != len(index._items):
+        raise ValueError(f"{path} is inconsistent: {faiss_index.ntotal} vectors of dimension {faiss_index.d}, "
+                         f"{len(index._items)} items of dimension {dim}")
+    index._index, index._dim = faiss_index, dim
     index._flat = isinstance(faiss.downcast_index(faiss_index), faiss.IndexFlat)
     index._fingerprint = stored if stored is not None else index._fingerprint
-    if index.variance == "mc":
-        index._samples = body
-    else:
-        index._var, index._var_sum = body, body.sum(axis=1)
-    index._rows = index._growing_rows()
     if index._gpu_id is not None:
         index._gpu_index = to_gpu(index._gpu_res, index._gpu_id, faiss_index, index.index_factory)

@@ -78,7 +78,7 @@ def too_many(k: int, c: int, n_items: int) -> str:
 
 def check_searchable(index: UncertainIndex, q: np.ndarray, k: int, c: int) -> None:
     """Check, under the read lock, that ``index`` can give ``c`` candidates of queries ``q`` ``[Q, D]``."""
-    n_items = len(index._ids)
+    n_items = len(index._items)
     if n_items == 0:
         raise ValueError("the index is empty: add items before searching")
     if c > n_items:
@@ -126,7 +126,7 @@ def _search_chunk(
     perm = _kept_order(dist, expected, variances, valid, options, index.metric)
     dist, rows, valid, expected, variances = (_take(perm, x) for x in (dist, rows, valid, expected, variances))
     out: dict[str, np.ndarray] = {
-        "ids": np.where(valid, index._ids[rows], -1),
+        "ids": np.where(valid, index._items.ids[rows], -1),
         "distances": dist,
         "variances": variances.astype(np.float32, copy=False),
         "expected": expected.astype(np.float32, copy=False),
@@ -154,10 +154,10 @@ def _candidate_moments(
     ``E`` and ``Var`` ``[Qc, c]``; ``d_s`` ``[Qc, c, n]``, the sample distances under shared
     weight samples in ``"mc"`` mode (``q_samples`` given), else ``None`` (closed form)."""
     if q_samples is not None:  # "mc" mode
-        d_s = moments.sample_distances(index._samples[rows], q_samples, ip)
+        d_s = moments.sample_distances(index._items.samples(rows), q_samples, ip)
         return d_s.mean(axis=2), d_s.var(axis=2, ddof=1), d_s
     expected, variances = moments.closed_form(
-        q, a, dist, _means(index, rows), index._var[rows], index._var_sum[rows], ip
+        q, a, dist, _means(index, rows), index._items.variances(rows), index._items.var_sums(rows), ip
     )
     return expected, variances, None
 
@@ -211,7 +211,7 @@ def _order_probabilities(
     if d_s is not None:  # "mc" mode
         d_mean, d_var = moments.order_samples(d_s)
     else:
-        d_mean, d_var = moments.order_closed_form(q, a, _means(index, rows), index._var[rows], expected, ip)
+        d_mean, d_var = moments.order_closed_form(q, a, _means(index, rows), index._items.variances(rows), expected, ip)
     order = normal_cdf(d_mean if ip else -d_mean, d_var)
     order[~(valid[:, :-1] & valid[:, 1:])] = np.nan
     return order

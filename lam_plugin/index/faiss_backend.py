@@ -1,4 +1,5 @@
-"""The FAISS side of the index: building and training it from a factory string, the GPU copy.
+"""The FAISS side of the index: building and training it from a factory string, removing
+vectors from it, the GPU copy.
 
 FAISS does the work; this module turns its failures into errors that say what to change.
 """
@@ -13,7 +14,15 @@ import faiss
 import numpy as np
 import torch
 
-__all__ = ["gpu_device_id", "min_training_points", "new_index", "to_gpu"]
+__all__ = [
+    "check_removable",
+    "gpu_device_id",
+    "min_training_points",
+    "new_index",
+    "remove_rows",
+    "to_gpu",
+    "training_size",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +31,7 @@ def new_index(train_on: np.ndarray, factory: str, metric: str) -> Any:
     """A FAISS index from ``factory`` for ``metric`` (``"l2"``, else inner product),
     trained on ``train_on`` ``[N, D]`` if it needs training."""
     n, dim = train_on.shape
-    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    try:
-        index = faiss.index_factory(dim, factory, faiss_metric)
-    except RuntimeError as err:
-        raise ValueError(f"index_factory {factory!r} cannot build an index of dimension {dim}: {err}") from err
+    index = _build(factory, dim, metric)
     if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
         # a bad value of index_factory, not an argument of the wrong type
         raise ValueError("UncertainIndex keeps the ids itself: remove 'IDMap' from index_factory")
@@ -34,8 +39,8 @@ def new_index(train_on: np.ndarray, factory: str, metric: str) -> Any:
         needed = min_training_points(index)
         if n < needed:
             raise ValueError(
-                f"index_factory {factory!r} is trained on the first add, which needs at least "
-                f"{needed} vectors, got {n}"
+                f"training index_factory {factory!r} needs at least {needed} vectors, got {n} "
+                "(the first add's items up to train_size, or the items given to train())"
             )
         logger.info("training %r on %d vectors", factory, n)
         try:
@@ -48,14 +53,91 @@ def new_index(train_on: np.ndarray, factory: str, metric: str) -> Any:
     return index
 
 
+def training_size(factory: str, dim: int, metric: str) -> int | None:
+    """Items an index of ``factory`` is trained on by default: ``None`` when it needs no
+    training, else ``max(10_000, 40 k)`` for ``k`` the largest number of centroids its
+    training finds (IVF ``nlist``, PQ ``2^nbits``): FAISS asks for 39 points per centroid."""
+    try:
+        index = _build(factory, dim, metric)
+    except ValueError:
+        return None  # an unusable factory string is reported when the index is built
+    return None if index.is_trained else max(10_000, 40 * min_training_points(index))
+
+
 def min_training_points(index: Any) -> int:
-    """Fewest training vectors FAISS accepts: the IVF ``nlist`` and the PQ codebook size."""
-    inner = faiss.downcast_index(index)
-    while isinstance(inner, faiss.IndexPreTransform):
-        inner = faiss.downcast_index(inner.index)
-    needed = getattr(inner, "nlist", 1)
-    pq = getattr(inner, "pq", None)
-    return max(needed, pq.ksub if pq is not None else 1)
+    """Fewest training vectors FAISS accepts: the IVF ``nlist`` and the PQ codebook size
+    (of the index, the index a pre-transform wraps, or an HNSW index's storage)."""
+    counts = [1]
+    for part in _parts(index):
+        counts.append(getattr(part, "nlist", 1))
+        pq = getattr(part, "pq", None)
+        counts.append(pq.ksub if pq is not None else 1)
+    return max(counts)
+
+
+def check_removable(index: Any, factory: str) -> None:
+    """Refuse an index FAISS cannot remove vectors from in the way :func:`remove_rows` needs."""
+    parts = _parts(index)
+    *outer, inner = parts
+    if all(isinstance(part, faiss.IndexPreTransform) for part in outer) and (
+        isinstance(inner, faiss.IndexFlatCodes)
+        or (
+            isinstance(inner, faiss.IndexIVF)
+            and inner.invlists is not None
+            and isinstance(faiss.downcast_InvertedLists(inner.invlists), faiss.ArrayInvertedLists)
+        )
+    ):
+        return
+    raise ValueError(
+        f"faiss cannot remove items from a {factory!r} index "
+        f"({next(type(p).__name__ for p in parts if not isinstance(p, faiss.IndexPreTransform))}); "
+        "use a Flat, PQ, SQ or IVF factory, or build a new index without the items"
+    )
+
+
+def remove_rows(index: Any, rows: np.ndarray) -> None:
+    """Remove the vectors at the sorted ``rows`` ``[k]`` of an index that passed
+    :func:`check_removable`; the others keep their order as rows ``0 .. N-k-1``.
+
+    Flat-code indexes (Flat, PQ, SQ) renumber their rows that way themselves. IVF lists
+    keep the labels vectors were added with, so each label ``l`` left becomes ``l``
+    minus the removed rows below it, and the direct map (which cannot remove) is rebuilt.
+    """
+    ivf = next((part for part in _parts(index) if isinstance(part, faiss.IndexIVF)), None)
+    if ivf is not None:
+        ivf.make_direct_map(False)
+    removed = index.remove_ids(faiss.IDSelectorBatch(rows))
+    if ivf is not None:
+        lists: Any = ivf.invlists
+        for list_no in range(ivf.nlist):
+            size = lists.list_size(list_no)
+            if size:  # a writable view of the labels FAISS keeps for this list
+                labels = faiss.rev_swig_ptr(lists.get_ids(list_no), size)
+                labels -= np.searchsorted(rows, labels)
+        ivf.make_direct_map(True)
+    if removed != len(rows):
+        raise RuntimeError(f"faiss removed {removed} of {len(rows)} vectors")
+
+
+def _build(factory: str, dim: int, metric: str) -> Any:
+    """An empty FAISS index of ``factory``, dimension ``dim``, for ``metric``."""
+    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    try:
+        return faiss.index_factory(dim, factory, faiss_metric)
+    except RuntimeError as err:
+        raise ValueError(f"index_factory {factory!r} cannot build an index of dimension {dim}: {err}") from err
+
+
+def _parts(index: Any) -> list[Any]:
+    """``index`` (downcast) and what it wraps: the index of a pre-transform (PCA, OPQ),
+    the storage of an HNSW index, recursively."""
+    parts = [faiss.downcast_index(index)]
+    while True:
+        last = parts[-1]
+        inner = last.index if isinstance(last, faiss.IndexPreTransform) else getattr(last, "storage", None)
+        if inner is None or not isinstance(last, (faiss.IndexPreTransform, faiss.IndexHNSW)):
+            return parts
+        parts.append(faiss.downcast_index(inner))
 
 
 def gpu_device_id(device: str | torch.device | None) -> int | None:

@@ -40,24 +40,35 @@ def batches(data: Any, batch_size: int, name: str) -> tuple[Iterable[Any], int |
 
 
 def float32(x: Tensor | np.ndarray, name: str) -> np.ndarray:
-    """``x`` as a C-contiguous float32 numpy array; NaN or infinite entries are refused."""
-    arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    """``x`` as a C-contiguous float32 numpy array; arrays that are not floating point
+    (integers, booleans, complex numbers, objects) and NaN or infinite entries are refused."""
+    if isinstance(x, Tensor):
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        arr = x.detach().cpu().float().numpy()
+    else:
+        arr = np.asarray(x)
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} has NaN or infinite entries")
     return arr
 
 
-def as_ids(ids: Sequence[int] | np.ndarray | Tensor, n: int) -> np.ndarray:
-    """``ids`` as ``[n]`` int64, checked to be distinct non-negative integers."""
+def as_ids(ids: Sequence[int] | np.ndarray | Tensor, n: int | None = None) -> np.ndarray:
+    """``ids`` as ``[n]`` int64 (any length when ``n`` is ``None``), checked to be distinct
+    non-negative integers."""
     arr = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
-    if arr.shape != (n,):
-        raise ValueError(f"ids must have shape ({n},), got {arr.shape}")
+    if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
+        raise ValueError(f"ids must have shape ({'N' if n is None else n},), got {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
     if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
     arr = arr.astype(np.int64)
     if (arr < 0).any():
         raise ValueError("ids must be non-negative (-1 marks empty result slots)")
-    if np.unique(arr).size != n:
+    if np.unique(arr).size != arr.size:
         raise ValueError("ids has duplicates")
     return arr

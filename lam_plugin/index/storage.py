@@ -1,9 +1,15 @@
 """The index file: safetensors tensors plus string metadata, never pickle.
 
 Tensors: ``faiss_index`` (``faiss.serialize_index`` bytes, uint8), ``ids`` int64 ``[N]``,
-``var`` float32 ``[N, D]`` (closed form) or ``samples`` float32 ``[N, n, D]`` (mc).
-Metadata: the format name and :data:`FORMAT_VERSION`, the index configuration (JSON),
-the posterior fingerprint and a SHA-256 of the tensors.
+and for the closed form ``var`` ``[N, D]`` (float16 codes or float32 variances, as the
+configuration's ``variance_dtype``), ``var_scale`` float32 ``[N]`` (float16 codes only)
+and ``var_sum`` float32 ``[N]`` (:mod:`lam_plugin.index.items` has the encoding), or for
+mc ``samples`` float32 ``[N, n, D]``. Metadata: the format name and
+:data:`FORMAT_VERSION`, the index configuration (JSON), the posterior fingerprint and a
+SHA-256 of the tensors.
+
+Version 2 (this one) added ``var_scale``, ``var_sum`` and float16 ``var``; version 1
+files (float32 ``var`` only) are refused like any other version.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from .. import file_format
 __all__ = ["FORMAT_VERSION", "read", "write"]
 
 #: Version of the file written by :meth:`UncertainIndex.save`; other versions are refused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _FORMAT_NAME = "lam_plugin.UncertainIndex"
 _WHAT = "lam-plugin UncertainIndex"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -22,8 +22,7 @@ from torch import Tensor
 
 from ..arguments import positive_int
 from ..prediction import Prediction
-from . import _embedding, storage
-from ._adding import add_batch, add_stream
+from . import _adding, _embedding, storage
 from ._persistence import check_fingerprint, file_config, file_tensors, restore
 from ._searching import (
     Rerank,
@@ -33,10 +32,11 @@ from ._searching import (
     search_rows,
     too_many,
 )
-from .faiss_backend import gpu_device_id
+from .faiss_backend import check_removable, gpu_device_id, remove_rows
+from .inputs import as_ids
+from .items import VARIANCE_DTYPES, ItemStore
 from .locking import ReadWriteLock
 from .result import SearchResult
-from .rows import GrowingRows
 
 __all__ = ["PosteriorLike", "UncertainIndex"]
 
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 Metric = Literal["l2", "ip", "cosine"]
 VarianceMode = Literal["closed_form", "mc"]
+VarianceDtype = Literal["float16", "float32"]
 
 
 class PosteriorLike(Protocol):
@@ -78,23 +79,37 @@ class UncertainIndex:
             be unit-norm, as a posterior's are).
         index_factory: a FAISS factory string, e.g. ``"Flat"`` (default, exact),
             ``"IVF1024,Flat"``, ``"HNSW32"``, ``"IVF256,PQ16"``. An index that needs
-            training is trained on the first :meth:`add`'s means. For lossy encodings
-            (PQ, SQ, PCA) the variance uses the index's reconstruction of each neighbour
-            mean and leaves out the quantisation error.
+            training is trained by :meth:`train`, else on the means of the first items
+            of the first :meth:`add` (see ``train_size``). For lossy encodings (PQ, SQ,
+            PCA) the variance uses the index's reconstruction of each neighbour mean and
+            leaves out the quantisation error.
         device: ``None``/``"cpu"``, or ``"cuda"``/``"cuda:i"`` to search on a GPU copy of
             the index (needs a faiss build with GPU support). Training and storage stay
-            on the CPU index; the GPU copy is refreshed after each add.
+            on the CPU index; the GPU copy is refreshed after each add and remove.
         n_samples: weight samples per embedding (``n`` of ``posterior.predict``).
         batch_size: inputs per posterior call when embedding images.
         variance: ``"closed_form"`` stores the per-dimension variance of each item
-            (``4 D`` bytes) and uses the closed forms of :mod:`lam_plugin.index`;
-            ``"mc"`` stores ``n_samples`` samples of each item (``4 n D`` bytes) drawn
-            under weight samples shared with the queries, and uses sample moments.
+            and uses the closed forms of :mod:`lam_plugin.index`; ``"mc"`` stores
+            ``n_samples`` samples of each item (``4 n D`` bytes) drawn under weight
+            samples shared with the queries, and uses sample moments.
+        variance_dtype: storage of the closed-form variances: ``"float16"`` (default;
+            ``2 D + 16`` bytes per item with the id, a per-item scale and the variance
+            sum) keeps every returned variance within a relative ``1e-3`` of
+            ``"float32"`` storage (``4 D + 12`` bytes; exact), up to an absolute term
+            ``2^-38 max_d b_d E[d^2]`` (:mod:`lam_plugin.index.items` has the bound).
+            Not used by ``"mc"``, whose samples stay float32.
+        train_size: for an index that needs training and is not trained by
+            :meth:`train`: the most items the first :meth:`add` buffers to train it
+            on (its first items; shuffle a sorted loader). Default ``max(10_000, 40 k)``
+            for ``k`` the IVF lists or PQ centroids (``2^nbits``) of the factory. The
+            index is trained when the buffer is full or the first add ends, whichever
+            comes first; the buffered items are then added like the others.
         seed: seed of the generator passed to the posterior for every batch, so that
             all batches (gallery and queries) use the same weight samples.
         progress: show a tqdm bar while embedding.
 
-    Thread safety: :meth:`search` may run from many threads at once; :meth:`add` and
+    Thread safety: :meth:`search` may run from many threads at once; :meth:`add`,
+    :meth:`remove`, :meth:`train` (when it installs the trained index) and
     :meth:`set_search_parameters` wait for running searches and block new ones (GPU
     searches are serialised, FAISS GPU indexes are not thread-safe).
     """
@@ -109,6 +124,8 @@ class UncertainIndex:
         n_samples: int = 30,
         batch_size: int = 256,
         variance: VarianceMode = "closed_form",
+        variance_dtype: VarianceDtype = "float16",
+        train_size: int | None = None,
         seed: int = 0,
         progress: bool = True,
     ) -> None:
@@ -116,6 +133,8 @@ class UncertainIndex:
             raise ValueError(f"metric must be 'l2', 'ip' or 'cosine', got {metric!r}")
         if variance not in ("closed_form", "mc"):
             raise ValueError(f"variance must be 'closed_form' or 'mc', got {variance!r}")
+        if variance_dtype not in VARIANCE_DTYPES:
+            raise ValueError(f"variance_dtype must be 'float16' or 'float32', got {variance_dtype!r}")
         if isinstance(posterior, torch.nn.Module):
             raise TypeError(
                 "UncertainIndex takes a fitted posterior (LaplaceEmbedder(model).fit(loader)), not the model"
@@ -123,6 +142,7 @@ class UncertainIndex:
         if positive_int(n_samples, "n_samples") < 2:
             raise ValueError(f"n_samples must be at least 2, got {n_samples}")
         positive_int(batch_size, "batch_size")
+        self.train_size = None if train_size is None else positive_int(train_size, "train_size")
         if index_factory is not None and (not isinstance(index_factory, str) or not index_factory.strip()):
             raise ValueError(f"index_factory must be a FAISS factory string such as 'Flat', got {index_factory!r}")
         self.posterior = posterior
@@ -131,6 +151,7 @@ class UncertainIndex:
         self.n_samples = int(n_samples)
         self.batch_size = int(batch_size)
         self.variance: str = variance
+        self.variance_dtype: str = variance_dtype
         self.seed = int(seed)
         self.progress = progress
         self._gpu_id = gpu_device_id(device)
@@ -142,40 +163,26 @@ class UncertainIndex:
         self._dim: int | None = None
         self._flat = False  # the index is an IndexFlat, whose storage is read directly
         self._fingerprint: str | None = None if posterior is None else str(posterior.fingerprint)
-        self._ids = np.empty(0, dtype=np.int64)
-        # closed form: [N, D] variances (std**2, squared once here) and [N] their sums;
-        # mc: [N, n, D] samples, item-major so one fancy index gathers a neighbour's samples.
-        self._var = np.empty((0, 0), dtype=np.float32)
-        self._var_sum = np.empty(0, dtype=np.float32)
-        self._samples = np.empty((0, self.n_samples, 0), dtype=np.float32)
-        self._rows = self._growing_rows()
-
-    def _growing_rows(self) -> dict[str, GrowingRows]:
-        """Growing buffers over the per-item arrays, for appending rows to them."""
-        return {
-            "ids": GrowingRows(self._ids),
-            "var": GrowingRows(self._var),
-            "var_sum": GrowingRows(self._var_sum),
-            "samples": GrowingRows(self._samples),
-        }
+        self._items = ItemStore(variance, variance_dtype, self.n_samples)  # row i of each: FAISS row i
 
     # ------------------------------------------------------------------ properties
     def __len__(self) -> int:
-        return int(self._ids.shape[0])
+        return len(self._items)
 
     @property
     def dim(self) -> int | None:
-        """Embedding dimension ``D``, ``None`` before the first add."""
+        """Embedding dimension ``D``, ``None`` before the first add or :meth:`train`."""
         return self._dim
 
     @property
     def ids(self) -> np.ndarray:
         """``[N]`` int64 user ids in insertion order (a copy)."""
-        return self._ids.copy()
+        return self._items.ids.copy()
 
     @property
     def faiss_index(self) -> Any:
-        """The CPU FAISS index (row ``i`` holds the mean of ``ids[i]``); ``None`` before the first add.
+        """The CPU FAISS index (row ``i`` holds the mean of ``ids[i]``); ``None`` before the
+        first add or :meth:`train`.
 
         For reading and tuning only: vectors added to it directly would have no ids or variances.
         """
@@ -188,12 +195,13 @@ class UncertainIndex:
 
     @property
     def extra_nbytes(self) -> int:
-        """Bytes held beside the FAISS index: ids, variances (or samples) and their sums."""
-        return self._ids.nbytes + self._var.nbytes + self._var_sum.nbytes + self._samples.nbytes
+        """Bytes held beside the FAISS index: ids, variances (with their scales and sums)
+        or samples, of the items held (the growable buffers may hold up to twice as many rows)."""
+        return self._items.nbytes
 
     # ------------------------------------------------------------------ mutation
     def add(self, data: Any, ids: Sequence[int] | np.ndarray | Tensor | None = None) -> UncertainIndex:
-        """Embed and index ``data``; returns ``self``.
+        """Embed and index ``data`` batch by batch, in bounded memory; returns ``self``.
 
         Args:
             data: a :class:`Prediction` (``mean``/``std`` ``[B, D]``; in ``"mc"`` mode also
@@ -203,11 +211,45 @@ class UncertainIndex:
                 ``(x, y, ...)``.
             ids: ``B`` distinct non-negative int64 user ids not in the index yet; by
                 default ``max(existing ids) + 1`` onwards (``0 .. B-1`` on an empty index).
+
+        Each batch is embedded, added to FAISS and appended to the stored variances
+        (amortised O(1) per item); only an index still to be trained buffers items
+        first (``train_size``). Items of a wrong dimension or dtype are refused; a
+        streamed add keeps the batches it added before a failing one.
         """
-        if isinstance(data, (Prediction, Tensor, Mapping)):
-            add_batch(self, data, ids)
-        else:
-            add_stream(self, data, ids)
+        _adding.add(self, data, ids)
+        return self
+
+    def train(self, data: Any) -> UncertainIndex:
+        """Train the FAISS index of this empty index on the means of ``data`` (as in
+        :meth:`add`; all of it, which FAISS subsamples to 256 points per centroid), so
+        that :meth:`add` streams without buffering. Adds nothing; returns ``self``.
+
+        Raises ``ValueError`` for fewer items than the index needs (e.g. the IVF lists)
+        and on an index that is trained already; nothing changes then.
+        """
+        _adding.train(self, data)
+        return self
+
+    def remove(self, ids: Sequence[int] | np.ndarray | Tensor) -> UncertainIndex:
+        """Remove the items ``ids`` (distinct) from FAISS and from the stored variances;
+        searches never return them again. Returns ``self``.
+
+        O(N) per call (FAISS's ``remove_ids``, then the stored arrays are compacted; IVF
+        labels are renumbered to stay row numbers). Unknown ids, and index types FAISS
+        cannot remove from (HNSW), are
+        refused with ``ValueError`` before anything changes. Removed ids may be given
+        again, and default ids restart after the largest id left.
+        """
+        wanted = as_ids(ids)
+        with self._lock.write():
+            rows = self._items.rows_of(wanted)
+            if not rows.size:
+                return self
+            check_removable(self._index, self.index_factory)
+            remove_rows(self._index, rows)
+            self._items.delete(rows)
+        _adding.refresh(self, f"removed {rows.size} items")
         return self
 
     def set_search_parameters(self, params: str) -> None:
@@ -281,7 +323,7 @@ class UncertainIndex:
             if self._index is None:
                 raise ValueError("the index is empty: nothing to save")
             storage.write(path, file_tensors(self), file_config(self), self._fingerprint)
-        logger.info("saved %d items to %s", len(self._ids), path)
+        logger.info("saved %d items to %s", len(self._items), path)
 
     @classmethod
     def load(
@@ -304,7 +346,7 @@ class UncertainIndex:
         dim = int(config.pop("dim"))
         self = cls(posterior, device=device, progress=progress, **config)
         restore(self, path, tensors, dim, stored)
-        logger.info("loaded %d items from %s", len(self._ids), path)
+        logger.info("loaded %d items from %s", len(self._items), path)
         return self
 
     def __repr__(self) -> str:
