@@ -56,6 +56,12 @@ def _outer(u: Tensor, v: Tensor) -> Tensor:
     return u.unsqueeze(-1) * v.unsqueeze(-2)
 
 
+def _polar(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(||a|| [P, 1], ||b|| [P, 1], a / ||a||, b / ||b||, I [D, D])`` of outputs ``[P, D]``."""
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    return na, nb, a / na, b / nb, torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+
+
 class Geometry(ABC):
     """The distance a positive pair's loss measures, as its output-space Hessian.
 
@@ -98,9 +104,7 @@ class ArccosGeometry(Geometry):
     name = "arccos"
 
     def pair_blocks(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
-        ah, bh = a / na, b / nb
-        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        na, nb, ah, bh, eye = _polar(a, b)
         c = (ah * bh).sum(-1)[:, None, None]
         sym = _outer(ah, bh) + _outer(bh, ah) + c * eye
         h11 = (sym - 3 * c * _outer(ah, ah)) / na.pow(2).unsqueeze(-1)
@@ -125,9 +129,7 @@ class EuclideanGeometry(Geometry):
     name = "euclidean"
 
     def pair_blocks(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
-        ah, bh = a / na, b / nb
-        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        na, nb, ah, bh, eye = _polar(a, b)
         pa = (eye - _outer(ah, ah)) / na.unsqueeze(-1)
         pb = (eye - _outer(bh, bh)) / nb.unsqueeze(-1)
         return pa @ pa, -(pa @ pb), pb @ pb
