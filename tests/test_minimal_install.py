@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -138,5 +139,5 @@ def test_lam_plugin_requires_no_study_dependency() -> None:
     found = {name: required_by[name] for name in sorted(FORBIDDEN_DISTS) if name in required_by}
     where = getattr(dist, "_path", None) or dist.locate_file("")  # which metadata was read
     assert not found, f"lam-plugin (metadata: {where}) needs, without extras: {found} (name: required by)"
-    if missing:
-        pytest.skip(f"not installed, so their requirements are unknown: {', '.join(missing)}")
+    if missing:  # checked as far as installed: say which requirements could not be followed
+        warnings.warn(f"not installed, so their requirements were not followed: {', '.join(missing)}", stacklevel=1)
