@@ -7,11 +7,15 @@ the moments a batch carries (``x`` ``[B, 2, D]``: mean and std), so what is time
 index, not a network. The index is trained first (``train`` on the first ``train_size``
 items, the default rule of ``UncertainIndex``) and timed apart. Measured in one run:
 
-* bytes per item held beside FAISS (ids, float16 variances, their scales and sums),
-  with FAISS's own bytes per item (its serialised size) for scale;
+* bytes per item held beside FAISS (ids, variances stored as ``--variance-dtype``, their
+  scales and sums), with FAISS's own bytes per item (its serialised size) for scale;
 * add: the gallery in ``--parts`` equal parts, each streamed by ``add(loader)`` into the
   index and, alternately, given to FAISS's own ``add`` on clones of the same trained
-  FAISS index, in one call and in the loader's batches: items/s of each (median over
+  FAISS index, in one call and in the loader's batches, and run through the loader and
+  the posterior alone (the "forward passes": here contiguous copies of the moments, as
+  a network's outputs are), and through the plain FAISS pipeline (each batch's
+  forward pass, then FAISS's add of its means: the work the target counts, with the
+  slow-down FAISS's threads suffer right after torch's): items/s of each (median over
   the parts) and the median ratios of the times;
 * search: ``--queries`` queries (``Prediction``s), k = ``--k``, the median over
   ``--repeats`` of ``search`` with variances against a plain FAISS search of the query
@@ -43,7 +47,7 @@ class MomentsPosterior:
     fingerprint = "precomputed moments"
 
     def predict(self, x: torch.Tensor, n: int = 30, generator: object = None, return_samples: bool = False) -> Prediction:
-        return Prediction(mean=x[:, 0], std=x[:, 1])
+        return Prediction(mean=x[:, 0].contiguous(), std=x[:, 1].contiguous())
 
 
 def random_moments(n: int, dim: int, seed: int) -> np.ndarray:
@@ -70,19 +74,26 @@ def seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def measure_adds(
-    index: UncertainIndex, plain: faiss.Index, moments: np.ndarray, args: argparse.Namespace
-) -> list[tuple[int, float, float, float]]:
-    """``(items, ours, FAISS in one call, FAISS in batches)``: the seconds of each part
-    of the gallery, added alternately (FAISS in batches to a clone of ``plain`` it drops)."""
+def measure_adds(index: UncertainIndex, plain: faiss.Index, moments: np.ndarray, args: argparse.Namespace) -> list[dict[str, float]]:
+    """Per part of the gallery, the seconds of: ``ours`` (``add(loader)``), FAISS's add
+    of the means in ``one call`` and in the loader's ``batches``, the ``forward`` passes
+    alone, and the ``pipeline`` of plain FAISS (each batch through the posterior, then its
+    means added), each timed in turn: ``one call`` into ``plain`` (searched later), the
+    others into clones of the trained ``plain`` dropped after."""
     times = []
-    batched = faiss.clone_index(plain)
+    clones = {name: faiss.clone_index(plain) for name in ("batches", "pipeline")} | {"one call": plain}
+    posterior = index.posterior
     for part in np.array_split(moments, args.parts):
         means = np.ascontiguousarray(part[:, 0])
-        ours = seconds(lambda part=part: index.add(loader(part, args.batch)))
-        one_call = seconds(lambda means=means: plain.add(means))
-        in_batches = seconds(lambda means=means: [batched.add(b) for b in np.array_split(means, -(-len(means) // args.batch))])
-        times.append((len(part), ours, one_call, in_batches))
+        chunks = np.array_split(means, -(-len(means) // args.batch))
+        times.append({
+            "items": len(part),
+            "ours": seconds(lambda part=part: index.add(loader(part, args.batch))),
+            "one call": seconds(lambda means=means: clones["one call"].add(means)),
+            "batches": seconds(lambda chunks=chunks: [clones["batches"].add(c) for c in chunks]),
+            "forward": seconds(lambda part=part: [posterior.predict(x) for x in loader(part, args.batch)]),
+            "pipeline": seconds(lambda part=part: [clones["pipeline"].add(posterior.predict(x).mean.numpy()) for x in loader(part, args.batch)]),
+        })
     return times
 
 
@@ -111,6 +122,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1_000)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--variance-dtype", default="3bit", help="UncertainIndex(variance_dtype=...)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -118,7 +130,7 @@ def main() -> None:
     moments = random_moments(args.n, args.dim, seed=0)
     queries_rows = torch.from_numpy(random_moments(args.queries, args.dim, seed=1))
     queries = Prediction(mean=queries_rows[:, 0], std=queries_rows[:, 1])
-    index = UncertainIndex(MomentsPosterior(), index_factory=args.factory, progress=False)
+    index = UncertainIndex(MomentsPosterior(), index_factory=args.factory, variance_dtype=args.variance_dtype, progress=False)
     train_size = min(args.n, training_size(args.factory, args.dim, "l2") or 1)  # 1: needs no training
     t_train = seconds(lambda: index.train(loader(moments[:train_size], args.batch)))
     plain = faiss.clone_index(index.faiss_index)  # the same trained, empty index
@@ -131,16 +143,15 @@ def main() -> None:
     print(f"{args.n} items x {args.dim}, {args.factory}, nprobe={args.nprobe}, loader batches of {args.batch}; "
           f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads; {time.perf_counter() - start:.0f} s in all")
     print(f"training on {train_size} items: {t_train:.1f} s")
-    print(f"bytes per item beside FAISS: {index.extra_nbytes / len(index):.1f} "
+    print(f"bytes per item beside FAISS, variances as {args.variance_dtype}: {index.extra_nbytes / len(index):.1f} "
           f"(float32 variances would take {4 * args.dim + 12}); FAISS's own: "
           f"{faiss.serialize_index(index.faiss_index).nbytes / len(index):.1f}")
-    print(f"add, items/s, median of {len(adds)} parts of {adds[0][0]}: from a loader "
-          f"{statistics.median(n / ours for n, ours, _, _ in adds):,.0f}, FAISS add in one call "
-          f"{statistics.median(n / one for n, _, one, _ in adds):,.0f}, in batches "
-          f"{statistics.median(n / batches for n, _, _, batches in adds):,.0f}")
-    for name, column in (("one call", 2), ("batches", 3)):
-        ratios = [times[1] / times[column] for times in adds]
-        print(f"  time of add(loader) / FAISS add in {name}: median {statistics.median(ratios):.3f} "
+    rates = {name: statistics.median(t["items"] / t[name] for t in adds) for name in ("ours", "one call", "batches", "forward", "pipeline")}
+    print(f"add, items/s, median of {len(adds)} parts of {adds[0]['items']}: "
+          + ", ".join(f"{name} {rate:,.0f}" for name, rate in rates.items()))
+    for name in ("one call", "batches", "batches + forward", "pipeline"):
+        ratios = [t["ours"] / sum(t[term] for term in name.split(" + ")) for t in adds]
+        print(f"  time of add(loader) / {name}: median {statistics.median(ratios):.3f} "
               f"(parts: {', '.join(f'{r:.3f}' for r in ratios)})")
     print(f"search of {args.queries} queries, k={args.k} (median of {args.repeats}): with variances {t_ours * 1e3:.2f} ms, "
           f"plain FAISS {t_plain * 1e3:.2f} ms, ratio {t_ours / t_plain:.3f}; same ids {same:.4f}")

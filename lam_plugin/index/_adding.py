@@ -3,12 +3,12 @@ batch into the FAISS index (means) and the item store (ids, variances or samples
 the training of an index that needs it.
 
 Memory: one batch of predictions at a time, plus, while an index that needs training
-(IVF, PQ, SQ, ...) is not trained yet, a buffer of its first items: at most
-``train_size`` of them (default :func:`~lam_plugin.index.faiss_backend.training_size`,
-``max(10_000, 40 k)`` for ``k`` IVF lists or PQ centroids). The index is trained on
-the buffer's means as soon as it is full or at the end of the first add, whichever
-comes first; the buffered items are then added and the rest streams on.
-:func:`train` trains on items given apart instead.
+(IVF, PQ, SQ, ..., or variances stored in a few bits) is not trained yet, a buffer of
+its first items: at most ``train_size`` of them (default :func:`training_items`). The
+index is trained on the buffer's means (and the variances quantiser on its variances)
+as soon as it is full or at the end of the first add, whichever comes first; the
+buffered items are then added and the rest streams on. :func:`train` trains on items
+given apart instead.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .inputs import as_ids
 if TYPE_CHECKING:
     from .uncertain_index import UncertainIndex
 
-__all__ = ["add", "refresh", "train"]
+__all__ = ["add", "refresh", "train", "training_items"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ def add(index: UncertainIndex, data: Any, ids: Sequence[int] | np.ndarray | Tens
                 raise ValueError(f"ids has {len(given)} entries, data has more items")
             chunk: Chunk = (mean, var, samples, None if given is None else given[done : done + n])
             done += n
-            if done == n and index._index is None:  # the first batch into an untrained index
-                default = training_size(index.index_factory, mean.shape[1], index.metric)
+            if done == n and (index._index is None or index._items.needs_training):  # the first batch, untrained
+                default = training_items(index, mean.shape[1])
                 buffer = None if default is None else _TrainingBuffer(index.train_size or default)
             rest: Chunk | None = chunk if buffer is None else buffer.take(chunk)
             if buffer is not None and buffer.size >= buffer.limit:
@@ -95,21 +95,29 @@ def add(index: UncertainIndex, data: Any, ids: Sequence[int] | np.ndarray | Tens
 
 
 def train(index: UncertainIndex, data: Any) -> None:
-    """Train the empty ``index``'s FAISS index on the means of all of ``data``."""
+    """Train the empty ``index``'s FAISS index on the means of all of ``data`` (and its
+    variances quantiser, if any, on their variances)."""
     if index._index is not None:
         raise ValueError(_trained_already(index))
-    means = [check_mean(index, pred, "data") for pred in predictions(index, data, "data")]
-    if not means:
+    rows = [_training_rows(index, pred) for pred in predictions(index, data, "data")]
+    if not rows:
         raise ValueError("data is empty")
-    dims = sorted({m.shape[1] for m in means})
+    dims = sorted({mean.shape[1] for mean, _ in rows})
     if len(dims) > 1:
         raise ValueError(f"data has items of dimensions {dims}")
-    trained = new_index(np.concatenate(means), index.index_factory, index.metric)
-    with index._lock.write():
-        if index._index is not None:
-            raise ValueError(_trained_already(index))
-        _install(index, trained)
-    logger.info("trained %r on %d items", index.index_factory, sum(m.shape[0] for m in means))
+    _train(index, np.concatenate([mean for mean, _ in rows]), [var for _, var in rows], fresh=True)
+    logger.info("trained %r on %d items", index.index_factory, sum(mean.shape[0] for mean, _ in rows))
+
+
+def training_items(index: UncertainIndex, dim: int) -> int | None:
+    """Items the first add buffers to train ``index`` on by default: ``None`` when nothing
+    needs training, else the most of :func:`~lam_plugin.index.faiss_backend.training_size`
+    (``max(10_000, 40 k)`` for ``k`` IVF lists or PQ centroids) and, for variances stored
+    in a few bits, 10,000 (at least 39 items per level of 8 bits)."""
+    sizes = [10_000] if index._items.needs_training else []
+    if index._index is None:
+        sizes.append(training_size(index.index_factory, dim, index.metric) or 0)
+    return max(sizes) or None
 
 
 def add_rows(
@@ -127,6 +135,8 @@ def add_rows(
             index._items.check_new(new_ids)
         if index._index is None:
             _install(index, new_index(mean, index.index_factory, index.metric))
+        if index._items.needs_training:  # a first add of fewer items than train_size
+            index._items.train(var)
         index._index.add(mean)
         index._items.append(new_ids, var, samples)
         logger.debug("added %d rows, the index holds %d", mean.shape[0], len(index._items))
@@ -142,15 +152,35 @@ def refresh(index: UncertainIndex, what: str) -> None:
 
 
 def _train_and_add(index: UncertainIndex, buffer: _TrainingBuffer) -> None:
-    """Train the index on the buffer's means (unless another add trained it meanwhile)
-    and add the buffered items; a failed training stores nothing."""
-    if index._index is None:
-        trained = new_index(np.concatenate([chunk[0] for chunk in buffer.chunks]), index.index_factory, index.metric)
-        with index._lock.write():
-            if index._index is None:
-                _install(index, trained)
+    """Train the index on the buffer's items (unless another add trained it meanwhile)
+    and add them; a failed training stores nothing."""
+    _train(index, np.concatenate([chunk[0] for chunk in buffer.chunks]), [chunk[1] for chunk in buffer.chunks])
     while buffer.chunks:
         add_rows(index, *buffer.chunks.pop(0))
+
+
+def _train(index: UncertainIndex, means: np.ndarray, variances: list[np.ndarray], *, fresh: bool = False) -> None:
+    """Train what of ``index`` is untrained: its FAISS index on ``means`` ``[n, D]`` and
+    its variances quantiser on ``variances`` (``[n_i, D]`` parts). ``fresh`` (``train``):
+    refuse an index trained meanwhile; else (``add``) keep what is there."""
+    trained = new_index(means, index.index_factory, index.metric) if index._index is None else None
+    with index._lock.write():
+        if fresh and index._index is not None:
+            raise ValueError(_trained_already(index))
+        if index._index is None and trained is not None:
+            _install(index, trained)
+        if index._items.needs_training:
+            index._items.train(np.concatenate(variances))
+
+
+def _training_rows(index: UncertainIndex, pred: Prediction) -> tuple[np.ndarray, np.ndarray]:
+    """Means ``[B, D]`` and, where the variances are quantised, variances ``[B, D]`` (else
+    ``[B, 0]``) of one prediction of the training data."""
+    if index._items.quantizer is None:
+        mean = check_mean(index, pred, "data")
+        return mean, np.empty((mean.shape[0], 0), dtype=np.float32)
+    mean, var, _, _ = check(index, pred, "data")
+    return mean, var
 
 
 def _install(index: UncertainIndex, faiss_index: Any) -> None:

@@ -26,6 +26,11 @@ Closed form (``variance="closed_form"``), per item of dimension ``D``:
   i.e. a relative error below ``1e-3`` (l2; ``5e-4`` ip) of each returned variance up to
   an absolute term of about ``4e-12`` times the item's largest variance times ``E[d^2]``.
   The order probabilities take their variances from the same ``b'``.
+* ``variance_dtype="3bit"`` (also ``"4bit"``, ``"8bit"``): ``var`` uint8 ``[N, ceil(D/8) bits]``
+  codes of the shape ``b / sum_d b_d`` (:mod:`lam_plugin.index.variance_codes`), decoded
+  with ``var_sum`` as the per-item scale: ``ceil(D/8) bits + 12`` bytes per item (60 at
+  ``D = 128``, 3 bits), with a measured rather than a proven error. The trained
+  quantiser is stored beside the items (``var_lo``, ``var_width``, ``var_levels``).
 
 Monte Carlo (``variance="mc"``): ``ids`` and ``samples`` float32 ``[N, n, D]``, item-major
 so that one fancy index gathers a neighbour's samples; ``variance_dtype`` does not apply.
@@ -38,11 +43,12 @@ from pathlib import Path
 import numpy as np
 
 from .rows import GrowingRows, SortedIds
+from .variance_codes import STATE_NAMES, VarianceQuantizer
 
 __all__ = ["VARIANCE_DTYPES", "ItemStore", "to_float16"]
 
-#: Storage types of the closed-form variances.
-VARIANCE_DTYPES = ("float16", "float32")
+#: Storage types of the closed-form variances: floats, or codes of a few bits per dimension.
+VARIANCE_DTYPES = ("float16", "float32", "8bit", "4bit", "3bit")
 #: float16 code of the largest variance of an item (a power of two: the scale is exact).
 _TOP_CODE = 2.0**15
 
@@ -52,17 +58,20 @@ class ItemStore:
 
     Args:
         variance: ``"closed_form"`` or ``"mc"``.
-        variance_dtype: ``"float16"`` or ``"float32"``, the storage of closed-form variances.
+        variance_dtype: one of :data:`VARIANCE_DTYPES`, the storage of closed-form variances.
         n_samples: samples per item (``"mc"``).
     """
 
     def __init__(self, variance: str, variance_dtype: str, n_samples: int) -> None:
         self.variance, self.variance_dtype = variance, variance_dtype
         self._rows = {"ids": GrowingRows(np.empty(0, dtype=np.int64))}
+        quantised = variance != "mc" and variance_dtype.endswith("bit")
+        self.quantizer = VarianceQuantizer(int(variance_dtype[:-3])) if quantised else None
         if variance == "mc":
             self._rows["samples"] = GrowingRows(np.empty((0, n_samples, 0), dtype=np.float32))
         else:
-            self._rows["var"] = GrowingRows(np.empty((0, 0), dtype=np.dtype(variance_dtype)))
+            dtype = np.uint8 if quantised else np.dtype(variance_dtype)
+            self._rows["var"] = GrowingRows(np.empty((0, 0), dtype=dtype))
             self._rows["var_sum"] = GrowingRows(np.empty(0, dtype=np.float32))
             if variance_dtype == "float16":
                 self._rows["var_scale"] = GrowingRows(np.empty(0, dtype=np.float32))
@@ -76,6 +85,16 @@ class ItemStore:
     def ids(self) -> np.ndarray:
         """``[N]`` int64 user ids in row order (a view)."""
         return self._rows["ids"].view
+
+    @property
+    def needs_training(self) -> bool:
+        """Whether the variances are quantised by a quantiser not trained yet (:meth:`train`)."""
+        return self.quantizer is not None and not self.quantizer.trained
+
+    def train(self, var: np.ndarray) -> None:
+        """Train the variances quantiser, if any, on the float32 variances ``var`` ``[n, D]`` of a sample."""
+        if self.quantizer is not None:
+            self.quantizer.train(var)
 
     @property
     def nbytes(self) -> int:
@@ -104,8 +123,11 @@ class ItemStore:
             self._rows["samples"].append(samples)  # type: ignore[arg-type]
         else:
             assert var is not None
-            self._rows["var_sum"].append(var.sum(axis=1, dtype=np.float32))
-            if self.variance_dtype == "float16":
+            var_sum = var.sum(axis=1, dtype=np.float32)
+            self._rows["var_sum"].append(var_sum)
+            if self.quantizer is not None:
+                self._rows["var"].append(self.quantizer.encode(var, var_sum))
+            elif self.variance_dtype == "float16":
                 top = var.max(axis=1)
                 inverse = np.divide(_TOP_CODE, top, out=np.zeros_like(top), where=top > 0)
                 self._rows["var"].append(to_float16(var * inverse[:, None]))
@@ -135,6 +157,8 @@ class ItemStore:
     def variances(self, rows: np.ndarray) -> np.ndarray:
         """``[..., D]`` float32 variances of the items at ``rows`` ``[...]`` (a new array)."""
         codes = self._rows["var"].view[rows]
+        if self.quantizer is not None:
+            return self.quantizer.decode(codes, self._rows["var_sum"].view[rows])
         if self.variance_dtype == "float32":
             return codes
         scale = self._rows["var_scale"].view[rows]
@@ -149,16 +173,37 @@ class ItemStore:
         return self._rows["samples"].view[rows]
 
     def tensors(self) -> dict[str, np.ndarray]:
-        """The arrays for a file, by name (module docstring)."""
-        return {name: rows.view for name, rows in self._rows.items()}
+        """The arrays for a file, by name (module docstring): the per-item arrays and a
+        trained variances quantiser."""
+        arrays = {name: rows.view for name, rows in self._rows.items()}
+        if self.quantizer is not None and self.quantizer.trained:
+            arrays |= self.quantizer.state()
+        return arrays
+
+    def extend(self, other: ItemStore) -> None:
+        """Append the items of ``other`` (same configuration and quantiser, ids not stored here)."""
+        if (self.variance, self.variance_dtype) != (other.variance, other.variance_dtype):
+            raise ValueError(
+                f"cannot merge items stored as {other.variance!r}/{other.variance_dtype!r} into {self.variance!r}/{self.variance_dtype!r}"
+            )
+        if self.quantizer is not None and other.quantizer is not None and not self.quantizer.same_as(other.quantizer):
+            raise ValueError("cannot merge items whose variances were quantised with other bins (train every part on the same sample)")
+        self.check_new(other.ids)
+        for name, rows in self._rows.items():
+            rows.append(other._rows[name].view)
+        self._max_id = max(self._max_id, other._max_id)
+        self._sorted = None
 
     def restore(self, tensors: dict[str, np.ndarray], dim: int, path: Path) -> None:
         """Fill this empty store with the arrays of :meth:`tensors` read from ``path``,
         checked to agree with each other, with ``dim`` and with the configuration."""
         n = tensors["ids"].shape[0] if "ids" in tensors else 0
+        if self.quantizer is not None and (n or any(name in tensors for name in STATE_NAMES)):
+            self.quantizer.restore({name: tensors[name] for name in STATE_NAMES if name in tensors}, dim, str(path))
         for name, rows in self._rows.items():
             want = rows.view
-            shape = (n, *want.shape[1:-1], dim) if want.ndim > 1 else (n,)
+            last = self.quantizer.code_size(dim) if self.quantizer is not None and name == "var" else dim
+            shape = (n, *want.shape[1:-1], last) if want.ndim > 1 else (n,)
             got = tensors.get(name)
             empty = n == 0 and got is not None and got.ndim == len(shape) and got.shape[0] == 0  # shape set later
             if got is None or (got.shape != shape and not empty) or got.dtype != want.dtype:
