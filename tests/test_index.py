@@ -418,10 +418,14 @@ def test_cuda_device_needs_faiss_gpu() -> None:
 
 
 class _GpuCopy:
-    """Stands in for a faiss GPU index: a CPU clone that counts its searches."""
+    """Stands in for a faiss GPU index: a CPU clone that counts its searches and adds."""
 
     def __init__(self, index) -> None:
-        self.inner, self.searches = faiss.clone_index(index), 0
+        self.inner, self.searches, self.adds = faiss.clone_index(index), 0, 0
+
+    def add(self, x):
+        self.adds += 1
+        self.inner.add(x)
 
     def search(self, q, k):
         self.searches += 1
@@ -433,7 +437,7 @@ class _GpuParameterSpace:
         faiss.ParameterSpace().set_index_parameters(copy.inner, params)
 
 
-def test_gpu_copy_is_refreshed_and_searched_with_a_stand_in_faiss_gpu_api(tmp_path, monkeypatch) -> None:
+def test_gpu_copy_takes_adds_and_is_searched_with_a_stand_in_faiss_gpu_api(tmp_path, monkeypatch) -> None:
     """The wiring of ``device="cuda:1"`` without a GPU: faiss's GPU calls are replaced by
     stand-ins that copy the CPU index and record what they got."""
     copies: list[tuple[int, _GpuCopy]] = []
@@ -451,7 +455,8 @@ def test_gpu_copy_is_refreshed_and_searched_with_a_stand_in_faiss_gpu_api(tmp_pa
     half = [Prediction(mean=gallery.mean[part], std=gallery.std[part]) for part in (slice(0, 300), slice(300, None))]
     gpu = index_of(half[0], index_factory="IVF8,Flat", device="cuda:1")
     gpu.add(half[1])
-    assert [(device, copy.inner.ntotal) for device, copy in copies] == [(1, 300), (1, 600)]  # fresh after every add
+    assert [(device, copy.inner.ntotal) for device, copy in copies] == [(1, 600)]  # one copy, added to
+    assert copies[0][1].adds == 1 and faiss.serialize_index(copies[0][1].inner).tobytes() == faiss.serialize_index(gpu.faiss_index).tobytes()
     for index in (cpu, gpu):
         index.set_search_parameters("nprobe=8")  # every list: exact, whatever the training
     assert faiss.extract_index_ivf(copies[-1][1].inner).nprobe == 8
@@ -460,11 +465,40 @@ def test_gpu_copy_is_refreshed_and_searched_with_a_stand_in_faiss_gpu_api(tmp_pa
     assert copies[-1][1].searches == 1
     gpu.save(tmp_path / "gpu.safetensors")
     loaded = UncertainIndex.load(tmp_path / "gpu.safetensors", device="cuda:1")
-    assert len(copies) == 3 and copies[-1][1].inner.ntotal == 600
+    assert len(copies) == 2 and copies[-1][1].inner.ntotal == 600
     np.testing.assert_array_equal(loaded.search(queries, 5).ids, expected.ids)
     assert copies[-1][1].searches == 1
     with pytest.raises(RuntimeError, match="faiss sees 2 CUDA device"):
         UncertainIndex(device="cuda:2")
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_all_gpus_are_placed_by_faiss_with_a_stand_in_api(monkeypatch, shard: bool) -> None:
+    """``device="cuda:all"`` hands the index to ``faiss.index_cpu_to_all_gpus`` with the
+    sharding asked for; later adds go to the copy it returned."""
+    placed: list = []
+
+    class Options:
+        shard = False
+
+    def to_all(index, co=None, ngpu=-1):
+        placed.append((co.shard, _GpuCopy(index)))
+        return placed[-1][1]
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: "resources", raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 4)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", Options, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_all, raising=False)
+    gallery = gaussian_prediction(300, 8, 33)
+    index = UncertainIndex(device="cuda:all", gpu_shards=shard, progress=False)
+    index.add(Prediction(mean=gallery.mean[:200], std=gallery.std[:200]))
+    index.add(Prediction(mean=gallery.mean[200:], std=gallery.std[200:]))
+    assert [(sharded, copy.inner.ntotal, copy.adds) for sharded, copy in placed] == [(shard, 300, 1)]
+    assert "cuda:all" in repr(index)
+    index.remove([0])
+    assert len(placed) == 2 and placed[-1][1].inner.ntotal == 299  # a removal copies anew
+    with pytest.raises(ValueError, match="gpu_shards=True needs device='cuda:all'"):
+        UncertainIndex(device="cuda:1", gpu_shards=True)
 
 
 @pytest.mark.cuda

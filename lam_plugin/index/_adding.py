@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..prediction import Prediction
 from ._embedding import check, check_mean, predictions
-from .faiss_backend import new_index, to_gpu, training_size
+from .faiss_backend import new_index, training_size
 from .inputs import as_ids
 
 if TYPE_CHECKING:
@@ -89,9 +89,9 @@ def add(index: UncertainIndex, data: Any, ids: Sequence[int] | np.ndarray | Tens
             raise ValueError(f"ids has {len(given)} entries, data has {done} items")
         if buffer is not None:
             _train_and_add(index, buffer)
-    finally:  # the GPU copy holds what was added, even when a later batch fails
+    finally:
         if len(index) > before:
-            refresh(index, f"added {len(index) - before} items")
+            logger.info("added %d items, the index holds %d", len(index) - before, len(index))
 
 
 def train(index: UncertainIndex, data: Any) -> None:
@@ -138,16 +138,21 @@ def add_rows(
         if index._items.needs_training:  # a first add of fewer items than train_size
             index._items.train(var)
         index._index.add(mean)
+        if index._gpu is not None:  # the GPU copy takes the same means (made on the first add)
+            if index._gpu_index is None:
+                index._gpu_index = index._gpu.copy(index._index, index.index_factory)
+            else:
+                index._gpu_index.add(mean)
         index._items.append(new_ids, var, samples)
         logger.debug("added %d rows, the index holds %d", mean.shape[0], len(index._items))
 
 
 def refresh(index: UncertainIndex, what: str) -> None:
-    """After a change (``what`` it was): refresh the GPU copy once (not per batch of a
-    streamed loader) and say what the index holds."""
-    if index._gpu_id is not None:
+    """After a change that adds cannot mirror (``what`` it was: a removal, a merge): copy
+    the CPU index to the GPU anew, and say what the index holds."""
+    if index._gpu is not None:
         with index._lock.write():
-            index._gpu_index = to_gpu(index._gpu_res, index._gpu_id, index._index, index.index_factory)
+            index._gpu_index = index._gpu.copy(index._index, index.index_factory)
     logger.info("%s, the index holds %d", what, len(index._items))
 
 

@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 
-from .faiss_backend import to_gpu
-
 if TYPE_CHECKING:
     from .uncertain_index import PosteriorLike, UncertainIndex
 
@@ -72,5 +70,5 @@ def restore(index: UncertainIndex, path: Path, tensors: dict[str, np.ndarray], d
     index._index, index._dim = faiss_index, dim
     index._flat = isinstance(faiss.downcast_index(faiss_index), faiss.IndexFlat)
     index._fingerprint = stored if stored is not None else index._fingerprint
-    if index._gpu_id is not None:
-        index._gpu_index = to_gpu(index._gpu_res, index._gpu_id, faiss_index, index.index_factory)
+    if index._gpu is not None and faiss_index.ntotal:
+        index._gpu_index = index._gpu.copy(faiss_index, index.index_factory)

@@ -1,5 +1,5 @@
 """The FAISS side of the index: building and training it from a factory string, removing
-vectors from it, the GPU copy.
+vectors from it, the GPU copy on one GPU or on all of them.
 
 FAISS does the work; this module turns its failures into errors that say what to change.
 """
@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 __all__ = [
+    "GpuPlacement",
     "check_removable",
-    "gpu_device_id",
+    "gpu_placement",
     "min_training_points",
     "new_index",
     "remove_rows",
-    "to_gpu",
     "training_size",
 ]
 
@@ -140,6 +140,53 @@ def _parts(index: Any) -> list[Any]:
         parts.append(faiss.downcast_index(inner))
 
 
+class GpuPlacement:
+    """Where the GPU copy of the CPU index lives: one CUDA device, or every GPU FAISS sees,
+    each holding all vectors (replicated: ``faiss.IndexReplicas``, searches split by
+    query) or a slice of them (sharded: ``faiss.IndexShards``, for a gallery larger than
+    one GPU's memory), placed by FAISS's own ``index_cpu_to_all_gpus``.
+
+    Args:
+        gpu: the device number, or ``None`` for all GPUs.
+        shard: with all GPUs, shard the vectors instead of replicating them.
+    """
+
+    def __init__(self, gpu: int | None, shard: bool) -> None:
+        self.gpu, self.shard = gpu, shard
+        self._resources = faiss.StandardGpuResources() if gpu is not None else None
+
+    @property
+    def label(self) -> str:
+        """``"cuda:i"``, ``"cuda:all"`` (replicated) or ``"cuda:all (sharded)"``."""
+        return f"cuda:{self.gpu}" if self.gpu is not None else "cuda:all" + (" (sharded)" if self.shard else "")
+
+    def copy(self, index: Any, factory: str) -> Any:
+        """A GPU copy of the CPU ``index`` (built from ``factory``). It takes later adds
+        itself (``add`` of the new means: FAISS numbers them on from its ``ntotal``, as
+        the CPU index does), and is made again only after a removal or a merge."""
+        try:
+            if self.gpu is not None:
+                assert self._resources is not None
+                return faiss.index_cpu_to_gpu(self._resources, self.gpu, index)
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard = self.shard
+            return faiss.index_cpu_to_all_gpus(index, co=options)
+        except RuntimeError as err:
+            raise ValueError(f"faiss cannot move a {factory!r} index to {self.label}: {err}") from err
+
+
+def gpu_placement(device: str | torch.device | None, shard: bool = False) -> GpuPlacement | None:
+    """The placement of ``device``: ``None`` for the CPU, else one GPU (``"cuda"``,
+    ``"cuda:i"``) or all of them (``"cuda:all"``, sharded if ``shard``)."""
+    if isinstance(device, str) and device.strip() == "cuda:all":
+        _check_gpus(device, 0)
+        return GpuPlacement(None, shard)
+    if shard:
+        raise ValueError(f"gpu_shards=True needs device='cuda:all', got device={device!r}")
+    gpu = gpu_device_id(device)
+    return None if gpu is None else GpuPlacement(gpu, False)
+
+
 def gpu_device_id(device: str | torch.device | None) -> int | None:
     """The CUDA device number of ``device``; ``None`` for the CPU."""
     if device is None:
@@ -148,21 +195,18 @@ def gpu_device_id(device: str | torch.device | None) -> int | None:
     if dev.type == "cpu":
         return None
     if dev.type != "cuda":
-        raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}")
+        raise ValueError(f"device must be 'cpu', 'cuda[:i]' or 'cuda:all', got {device!r}")
+    gpu = 0 if dev.index is None else dev.index
+    _check_gpus(device, gpu)
+    return gpu
+
+
+def _check_gpus(device: str | torch.device, gpu: int) -> None:
+    """Refuse a faiss without GPU support, or one that sees no device number ``gpu``."""
     if not hasattr(faiss, "StandardGpuResources"):
         raise RuntimeError(
             f"device={str(device)!r} needs faiss with GPU support (e.g. the faiss-gpu package); "
             f"the installed faiss {faiss.__version__} is CPU-only"
         )
-    gpu = 0 if dev.index is None else dev.index
     if faiss.get_num_gpus() <= gpu:
         raise RuntimeError(f"device={str(device)!r}: faiss sees {faiss.get_num_gpus()} CUDA device(s)")
-    return gpu
-
-
-def to_gpu(resources: Any, gpu: int, index: Any, factory: str) -> Any:
-    """A copy of the CPU ``index`` (built from ``factory``) on CUDA device ``gpu``."""
-    try:
-        return faiss.index_cpu_to_gpu(resources, gpu, index)
-    except RuntimeError as err:
-        raise ValueError(f"faiss cannot move a {factory!r} index to the GPU: {err}") from err

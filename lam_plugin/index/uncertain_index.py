@@ -32,7 +32,7 @@ from ._searching import (
     search_rows,
     too_many,
 )
-from .faiss_backend import check_removable, gpu_device_id, remove_rows
+from .faiss_backend import check_removable, gpu_placement, remove_rows
 from .inputs import as_ids
 from .items import VARIANCE_DTYPES, ItemStore
 from .locking import ReadWriteLock
@@ -83,9 +83,15 @@ class UncertainIndex:
             of the first :meth:`add` (see ``train_size``), as are variances stored in bits. For lossy encodings (PQ, SQ,
             PCA) the variance uses the index's reconstruction of each neighbour mean and
             leaves out the quantisation error.
-        device: ``None``/``"cpu"``, or ``"cuda"``/``"cuda:i"`` to search on a GPU copy of
-            the index (needs a faiss build with GPU support). Training and storage stay
-            on the CPU index; the GPU copy is refreshed after each add and remove.
+        device: ``None``/``"cpu"``; ``"cuda"``/``"cuda:i"`` to search on a GPU copy of
+            the index, or ``"cuda:all"`` for a copy on every GPU FAISS sees (its
+            ``index_cpu_to_all_gpus``: replicated, or sharded with ``gpu_shards``). Needs
+            a faiss build with GPU support. Training and storage stay on the CPU index;
+            adds go to both (the GPU copy takes the new means, it is not copied again),
+            a removal or a merge copies the CPU index anew.
+        gpu_shards: with ``device="cuda:all"``, split the vectors across the GPUs
+            (for a gallery larger than one GPU's memory) instead of copying all of
+            them to each.
         n_samples: weight samples per embedding (``n`` of ``posterior.predict``).
         batch_size: inputs per posterior call when embedding images.
         variance: ``"closed_form"`` stores the per-dimension variance of each item
@@ -133,6 +139,7 @@ class UncertainIndex:
         train_size: int | None = None,
         seed: int = 0,
         progress: bool = True,
+        gpu_shards: bool = False,
     ) -> None:
         if metric not in ("l2", "ip", "cosine"):
             raise ValueError(f"metric must be 'l2', 'ip' or 'cosine', got {metric!r}")
@@ -159,8 +166,8 @@ class UncertainIndex:
         self.variance_dtype: str = variance_dtype
         self.seed = int(seed)
         self.progress = progress
-        self._gpu_id = gpu_device_id(device)
-        self._gpu_res = faiss.StandardGpuResources() if self._gpu_id is not None else None
+        self.gpu_shards = bool(gpu_shards)
+        self._gpu = gpu_placement(device, self.gpu_shards)
         self._gpu_index: Any = None
         self._gpu_lock = threading.Lock()
         self._lock = ReadWriteLock()
@@ -338,9 +345,11 @@ class UncertainIndex:
         *,
         device: str | torch.device | None = None,
         progress: bool = True,
+        gpu_shards: bool = False,
     ) -> UncertainIndex:
         """Read an index written by :meth:`save`.
 
+        ``device`` and ``gpu_shards`` place the GPU copy as in the constructor.
         Without ``posterior`` the index searches :class:`Prediction` queries only. A
         posterior whose ``fingerprint`` differs from the stored one is refused, as are
         files of another format or version and files whose checksum does not match.
@@ -349,7 +358,7 @@ class UncertainIndex:
         tensors, config, stored = storage.read(path)
         check_fingerprint(path, posterior, stored)
         dim = int(config.pop("dim"))
-        self = cls(posterior, device=device, progress=progress, **config)
+        self = cls(posterior, device=device, progress=progress, gpu_shards=gpu_shards, **config)
         restore(self, path, tensors, dim, stored)
         logger.info("loaded %d items from %s", len(self._items), path)
         return self
@@ -358,5 +367,5 @@ class UncertainIndex:
         return (
             f"UncertainIndex(items={len(self)}, dim={self._dim}, metric={self.metric!r}, "
             f"index_factory={self.index_factory!r}, variance={self.variance!r}, "
-            f"device={'cpu' if self._gpu_id is None else f'cuda:{self._gpu_id}'})"
+            f"device={'cpu' if self._gpu is None else self._gpu.label})"
         )
