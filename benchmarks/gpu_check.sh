@@ -6,7 +6,9 @@
 #   2. `lam-study reproduce fashionmnist --quick --device cuda`, timed end to end;
 #   3. benchmarks/training.py --device cuda: images/s of plain training and of the
 #      online-LAM step on the GPU;
-#   4. benchmarks/gpu_index_check.py, where faiss has GPU support;
+#   4. benchmarks/gpu_index_check.py, where faiss has GPU support: Flat and IVF on the GPU
+#      against the CPU, then 1M items in IVF1024,PQ16 with 3-bit variances added in 20
+#      parts to one GPU (and, with several, to all of them replicated and sharded);
 #   5. the distributed fit with NCCL, one rank per GPU (1 where there is one): each
 #      rank's posterior against one process over all the batches (tests/distributed_worker.py).
 #
@@ -42,7 +44,7 @@ echo "quick run on cuda: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s" | 
 timeout 180 python3 benchmarks/training.py --device cuda --images 8192 --repeats 3 2>&1 | tee "$out/training.log"
 
 if python3 -c "import faiss, sys; sys.exit(0 if getattr(faiss, 'get_num_gpus', lambda: 0)() > 0 else 1)"; then
-    timeout 120 python3 benchmarks/gpu_index_check.py 2>&1 | tee "$out/gpu-index.log"
+    timeout 420 python3 benchmarks/gpu_index_check.py 2>&1 | tee "$out/gpu-index.log"
 fi
 
 ngpu=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
