@@ -65,8 +65,9 @@ def test_items_without_noise_decode_to_zero() -> None:
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_three_bit_variances_stay_within_their_measured_error(metric: str) -> None:
-    """60 bytes per item at D = 128; the returned variances within about 1 % of float32
-    storage at the median (the figure the docs give), the means and E[d^2] untouched."""
+    """60 bytes per item at D = 128; the returned variances within the figures of
+    docs/design.md section 5 (0.7 % at the median, 2.5-2.8 % at the 99th percentile,
+    4.8 % at most), with a margin; the means and E[d^2] untouched."""
     gallery, queries = prediction(moments(3000, 4, dim=128)), prediction(moments(100, 5, dim=128))
     indexes = {dtype: UncertainIndex(metric=metric, variance_dtype=dtype, progress=False).add(gallery) for dtype in ("3bit", "float32")}
     assert indexes["3bit"].extra_nbytes == 3000 * 60
@@ -74,8 +75,8 @@ def test_three_bit_variances_stay_within_their_measured_error(metric: str) -> No
     np.testing.assert_array_equal(coarse.ids, exact.ids)
     np.testing.assert_array_equal(coarse.expected, exact.expected)  # the sums are kept exactly
     rel = np.abs(coarse.variances.astype(np.float64) / exact.variances - 1)
-    assert np.median(rel) < 0.015 and np.quantile(rel, 0.99) < 0.06, (np.median(rel), np.quantile(rel, 0.99))
-    assert np.abs(coarse.order_probabilities - exact.order_probabilities).max() < 0.05
+    assert np.median(rel) < 0.01 and np.quantile(rel, 0.99) < 0.035 and rel.max() < 0.07, (np.median(rel), np.quantile(rel, 0.99))
+    assert np.abs(coarse.order_probabilities - exact.order_probabilities).max() < 0.01
 
 
 def test_the_quantiser_trains_like_the_index() -> None:

@@ -106,7 +106,7 @@ class UncertainIndex:
             ``"3bit"``, ``"4bit"``, ``"8bit"``: the variance sum as a per-item scale and
             the shape quantised to that many bits per dimension, trained like the index
             (``ceil(D/8) bits + 12`` bytes per item: 60 at ``D = 128``, 3 bits); the error
-            is measured, about 1 % of each returned variance at the median with 3 bits
+            is measured, 0.7 % of a returned variance at the median with 3 bits
             (:mod:`lam_plugin.index.variance_codes`).
             Not used by ``"mc"``, whose samples stay float32.
         train_size: for an index that needs training and is not trained by

@@ -16,15 +16,16 @@ The shape is quantised per dimension to ``2^bits`` levels:
 * **packing**: bit planes, bit ``k`` of the ``D`` codes in ``ceil(D / 8)`` bytes for each ``k``:
   ``ceil(D / 8) bits`` bytes per item (48 at ``D = 128``, 3 bits), against ``2 D`` of float16.
 
-The error is measured, not bounded (docs/design.md, section 10): with 3 bits the
-closed-form variance of a search is within about 1 % of the float32 one at the median
-(3-10 % at the 99th percentile) on the distributions tried there; the ``float16``
+The error is measured, not bounded (docs/design.md, section 5): with 3 bits the
+closed-form variance of a search differs from the float32 one by 0.7 % at the median
+and 2.5-2.8 % at the 99th percentile on the gallery measured there; the ``float16``
 storage of :mod:`lam_plugin.index.items` keeps a proven ``1e-3``.
 
 Written here rather than taken from FAISS: FAISS's ``ScalarQuantizer`` has no 3-bit
 type, and a ``ProductQuantizer`` with one dimension per sub-quantiser and 3 bits (the
 same codes with k-means levels) encodes at about 6 microseconds per item of dimension
-128 on a 2-core host, as long as FAISS's own IVF-PQ ``add`` of that item.
+128 on a 2-core host, 12 times these bit planes and nearly as long as FAISS's own
+IVF-PQ ``add`` of the item.
 """
 
 from __future__ import annotations
