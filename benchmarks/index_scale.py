@@ -17,6 +17,8 @@ items, the default rule of ``UncertainIndex``) and timed apart. Measured in one 
   forward pass, then FAISS's add of its means: the work the target counts, with the
   slow-down FAISS's threads suffer right after torch's): items/s of each (median over
   the parts) and the median ratios of the times;
+* memory: the resident size after each part minus what the four FAISS indexes and the
+  stored items hold: flat when ``add`` streams;
 * search: ``--queries`` queries (``Prediction``s), k = ``--k``, the median over
   ``--repeats`` of ``search`` with variances against a plain FAISS search of the query
   means on that clone (the same vectors), both at ``--nprobe``, and their ratio.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -68,6 +71,21 @@ def loader(moments: np.ndarray, batch: int) -> Iterator[torch.Tensor]:
         yield torch.from_numpy(moments[start : start + batch])
 
 
+def resident_bytes() -> int:
+    """This process's resident memory (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def faiss_bytes(index: faiss.Index) -> int:
+    """What ``index`` holds per item: an IVF index's inverted lists (codes and ids), else its codes."""
+    try:
+        invlists = faiss.extract_index_ivf(index).invlists
+    except RuntimeError:
+        return index.ntotal * index.sa_code_size()
+    return sum(invlists.list_size(i) * (invlists.code_size + 8) for i in range(invlists.nlist))
+
+
 def seconds(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -93,6 +111,8 @@ def measure_adds(index: UncertainIndex, plain: faiss.Index, moments: np.ndarray,
             "batches": seconds(lambda chunks=chunks: [clones["batches"].add(c) for c in chunks]),
             "forward": seconds(lambda part=part: [posterior.predict(x) for x in loader(part, args.batch)]),
             "pipeline": seconds(lambda part=part: [clones["pipeline"].add(posterior.predict(x).mean.numpy()) for x in loader(part, args.batch)]),
+            "rss": resident_bytes(),
+            "held": index.extra_nbytes + sum(faiss_bytes(ix) for ix in (index.faiss_index, *clones.values())),
         })
     return times
 
@@ -153,6 +173,9 @@ def main() -> None:
         ratios = [t["ours"] / sum(t[term] for term in name.split(" + ")) for t in adds]
         print(f"  time of add(loader) / {name}: median {statistics.median(ratios):.3f} "
               f"(parts: {', '.join(f'{r:.3f}' for r in ratios)})")
+    growth = [(t["rss"] - t["held"]) / 2**20 for t in adds]
+    print(f"  memory: resident minus what the indexes hold (the 4 FAISS indexes' lists, the stored items), MiB, "
+          f"after each part: {', '.join(f'{g:.0f}' for g in growth)}")
     print(f"search of {args.queries} queries, k={args.k} (median of {args.repeats}): with variances {t_ours * 1e3:.2f} ms, "
           f"plain FAISS {t_plain * 1e3:.2f} ms, ratio {t_ours / t_plain:.3f}; same ids {same:.4f}")
 
