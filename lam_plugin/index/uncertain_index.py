@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..arguments import positive_int
 from ..prediction import Prediction
-from . import _adding, _embedding, storage
+from . import _adding, _embedding, _merging, _sharding, storage
 from ._persistence import check_fingerprint, file_config, file_tensors, restore
 from ._searching import (
     Rerank,
@@ -232,15 +232,19 @@ class UncertainIndex:
         _adding.add(self, data, ids)
         return self
 
-    def train(self, data: Any) -> UncertainIndex:
+    def train(self, data: Any, *, across_ranks: bool = False) -> UncertainIndex:
         """Train the FAISS index of this empty index on the means of ``data`` (as in
         :meth:`add`; all of it, which FAISS subsamples to 256 points per centroid), so
         that :meth:`add` streams without buffering. Adds nothing; returns ``self``.
 
         Raises ``ValueError`` for fewer items than the index needs (e.g. the IVF lists)
         and on an index that is trained already; nothing changes then.
+
+        ``across_ranks=True`` in a process group (a collective): rank 0 trains on all ranks'
+        parts in rank order and every rank gets the trained state (for :meth:`gather`);
+        an error is raised on every rank. Outside a process group, a plain train.
         """
-        _adding.train(self, data)
+        _sharding.train(self, data, across_ranks)
         return self
 
     def remove(self, ids: Sequence[int] | np.ndarray | Tensor) -> UncertainIndex:
@@ -263,6 +267,24 @@ class UncertainIndex:
             self._items.delete(rows)
         _adding.refresh(self, f"removed {rows.size} items")
         return self
+
+    def merge(self, other: UncertainIndex) -> UncertainIndex:
+        """Append the ``M`` items of ``other`` after the ``N`` here (FAISS ``merge_from``, IVF
+        labels offset by ``N``); returns ``self``; ``other`` is left empty, still trained.
+        ``ValueError``, before anything changes, unless both share the configuration (metric,
+        index_factory, variance(_dtype), n_samples, seed, dim, fingerprint), the trained state
+        (SHA-256 of the emptied FAISS index, of the variance bins) and no id, and FAISS can
+        merge the type (Flat, PQ, SQ, IVF, also behind PCA/OPQ; not HNSW nor fast scan)."""
+        _merging.merge(self, other)
+        return self
+
+    def gather(self, dst: int = 0) -> UncertainIndex | None:
+        """Collective: on rank ``dst`` this index becomes the merge of every rank's shard in
+        rank order and is returned; other ranks keep theirs and get ``None`` (``self`` outside
+        a process group). Every rank first checks that all share the configuration and trained
+        state (:meth:`train` ``across_ranks=True``) and hold distinct ids, raising one error.
+        ``dst`` holds every shard's bytes at once; only rank 0 saves files (keep ``dst=0``)."""
+        return self if _sharding.gather(self, dst) else None
 
     def set_search_parameters(self, params: str) -> None:
         """Set FAISS search parameters, e.g. ``"nprobe=64"`` or ``"efSearch=128"``.

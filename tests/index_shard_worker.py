@@ -1,0 +1,125 @@
+"""One rank of the sharded-index tests (tests/test_index_sharding.py), launched by
+``python -m torch.distributed.run --standalone --nproc-per-node 2``.
+
+    index_shard_worker.py OUT
+
+Runs every scenario of :data:`SCENARIOS` in sequence, on gloo: each rank trains its index
+on its half of the training sample with ``across_ranks=True``, adds its half of the
+gallery under its own ids, and calls ``gather``. The rank that gets the merged index
+writes its search results to ``OUT/<name>.npz`` and saves it to ``OUT/<name>.safetensors``
+(a no-op but on rank 0: only rank 0 writes files); every rank writes its trained-state
+digests and what it got back to ``OUT/<name>.rank<r>.json``. Then the mismatches of
+:data:`MISMATCHES`, each of which must raise on every rank: the message goes to
+``OUT/<name>.rank<r>.err`` (a scenario that does not raise writes nothing: the test fails).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lam_plugin.index import UncertainIndex
+from lam_plugin.index._merging import trained_state
+from lam_plugin.prediction import Prediction
+
+#: name: (UncertainIndex settings, dst of gather)
+SCENARIOS: dict[str, tuple[dict[str, Any], int]] = {
+    "ivfpq": ({"index_factory": "IVF8,PQ4x4", "variance_dtype": "3bit"}, 0),
+    "flat": ({"index_factory": "Flat", "variance_dtype": "float16"}, 0),
+    "flat_dst1": ({"index_factory": "Flat", "variance_dtype": "float16", "metric": "ip"}, 1),
+}
+MISMATCHES = ("apart", "ids", "dtype", "too_few")
+DIM, N_SAMPLE, N_GALLERY, N_QUERIES, K = 16, 600, 1000, 25, 10
+
+
+def prediction(n: int, seed: int) -> Prediction:
+    """``n`` items of dimension :data:`DIM`: unit-norm means, std uniform in [0, 0.05]."""
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.nn.functional.normalize(torch.randn(n, DIM, generator=gen), dim=-1)
+    return Prediction(mean=mean, std=0.05 * torch.rand(n, DIM, generator=gen))
+
+
+def rows(pred: Prediction, part: slice) -> Prediction:
+    return Prediction(mean=pred.mean[part], std=pred.std[part])
+
+
+def sample() -> Prediction:
+    return prediction(N_SAMPLE, 0)
+
+
+def gallery() -> tuple[Prediction, np.ndarray]:
+    """The gallery and its ids (distinct, not in order of position)."""
+    return prediction(N_GALLERY, 1), 10**9 + 7 * np.arange(N_GALLERY, dtype=np.int64)[::-1].copy()
+
+
+def queries() -> Prediction:
+    return prediction(N_QUERIES, 2)
+
+
+def half(rank: int, n: int) -> slice:
+    """Rank ``rank``'s half (of two) of ``n`` items."""
+    return slice(rank * n // 2, (rank + 1) * n // 2)
+
+
+def results(index: UncertainIndex) -> dict[str, np.ndarray]:
+    """What the tests compare of a search of :func:`queries`."""
+    found = index.search(queries(), K, return_probabilities=True, threshold=1.0)
+    names = ("ids", "distances", "variances", "expected", "order_probabilities", "within_probabilities")
+    return {name: getattr(found, name) for name in names}
+
+
+def build(rank: int, out: Path, name: str, settings: dict[str, Any], dst: int) -> None:
+    g, ids = gallery()
+    index = UncertainIndex(progress=False, **settings)
+    index.train(rows(sample(), half(rank, N_SAMPLE)), across_ranks=True)
+    state = trained_state(index)
+    index.add(rows(g, half(rank, N_GALLERY)), ids=ids[half(rank, N_GALLERY)])
+    merged = index.gather(dst=dst)
+    if rank == dst:
+        assert merged is index
+        np.savez(out / f"{name}.npz", **results(merged))
+        merged.save(out / f"{name}.safetensors")  # only rank 0 writes files: nothing for dst 1
+    record = {"state": state, "got": None if merged is None else len(merged), "len": len(index)}
+    (out / f"{name}.rank{rank}.json").write_text(json.dumps(record))
+
+
+def mismatch(rank: int, name: str) -> None:
+    """Build shards that ``gather`` (or ``train``) must refuse on every rank."""
+    g, ids = gallery()
+    settings = {"index_factory": "IVF8,PQ4x4", "variance_dtype": "3bit", "progress": False}
+    if name == "dtype":
+        settings = {"variance_dtype": "float32" if rank else "float16", "progress": False}
+    index = UncertainIndex(**settings)
+    part = half(rank, N_SAMPLE)
+    if name == "too_few":
+        part = slice(part.start, part.start + 5)  # 10 items in all, PQ4x4 needs 16
+    if name != "dtype":
+        index.train(rows(sample(), part), across_ranks=name != "apart")
+    index.add(rows(g, half(rank, N_GALLERY)), ids=ids[:500] if name == "ids" else ids[half(rank, N_GALLERY)])
+    index.gather()
+
+
+def main(out: Path) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    for name, (settings, dst) in SCENARIOS.items():
+        build(rank, out, name, settings, dst)
+    for name in MISMATCHES:
+        try:
+            mismatch(rank, name)
+        except ValueError as err:
+            (out / f"{name}.rank{rank}.err").write_text(str(err))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
