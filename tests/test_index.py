@@ -472,10 +472,11 @@ def test_gpu_copy_takes_adds_and_is_searched_with_a_stand_in_faiss_gpu_api(tmp_p
         UncertainIndex(device="cuda:2")
 
 
-@pytest.mark.parametrize("shard", [False, True])
-def test_all_gpus_are_placed_by_faiss_with_a_stand_in_api(monkeypatch, shard: bool) -> None:
+@pytest.mark.parametrize(("shard", "factory", "copies"), [(False, "Flat", [300]), (True, "IVF4,Flat", [300]), (True, "Flat", [200, 300])])
+def test_all_gpus_are_placed_by_faiss_with_a_stand_in_api(monkeypatch, shard: bool, factory: str, copies: list[int]) -> None:
     """``device="cuda:all"`` hands the index to ``faiss.index_cpu_to_all_gpus`` with the
-    sharding asked for; later adds go to the copy it returned."""
+    sharding asked for; later adds go to the copy it returned, except for a sharded Flat
+    index, whose FAISS shards take one add only: copied anew."""
     placed: list = []
 
     class Options:
@@ -490,13 +491,14 @@ def test_all_gpus_are_placed_by_faiss_with_a_stand_in_api(monkeypatch, shard: bo
     monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", Options, raising=False)
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_all, raising=False)
     gallery = gaussian_prediction(300, 8, 33)
-    index = UncertainIndex(device="cuda:all", gpu_shards=shard, progress=False)
+    index = UncertainIndex(device="cuda:all", gpu_shards=shard, index_factory=factory, progress=False)
     index.add(Prediction(mean=gallery.mean[:200], std=gallery.std[:200]))
     index.add(Prediction(mean=gallery.mean[200:], std=gallery.std[200:]))
-    assert [(sharded, copy.inner.ntotal, copy.adds) for sharded, copy in placed] == [(shard, 300, 1)]
+    assert [(sharded, copy.inner.ntotal) for sharded, copy in placed] == [(shard, n) for n in copies]
+    assert placed[-1][1].adds == (1 if len(copies) == 1 else 0)
     assert "cuda:all" in repr(index)
     index.remove([0])
-    assert len(placed) == 2 and placed[-1][1].inner.ntotal == 299  # a removal copies anew
+    assert len(placed) == len(copies) + 1 and placed[-1][1].inner.ntotal == 299  # a removal copies anew
     with pytest.raises(ValueError, match="gpu_shards=True needs device='cuda:all'"):
         UncertainIndex(device="cuda:1", gpu_shards=True)
 

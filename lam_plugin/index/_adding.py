@@ -139,10 +139,7 @@ def add_rows(
             index._items.train(var)
         index._index.add(mean)
         if index._gpu is not None:  # the GPU copy takes the same means (made on the first add)
-            if index._gpu_index is None:
-                index._gpu_index = index._gpu.copy(index._index, index.index_factory)
-            else:
-                index._gpu_index.add(mean)
+            index._gpu_index = index._gpu.update(index._gpu_index, index._index, index.index_factory, mean)
         index._items.append(new_ids, var, samples)
         logger.debug("added %d rows, the index holds %d", mean.shape[0], len(index._items))
 

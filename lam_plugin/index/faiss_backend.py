@@ -160,10 +160,20 @@ class GpuPlacement:
         """``"cuda:i"``, ``"cuda:all"`` (replicated) or ``"cuda:all (sharded)"``."""
         return f"cuda:{self.gpu}" if self.gpu is not None else "cuda:all" + (" (sharded)" if self.shard else "")
 
+    def update(self, copy: Any, index: Any, factory: str, added: np.ndarray) -> Any:
+        """The GPU copy once the means ``added`` ``[B, D]`` went into the CPU ``index``:
+        ``copy`` taking them itself (FAISS numbers them on from its ``ntotal``, as the CPU
+        index does), or a new copy where there is none yet, or where FAISS's copy takes
+        one add only (a Flat index sharded over GPUs: its ``IndexShards`` numbers the
+        vectors of a single pass)."""
+        if copy is None or (self.gpu is None and self.shard and isinstance(_parts(index)[-1], faiss.IndexFlat)):
+            return self.copy(index, factory)
+        copy.add(added)
+        return copy
+
     def copy(self, index: Any, factory: str) -> Any:
-        """A GPU copy of the CPU ``index`` (built from ``factory``). It takes later adds
-        itself (``add`` of the new means: FAISS numbers them on from its ``ntotal``, as
-        the CPU index does), and is made again only after a removal or a merge."""
+        """A GPU copy of the CPU ``index`` (built from ``factory``), made anew after a
+        removal or a merge; adds go through :meth:`update`."""
         try:
             if self.gpu is not None:
                 assert self._resources is not None
