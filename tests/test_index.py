@@ -472,11 +472,11 @@ def test_gpu_copy_takes_adds_and_is_searched_with_a_stand_in_faiss_gpu_api(tmp_p
         UncertainIndex(device="cuda:2")
 
 
-@pytest.mark.parametrize(("shard", "factory", "copies"), [(False, "Flat", [300]), (True, "IVF4,Flat", [300]), (True, "Flat", [200, 300])])
+@pytest.mark.parametrize(("shard", "factory", "copies"), [(False, "Flat", [300]), (True, "IVF4,Flat", [300]), (True, "Flat", [])])
 def test_all_gpus_are_placed_by_faiss_with_a_stand_in_api(monkeypatch, shard: bool, factory: str, copies: list[int]) -> None:
     """``device="cuda:all"`` hands the index to ``faiss.index_cpu_to_all_gpus`` with the
     sharding asked for; later adds go to the copy it returned, except for a sharded Flat
-    index, whose FAISS shards take one add only: copied anew."""
+    index, whose FAISS shards take one add only: copied at the next search instead."""
     placed: list = []
 
     class Options:
@@ -494,11 +494,19 @@ def test_all_gpus_are_placed_by_faiss_with_a_stand_in_api(monkeypatch, shard: bo
     index = UncertainIndex(device="cuda:all", gpu_shards=shard, index_factory=factory, progress=False)
     index.add(Prediction(mean=gallery.mean[:200], std=gallery.std[:200]))
     index.add(Prediction(mean=gallery.mean[200:], std=gallery.std[200:]))
-    assert [(sharded, copy.inner.ntotal) for sharded, copy in placed] == [(shard, n) for n in copies]
-    assert placed[-1][1].adds == (1 if len(copies) == 1 else 0)
+    assert [(sharded, copy.inner.ntotal, copy.adds) for sharded, copy in placed] == [(shard, n, 1) for n in copies]
+    expected = index.search(gallery, 3).ids
+    assert len(placed) == 1 and placed[0][1].inner.ntotal == 300 and placed[0][1].searches == 1
+    index.add(Prediction(mean=gallery.mean[:5] * -1, std=gallery.std[:5]))
+    if copies:  # the copy took the add
+        assert len(placed) == 1 and placed[0][1].inner.ntotal == 305
+    else:  # dropped, to be copied at the next search
+        assert len(placed) == 1 and index._gpu_index is None
     assert "cuda:all" in repr(index)
-    index.remove([0])
-    assert len(placed) == len(copies) + 1 and placed[-1][1].inner.ntotal == 299  # a removal copies anew
+    index.remove([300, 301, 302, 303, 304])
+    assert len(placed) == 2 and placed[-1][1].inner.ntotal == 300  # a removal copies anew
+    np.testing.assert_array_equal(index.search(gallery, 3).ids, expected)
+    assert placed[-1][1].searches == 1
     with pytest.raises(ValueError, match="gpu_shards=True needs device='cuda:all'"):
         UncertainIndex(device="cuda:1", gpu_shards=True)
 

@@ -238,8 +238,11 @@ def _means(index: UncertainIndex, rows: np.ndarray) -> np.ndarray:
 
 
 def _faiss_search(index: UncertainIndex, q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(distances, rows)``, each ``[Qc, c]``, of FAISS (the GPU copy if there is one)."""
-    if index._gpu_index is None:
+    """``(distances, rows)``, each ``[Qc, c]``, of FAISS (on the GPU copy where the index
+    has a GPU placement; one dropped by an add is made again first)."""
+    if index._gpu is None:
         return index._index.search(q, c)
-    with index._gpu_lock:
+    with index._gpu_lock:  # the read lock keeps the CPU index as it is meanwhile
+        if index._gpu_index is None:
+            index._gpu_index = index._gpu.copy(index._index, index.index_factory)
         return index._gpu_index.search(q, c)

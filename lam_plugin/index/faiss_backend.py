@@ -163,10 +163,12 @@ class GpuPlacement:
     def update(self, copy: Any, index: Any, factory: str, added: np.ndarray) -> Any:
         """The GPU copy once the means ``added`` ``[B, D]`` went into the CPU ``index``:
         ``copy`` taking them itself (FAISS numbers them on from its ``ntotal``, as the CPU
-        index does), or a new copy where there is none yet, or where FAISS's copy takes
-        one add only (a Flat index sharded over GPUs: its ``IndexShards`` numbers the
-        vectors of a single pass)."""
-        if copy is None or (self.gpu is None and self.shard and isinstance(_parts(index)[-1], faiss.IndexFlat)):
+        index does), or a new copy where there is none yet. ``None`` (copied at the next
+        search, once for a whole streamed add) where FAISS's copy takes one add only: a
+        Flat index sharded over GPUs, whose ``IndexShards`` numbers a single pass."""
+        if self.gpu is None and self.shard and isinstance(_parts(index)[-1], faiss.IndexFlat):
+            return None
+        if copy is None:
             return self.copy(index, factory)
         copy.add(added)
         return copy

@@ -87,8 +87,9 @@ class UncertainIndex:
             the index, or ``"cuda:all"`` for a copy on every GPU FAISS sees (its
             ``index_cpu_to_all_gpus``: replicated, or sharded with ``gpu_shards``). Needs
             a faiss build with GPU support. Training and storage stay on the CPU index;
-            adds go to both (the GPU copy takes the new means, it is not copied again),
-            a removal or a merge copies the CPU index anew.
+            adds go to both (the GPU copy takes the new means, it is not copied again;
+            a Flat index sharded over GPUs, whose FAISS shards take one add only, is
+            copied at the next search), a removal or a merge copies the CPU index anew.
         gpu_shards: with ``device="cuda:all"``, split the vectors across the GPUs
             (for a gallery larger than one GPU's memory) instead of copying all of
             them to each.
