@@ -2,13 +2,13 @@
 batch into the FAISS index (means) and the item store (ids, variances or samples), and
 the training of an index that needs it.
 
-Memory: one batch of predictions at a time, plus, while an index that needs training
-(IVF, PQ, SQ, ..., or variances stored in a few bits) is not trained yet, a buffer of
-its first items: at most ``train_size`` of them (default :func:`training_items`). The
-index is trained on the buffer's means (and the variances quantiser on its variances)
-as soon as it is full or at the end of the first add, whichever comes first; the
-buffered items are then added and the rest streams on. :func:`train` trains on items
-given apart instead.
+An index that needs training (IVF, PQ, SQ, ..., or variances stored in a few bits) and
+is not trained yet is trained by the first add on ``train_size`` items (default
+:func:`training_items`): drawn at random from the data where it can be sampled (a
+tensor, a dict of tensors, a DataLoader over a map-style dataset, of more than twice
+that many items; :func:`drawn`), else its first items, held in a buffer until it is
+full or the add ends. Memory: one batch of predictions at a time, plus that buffer.
+:func:`train` trains on items given apart instead.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import faiss
 import numpy as np
+import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from ..prediction import Prediction
 from ._embedding import check, check_mean, predictions
@@ -75,8 +77,7 @@ def add(index: UncertainIndex, data: Any, ids: Sequence[int] | np.ndarray | Tens
             chunk: Chunk = (mean, var, samples, None if given is None else given[done : done + n])
             done += n
             if done == n and (index._index is None or index._items.needs_training):  # the first batch, untrained
-                default = training_items(index, mean.shape[1])
-                buffer = None if default is None else _TrainingBuffer(index.train_size or default)
+                buffer = _prepare_training(index, data, training_items(index, mean.shape[1]))
             rest: Chunk | None = chunk if buffer is None else buffer.take(chunk)
             if buffer is not None and buffer.size >= buffer.limit:
                 _train_and_add(index, buffer)
@@ -94,10 +95,62 @@ def add(index: UncertainIndex, data: Any, ids: Sequence[int] | np.ndarray | Tens
             logger.info("added %d items, the index holds %d", len(index) - before, len(index))
 
 
-def train(index: UncertainIndex, data: Any) -> None:
+def _prepare_training(index: UncertainIndex, data: Any, default: int | None) -> _TrainingBuffer | None:
+    """Before the first batch of an add to an untrained index (``default``: the items it
+    trains on by default, ``None`` when it needs no training): train it on ``train_size``
+    items drawn at random from ``data`` where :func:`drawn` can, else return the buffer of
+    the first items to train it on."""
+    if default is None:
+        return None
+    size = index.train_size or default
+    sample = drawn(data, size, index.seed, index.batch_size)
+    if sample is None:
+        return _TrainingBuffer(size)
+    logger.info("training on %d items drawn at random (seed %d) from the data being added", size, index.seed)
+    train(index, sample, fresh=False)
+    return None
+
+
+def drawn(data: Any, size: int, seed: int, batch_size: int) -> Any | None:
+    """``size`` items of ``data`` drawn uniformly without replacement (seeded), in their
+    order, to train on: where ``data`` is a tensor, a dict of tensors or a DataLoader over
+    a map-style dataset, of more than ``2 size`` items. ``None`` otherwise (an iterator, a
+    smaller gallery): the first items train the index then. A sorted gallery (an image
+    folder, class by class) would otherwise train IVF lists on its first classes only.
+    The drawn items are embedded once more when added."""
+    n = _items_in(data)
+    if n is None or n <= 2 * size:
+        return None
+    rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+    if isinstance(data, Tensor):
+        return data[torch.from_numpy(rows)]
+    if isinstance(data, Mapping):
+        return {k: v[torch.from_numpy(rows)] if isinstance(v, Tensor) else v for k, v in data.items()}
+    loader: DataLoader = data
+    return DataLoader(
+        Subset(loader.dataset, rows.tolist()), batch_size=loader.batch_size or batch_size,
+        collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+    )
+
+
+def _items_in(data: Any) -> int | None:
+    """How many items ``data`` holds, where :func:`drawn` can sample it: a tensor, a dict
+    of tensors of one length, a DataLoader over a sized map-style dataset."""
+    if isinstance(data, Tensor):
+        return int(data.shape[0]) if data.ndim else None
+    if isinstance(data, Mapping):
+        lengths = {int(v.shape[0]) for v in data.values() if isinstance(v, Tensor) and v.ndim}
+        return lengths.pop() if len(lengths) == 1 else None
+    if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset) and hasattr(data.dataset, "__len__"):
+        return len(data.dataset)
+    return None
+
+
+def train(index: UncertainIndex, data: Any, *, fresh: bool = True) -> None:
     """Train the empty ``index``'s FAISS index on the means of all of ``data`` (and its
-    variances quantiser, if any, on their variances)."""
-    if index._index is not None:
+    variances quantiser, if any, on their variances). ``fresh``: refuse a trained index
+    (``train``); else (an add's drawn sample) keep what another add trained meanwhile."""
+    if fresh and index._index is not None:
         raise ValueError(_trained_already(index))
     rows = [_training_rows(index, pred) for pred in predictions(index, data, "data")]
     if not rows:
@@ -105,7 +158,7 @@ def train(index: UncertainIndex, data: Any) -> None:
     dims = sorted({mean.shape[1] for mean, _ in rows})
     if len(dims) > 1:
         raise ValueError(f"data has items of dimensions {dims}")
-    _train(index, np.concatenate([mean for mean, _ in rows]), [var for _, var in rows], fresh=True)
+    _train(index, np.concatenate([mean for mean, _ in rows]), [var for _, var in rows], fresh=fresh)
     logger.info("trained %r on %d items", index.index_factory, sum(mean.shape[0] for mean, _ in rows))
 
 

@@ -111,11 +111,12 @@ class UncertainIndex:
             (:mod:`lam_plugin.index.variance_codes`).
             Not used by ``"mc"``, whose samples stay float32.
         train_size: for an index that needs training and is not trained by
-            :meth:`train`: the most items the first :meth:`add` buffers to train it
-            on (its first items; shuffle a sorted loader). Default ``max(10_000, 40 k)``
-            for ``k`` the IVF lists or PQ centroids (``2^nbits``) of the factory. The
-            index is trained when the buffer is full or the first add ends, whichever
-            comes first; the buffered items are then added like the others.
+            :meth:`train`: the items the first :meth:`add` trains it on. Default
+            ``max(10_000, 40 k)`` for ``k`` the IVF lists or PQ centroids (``2^nbits``)
+            of the factory. Drawn at random (with ``seed``) where the data can be
+            sampled (a tensor, a dict of tensors, a DataLoader over a map-style dataset)
+            and holds more than twice as many, and embedded once more when added; else
+            the first items, buffered until there are ``train_size`` or the add ends.
         seed: seed of the generator passed to the posterior for every batch, so that
             all batches (gallery and queries) use the same weight samples.
         progress: show a tqdm bar while embedding.
