@@ -11,6 +11,8 @@
 #      parts to one GPU (and, with several, to all of them replicated and sharded);
 #   5. the distributed fit with NCCL, one rank per GPU (1 where there is one): each
 #      rank's posterior against one process over all the batches (tests/distributed_worker.py).
+#   6. with two GPUs or more: the sharded index gathered over 2 NCCL ranks against one
+#      process (tests/test_index_sharding.py with LAM_DIST_BACKEND=nccl).
 #
 # Usage: bash benchmarks/gpu_check.sh [OUTDIR]   (default: gpu-check)
 # It runs in the current Python environment with the repository on PYTHONPATH. Set
@@ -64,3 +66,8 @@ for r in range(n):
     err = float((got - single.curvature.cpu()).norm() / single.curvature.norm())
     print(f"NCCL rank {r} of {n}: curvature relative difference {err:.2e} (target 1e-5)")
 EOF
+
+if [ "$ngpu" -ge 2 ]; then
+    LAM_DIST_BACKEND=nccl timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_index_sharding.py 2>&1 \
+        | tee "$out/index-shards-nccl.log"
+fi

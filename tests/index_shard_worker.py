@@ -3,7 +3,8 @@
 
     index_shard_worker.py OUT
 
-Runs every scenario of :data:`SCENARIOS` in sequence, on gloo: each rank trains its index
+Runs every scenario of :data:`SCENARIOS` in sequence, on gloo (``LAM_DIST_BACKEND=nccl``:
+on NCCL, rank r on ``cuda:r``, for benchmarks/gpu_check.sh on two GPUs or more): each rank trains its index
 on its half of the training sample with ``across_ranks=True``, adds its half of the
 gallery under its own ids, and calls ``gather``. The rank that gets the merged index
 writes its search results to ``OUT/<name>.npz`` and saves it to ``OUT/<name>.safetensors``
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -108,8 +110,11 @@ def mismatch(rank: int, name: str) -> None:
 
 def main(out: Path) -> None:
     logging.basicConfig(level=logging.WARNING)
-    dist.init_process_group("gloo")
+    backend = os.environ.get("LAM_DIST_BACKEND", "gloo")
+    dist.init_process_group(backend)
     rank = dist.get_rank()
+    if backend == "nccl":  # the collectives move CUDA tensors, one device per rank
+        torch.cuda.set_device(rank)
     for name, (settings, dst) in SCENARIOS.items():
         build(rank, out, name, settings, dst)
     for name in MISMATCHES:
