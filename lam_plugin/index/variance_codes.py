@@ -60,10 +60,6 @@ class VarianceQuantizer:
     def trained(self) -> bool:
         return self._table is not None
 
-    @property
-    def dim(self) -> int | None:
-        return None if self._table is None else int(self._table.shape[0])
-
     def code_size(self, dim: int) -> int:
         """Bytes of the codes of one item of dimension ``dim``."""
         return -(-dim // 8) * self.bits
@@ -77,14 +73,13 @@ class VarianceQuantizer:
         u = np.sqrt(shape)
         lo, hi = np.quantile(u, _RANGE_QUANTILES, axis=0).astype(np.float32)
         width = np.maximum(hi - lo, np.float32(1e-30)) / np.float32(self.levels)
-        self._lo, self._width, self._inv_width = lo, width.astype(np.float32), (1.0 / width).astype(np.float32)
-        codes = self._bins(u)
-        flat = codes.astype(np.int64) + np.arange(dim) * self.levels  # bin j of dimension d -> d L + j
+        self._lo, self._width, self._inv_width = lo, width, (1.0 / width).astype(np.float32)
+        flat = self._bins(u).astype(np.int64) + np.arange(dim) * self.levels  # bin j of dimension d -> d L + j
         sums = np.bincount(flat.ravel(), weights=shape.ravel(), minlength=dim * self.levels)
         counts = np.bincount(flat.ravel(), minlength=dim * self.levels)
-        centres = (lo[:, None] + (np.arange(self.levels) + 0.5) * self._width[:, None]) ** 2
-        self._table = np.where(counts > 0, sums / np.maximum(counts, 1), centres.ravel()).reshape(dim, self.levels)
-        self._table = self._table.astype(np.float32)
+        centres = (lo[:, None] + (np.arange(self.levels) + 0.5) * width[:, None]) ** 2
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), centres.ravel())
+        self._table = means.reshape(dim, self.levels).astype(np.float32)
 
     def encode(self, var: np.ndarray, var_sum: np.ndarray) -> np.ndarray:
         """``[n, code_size]`` uint8 codes of the variances ``var`` ``[n, D]`` whose sums are ``var_sum`` ``[n]``."""
