@@ -10,7 +10,7 @@ gallery under its own ids, and calls ``gather``. The rank that gets the merged i
 writes its search results to ``OUT/<name>.npz`` and saves it to ``OUT/<name>.safetensors``
 (a no-op but on rank 0: only rank 0 writes files); every rank writes its trained-state
 digests and what it got back to ``OUT/<name>.rank<r>.json``. Then the mismatches of
-:data:`MISMATCHES`, each of which must raise on every rank: the message goes to
+:data:`MISMATCHES` (and a merge made to fail on rank 0, whose index must come back as it was), each of which must raise on every rank: the message goes to
 ``OUT/<name>.rank<r>.err`` (a scenario that does not raise writes nothing: the test fails).
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lam_plugin.index import UncertainIndex
+from lam_plugin.index import UncertainIndex, _sharding
 from lam_plugin.index._merging import trained_state
 from lam_plugin.prediction import Prediction
 
@@ -37,7 +37,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], int]] = {
     "flat": ({"index_factory": "Flat", "variance_dtype": "float16"}, 0),
     "flat_dst1": ({"index_factory": "Flat", "variance_dtype": "float16", "metric": "ip"}, 1),
 }
-MISMATCHES = ("apart", "ids", "dtype", "too_few")
+MISMATCHES = ("apart", "ids", "dtype", "too_few", "merge_fails")
 DIM, N_SAMPLE, N_GALLERY, N_QUERIES, K = 16, 600, 1000, 25, 10
 
 
@@ -99,6 +99,8 @@ def mismatch(rank: int, name: str) -> None:
     if name == "dtype":
         settings = {"variance_dtype": "float32" if rank else "float16", "progress": False}
     index = UncertainIndex(**settings)
+    if name == "merge_fails":
+        return merge_fails(rank, index)
     part = half(rank, N_SAMPLE)
     if name == "too_few":
         part = slice(part.start, part.start + 5)  # 10 items in all, PQ4x4 needs 16
@@ -106,6 +108,27 @@ def mismatch(rank: int, name: str) -> None:
         index.train(rows(sample(), part), across_ranks=name != "apart")
     index.add(rows(g, half(rank, N_GALLERY)), ids=ids[:500] if name == "ids" else ids[half(rank, N_GALLERY)])
     index.gather()
+
+
+def merge_fails(rank: int, index: UncertainIndex) -> None:
+    """Shards that pass every check, with a merge on rank 0 that fails (made to raise here):
+    rank 0's index must come back as it was, and every rank must get the error."""
+    g, ids = gallery()
+    index.train(rows(sample(), half(rank, N_SAMPLE)), across_ranks=True)
+    index.add(rows(g, half(rank, N_GALLERY)), ids=ids[half(rank, N_GALLERY)])
+    before = results(index)
+
+    def failing(target: UncertainIndex, other: UncertainIndex) -> None:
+        raise RuntimeError("no memory left (made to fail)")
+
+    original, _sharding.merge = _sharding.merge, failing
+    try:
+        index.gather()
+    finally:
+        _sharding.merge = original
+        got = results(index)
+        assert len(index) == N_GALLERY // 2
+        assert all(np.array_equal(got[k], before[k], equal_nan=True) for k in before), "rank 0's index changed"
 
 
 def main(out: Path) -> None:

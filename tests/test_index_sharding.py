@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import pytest
 
@@ -86,6 +87,7 @@ def test_gathered_shards_search_like_one_process_over_all_items(launched: Path, 
         ("ids", ["gather(): 500 id(s) are held by more than one rank", "(ranks [0, 1])", "distinct ids="]),
         ("dtype", ["different configurations (variance_dtype: rank 0 'float16', rank 1 'float32')"]),
         ("too_few", ["train(across_ranks=True) failed on rank 0", "needs at least 16 vectors, got 10"]),
+        ("merge_fails", ["merging the shards on rank 0 failed at rank 1's: no memory left (made to fail)"]),
     ],
 )
 def test_mismatched_shards_fail_on_every_rank_with_one_message(launched: Path, name: str, fragments: list[str]) -> None:
@@ -147,6 +149,21 @@ def test_merge_appends_the_items_of_another_shard(settings: dict[str, Any], tmp_
     found = b.search(prediction(3, 8), 5).ids
     found = found[found >= 0]  # -1 in empty slots: IVF probes one list of 8
     assert found.size and set(found.tolist()) <= set(range(20))
+
+
+def test_search_parameters_are_not_trained_state(tmp_path: Path) -> None:
+    """Shards searched with other nprobe values merge; the trained-state digest is the same
+    whether taken while the index was empty (at training) or from a full one (loaded)."""
+    a, b, whole = parts({"index_factory": "IVF8,PQ4x4", "variance_dtype": "3bit"}, tmp_path)
+    a.set_search_parameters("nprobe=3")
+    whole.set_search_parameters("nprobe=3")
+    a.save(tmp_path / "full.safetensors")
+    loaded = UncertainIndex.load(tmp_path / "full.safetensors", progress=False)
+    assert loaded._trained_digest is None  # not taken on load: it copies the whole index
+    assert trained_state(loaded) == trained_state(a) == trained_state(b)
+    a.merge(b)
+    assert faiss.extract_index_ivf(a.faiss_index).nprobe == 3
+    assert_same_results(results(a), results(whole))
 
 
 def test_merge_after_remove(tmp_path: Path) -> None:

@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from ..prediction import Prediction
 from ._embedding import check, check_mean, predictions
-from .faiss_backend import new_index, training_size
+from .faiss_backend import new_index, trained_digest, training_size
 from .inputs import as_ids
 
 if TYPE_CHECKING:
     from .uncertain_index import UncertainIndex
 
-__all__ = ["add", "refresh", "train", "training_items"]
+__all__ = ["add", "install", "refresh", "train", "training_items"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def add_rows(
         else:
             index._items.check_new(new_ids)
         if index._index is None:
-            _install(index, new_index(mean, index.index_factory, index.metric))
+            install(index, new_index(mean, index.index_factory, index.metric))
         if index._items.needs_training:  # a first add of fewer items than train_size
             index._items.train(var)
         index._index.add(mean)
@@ -223,7 +223,7 @@ def _train(index: UncertainIndex, means: np.ndarray, variances: list[np.ndarray]
         if fresh and index._index is not None:
             raise ValueError(_trained_already(index))
         if index._index is None and trained is not None:
-            _install(index, trained)
+            install(index, trained)
         if index._items.needs_training:
             index._items.train(np.concatenate(variances))
 
@@ -238,10 +238,13 @@ def _training_rows(index: UncertainIndex, pred: Prediction) -> tuple[np.ndarray,
     return mean, var
 
 
-def _install(index: UncertainIndex, faiss_index: Any) -> None:
-    """Make the new ``faiss_index`` the index's (under the write lock)."""
+def install(index: UncertainIndex, faiss_index: Any, digest: str | None = None) -> None:
+    """Make ``faiss_index`` the index's (under the write lock), with the
+    :func:`~lam_plugin.index.faiss_backend.trained_digest` of its trained state: ``digest``
+    if known, else taken now if the index is empty (cheap), else when first needed."""
     index._index, index._dim = faiss_index, faiss_index.d
     index._flat = isinstance(faiss.downcast_index(faiss_index), faiss.IndexFlat)
+    index._trained_digest = digest or (trained_digest(faiss_index) if faiss_index.ntotal == 0 else None)
 
 
 def _trained_already(index: UncertainIndex) -> str:

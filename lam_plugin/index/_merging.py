@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 
 from . import _adding
+from .faiss_backend import trained_digest
 
 if TYPE_CHECKING:
     from .uncertain_index import UncertainIndex
@@ -37,18 +38,17 @@ def configuration(index: UncertainIndex) -> dict[str, Any]:
 
 
 def trained_state(index: UncertainIndex) -> dict[str, str] | None:
-    """SHA-256 digests of the trained state (``None`` before training): ``"faiss"`` of the
-    FAISS index emptied by ``reset`` on a transient copy (quantiser, codebooks, transforms,
-    search parameters), ``"variance bins"`` of the variance quantiser (``""`` without one)."""
+    """SHA-256 digests of the trained state (``None`` before training): ``"faiss"``, the
+    :func:`~lam_plugin.index.faiss_backend.trained_digest` of the FAISS index (taken once,
+    then kept), and ``"variance bins"`` of the variance quantiser (``""`` without one)."""
     if index._index is None:
         return None
-    empty = faiss.clone_index(index._index)
-    empty.reset()
+    if index._trained_digest is None:
+        index._trained_digest = trained_digest(index._index)
     quantizer, bins = index._items.quantizer, hashlib.sha256()
     for array in quantizer.state().values() if quantizer is not None and quantizer.trained else ():
         bins.update(np.ascontiguousarray(array).tobytes())
-    faiss_digest = hashlib.sha256(faiss.serialize_index(empty).tobytes()).hexdigest()
-    return {"faiss": faiss_digest, "variance bins": bins.hexdigest() if quantizer is not None else ""}
+    return {"faiss": index._trained_digest, "variance bins": bins.hexdigest() if quantizer is not None else ""}
 
 
 def merge(index: UncertainIndex, other: UncertainIndex) -> None:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 
+from ._adding import install
+
 if TYPE_CHECKING:
     from .uncertain_index import PosteriorLike, UncertainIndex
 
@@ -56,9 +58,17 @@ def check_fingerprint(path: Path, posterior: PosteriorLike | None, stored: str |
         )
 
 
-def restore(index: UncertainIndex, path: Path, tensors: dict[str, np.ndarray], dim: int, stored: str | None) -> None:
+def restore(
+    index: UncertainIndex,
+    path: Path,
+    tensors: dict[str, np.ndarray],
+    dim: int,
+    stored: str | None,
+    digest: str | None = None,
+) -> None:
     """Fill the new, empty ``index`` with the ``tensors`` read from ``path``, checked to
-    agree with each other and with ``dim``; ``stored`` is the file's posterior fingerprint."""
+    agree with each other and with ``dim``; ``stored`` is the file's posterior fingerprint,
+    ``digest`` the trained state's where the caller knows it (see :func:`install`)."""
     try:
         faiss_index = faiss.deserialize_index(tensors["faiss_index"])
     except RuntimeError as err:
@@ -67,8 +77,7 @@ def restore(index: UncertainIndex, path: Path, tensors: dict[str, np.ndarray], d
     if faiss_index.d != dim or faiss_index.ntotal != len(index._items):
         raise ValueError(f"{path} is inconsistent: {faiss_index.ntotal} vectors of dimension {faiss_index.d}, "
                          f"{len(index._items)} items of dimension {dim}")
-    index._index, index._dim = faiss_index, dim
-    index._flat = isinstance(faiss.downcast_index(faiss_index), faiss.IndexFlat)
+    install(index, faiss_index, digest)
     index._fingerprint = stored if stored is not None else index._fingerprint
     if index._gpu is not None and faiss_index.ntotal:
         index._gpu_index = index._gpu.copy(faiss_index, index.index_factory)

@@ -98,7 +98,8 @@ def _training_payload(index: UncertainIndex, data: Any) -> tuple[bytes, int | No
 def gather(index: UncertainIndex, dst: int) -> bool:
     """Merge every rank's shard into ``index`` on rank ``dst``, in rank order (a collective;
     every check runs on every rank first); whether this rank is ``dst`` (``True`` outside a
-    process group)."""
+    process group). ``dst`` receives the shards one at a time, so it holds at most the
+    merged index, one shard's bytes and that shard restored."""
     if not in_process_group():
         return True
     rank = dist.get_rank()
@@ -108,15 +109,13 @@ def gather(index: UncertainIndex, dst: int) -> bool:
         _check_shards(index, records, dst)
         _check_disjoint(_all_gather_ids(index._items.ids, [r["n"] for r in records]))
         payload = b"" if rank == dst else _shard_bytes(index)
-    parts = _gather_bytes(payload, [r["nbytes"] for r in _all_gather({"nbytes": len(payload)})], dst)
-    del payload
+    sizes = [r["nbytes"] for r in _all_gather({"nbytes": len(payload)})]
     error = None
-    if parts is not None:
-        try:
-            _merge_parts(index, parts, dst)
-        except (ValueError, RuntimeError) as err:
-            logger.debug("merging on rank %d failed", dst, exc_info=True)
-            error = f"gather(): merging the shards on rank {dst} failed: {err}"
+    if rank == dst:
+        error = _receive_and_merge(index, sizes, dst)
+    elif sizes[rank]:
+        dist.send(_padded(payload, sizes[rank]), dst=dst)
+    del payload
     _broadcast_bytes(b"", error, src=dst)  # dst's outcome: raised on every rank if an error
     if rank == dst:
         logger.info("gathered the shards of %d ranks on rank %d: %d items", len(records), dst, len(index))
@@ -153,27 +152,49 @@ def _check_disjoint(ids: list[np.ndarray]) -> None:
         )
 
 
-def _merge_parts(index: UncertainIndex, parts: list[Tensor], dst: int) -> None:
-    """On ``dst``: merge the shards in rank order into ``index`` (``parts[r]``: the bytes of
-    rank ``r``'s shard; ``dst``'s own shard is ``index``)."""
-
-    def shard(r: int) -> UncertainIndex:
+def _receive_and_merge(index: UncertainIndex, sizes: list[int], dst: int) -> str | None:
+    """On ``dst``: receive each other rank's shard (``sizes[r]`` bytes) in rank order and
+    merge the shards, ``index``'s own at ``dst`` (as a copy), into a new index that then
+    becomes ``index``'s content. Returns the error that stopped the merge, if any; then
+    ``index`` is left as it was and the remaining shards are still received, so no rank
+    waits for ever."""
+    target: UncertainIndex | None = None
+    error = None
+    for r, size in enumerate(sizes):
         if r == dst:
-            return index
-        config = {k: v for k, v in file_config(index).items() if k != "dim"}
-        payload = parts[r].cpu().numpy().tobytes()
-        restored = _restore(type(index)(index.posterior, progress=False, **config), payload, f"rank {r}'s shard")
-        parts[r] = parts[r][:0]  # free the bytes once restored
-        return restored
-
-    target = shard(0)
-    for r in range(1, len(parts)):
-        merge(target, shard(r))
-    if target is not index:  # dst's items were merged into target: target's state becomes index's
+            with index._lock.read():
+                part = _shard_bytes(index)
+        else:
+            received = torch.empty(size, dtype=torch.uint8, device=_device())
+            dist.recv(received, src=r)
+            part = received.cpu().numpy().tobytes()
+            del received
+        if error is not None:
+            continue
+        try:
+            shard = _shard(index, part, r)
+            del part
+            if target is None:
+                target = shard
+            else:
+                merge(target, shard)
+        except (ValueError, RuntimeError) as err:
+            logger.debug("merging on rank %d failed", dst, exc_info=True)
+            error = f"gather(): merging the shards on rank {dst} failed at rank {r}'s: {err}"
+    if error is None and target is not None:
         with index._lock.write():
-            index._index, index._dim, index._flat = target._index, target._dim, target._flat
-            index._items, index._fingerprint = target._items, target._fingerprint
+            _adding.install(index, target._index, target._trained_digest)
+            index._items = target._items
         _adding.refresh(index, "took the merged shards")
+    return error
+
+
+def _shard(index: UncertainIndex, part: bytes, r: int) -> UncertainIndex:
+    """Rank ``r``'s shard, restored from its bytes ``part`` into a new index configured as
+    ``index``, with ``index``'s trained-state digest (every rank's was checked equal)."""
+    config = {k: v for k, v in file_config(index).items() if k != "dim"}
+    shard = type(index)(index.posterior, progress=False, **config)
+    return _restore(shard, part, f"rank {r}'s shard", index._trained_digest)
 
 
 def _same_settings(configs: list[dict[str, Any]]) -> None:
@@ -193,9 +214,10 @@ def _shard_bytes(index: UncertainIndex) -> bytes:
     return safetensors.numpy.save(file_tensors(index), metadata=metadata)
 
 
-def _restore(index: UncertainIndex, payload: bytes, where: str) -> UncertainIndex:
+def _restore(index: UncertainIndex, payload: bytes, where: str, digest: str | None = None) -> UncertainIndex:
     """Fill the empty, untrained ``index`` from :func:`_shard_bytes` of an index of the same
-    configuration, with the checks of :meth:`UncertainIndex.load`; returns ``index``."""
+    configuration, with the checks of :meth:`UncertainIndex.load`, and the trained-state
+    ``digest`` where known (see :func:`~lam_plugin.index._adding.install`); returns ``index``."""
     (size,) = struct.unpack("<Q", payload[:8])  # safetensors: header length, JSON header, data
     metadata = json.loads(payload[8 : 8 + size]).get("__metadata__", {})
     config = json.loads(metadata["config"])
@@ -205,7 +227,7 @@ def _restore(index: UncertainIndex, payload: bytes, where: str) -> UncertainInde
     with index._lock.write():
         if index._index is not None:
             raise ValueError(_adding._trained_already(index))
-        restore(index, Path(where), tensors, int(config["dim"]), metadata.get("fingerprint") or None)
+        restore(index, Path(where), tensors, int(config["dim"]), metadata.get("fingerprint") or None, digest)
     return index
 
 

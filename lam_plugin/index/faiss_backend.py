@@ -7,6 +7,7 @@ FAISS does the work; this module turns its failures into errors that say what to
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "min_training_points",
     "new_index",
     "remove_rows",
+    "trained_digest",
     "training_size",
 ]
 
@@ -117,6 +119,19 @@ def remove_rows(index: Any, rows: np.ndarray) -> None:
         ivf.make_direct_map(True)
     if removed != len(rows):
         raise RuntimeError(f"faiss removed {removed} of {len(rows)} vectors")
+
+
+def trained_digest(index: Any) -> str:
+    """SHA-256 of what training gave ``index``: its serialisation once emptied by ``reset``
+    on a copy (quantiser, codebooks, transforms), with the IVF ``nprobe`` set to 1, since
+    that is a search parameter. Copying costs the index's memory again for a moment: an
+    index digested while empty (just trained) costs nothing."""
+    empty = faiss.clone_index(index)
+    empty.reset()
+    for part in _parts(empty):
+        if isinstance(part, faiss.IndexIVF):
+            part.nprobe = 1
+    return hashlib.sha256(faiss.serialize_index(empty).tobytes()).hexdigest()
 
 
 def _build(factory: str, dim: int, metric: str) -> Any:

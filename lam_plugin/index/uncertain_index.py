@@ -176,6 +176,7 @@ class UncertainIndex:
         self._index: Any = None
         self._dim: int | None = None
         self._flat = False  # the index is an IndexFlat, whose storage is read directly
+        self._trained_digest: str | None = None  # faiss_backend.trained_digest of _index, once taken
         self._fingerprint: str | None = None if posterior is None else str(posterior.fingerprint)
         self._items = ItemStore(variance, variance_dtype, self.n_samples)  # row i of each: FAISS row i
 
@@ -285,7 +286,7 @@ class UncertainIndex:
         rank order and is returned; other ranks keep theirs and get ``None`` (``self`` outside
         a process group). Every rank first checks that all share the configuration and trained
         state (:meth:`train` ``across_ranks=True``) and hold distinct ids, raising one error.
-        ``dst`` holds every shard's bytes at once; only rank 0 saves files (keep ``dst=0``)."""
+        ``dst`` receives the shards one at a time; only rank 0 saves files (keep ``dst=0``)."""
         return self if _sharding.gather(self, dst) else None
 
     def set_search_parameters(self, params: str) -> None:
