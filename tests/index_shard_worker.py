@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -34,6 +35,7 @@ from lam_plugin.prediction import Prediction
 #: name: (UncertainIndex settings, dst of gather)
 SCENARIOS: dict[str, tuple[dict[str, Any], int]] = {
     "ivfpq": ({"index_factory": "IVF8,PQ4x4", "variance_dtype": "3bit"}, 0),
+    "ivf_dst1": ({"index_factory": "IVF8,Flat", "variance_dtype": "4bit"}, 1),
     "flat": ({"index_factory": "Flat", "variance_dtype": "float16"}, 0),
     "flat_dst1": ({"index_factory": "Flat", "variance_dtype": "float16", "metric": "ip"}, 1),
 }
@@ -83,9 +85,14 @@ def build(rank: int, out: Path, name: str, settings: dict[str, Any], dst: int) -
     index.train(rows(sample(), half(rank, N_SAMPLE)), across_ranks=True)
     state = trained_state(index)
     index.add(rows(g, half(rank, N_GALLERY)), ids=ids[half(rank, N_GALLERY)])
+    if "IVF" in settings.get("index_factory", ""):  # search parameters are not trained state
+        index.set_search_parameters(f"nprobe={2 + rank}")
     merged = index.gather(dst=dst)
     if rank == dst:
         assert merged is index
+        if "IVF" in settings.get("index_factory", ""):  # dst's nprobe, not rank 0's; then the test's
+            assert faiss.extract_index_ivf(merged.faiss_index).nprobe == 2 + dst
+            merged.set_search_parameters("nprobe=1")
         np.savez(out / f"{name}.npz", **results(merged))
         merged.save(out / f"{name}.safetensors")  # only rank 0 writes files: nothing for dst 1
     record = {"state": state, "got": None if merged is None else len(merged), "len": len(index)}

@@ -26,6 +26,7 @@ from . import _adding
 from ._embedding import predictions
 from ._merging import SETTINGS, configuration, describe, merge, mergeable, short, trained_state
 from ._persistence import file_config, file_tensors, restore
+from .faiss_backend import copy_nprobe
 
 if TYPE_CHECKING:
     from .uncertain_index import UncertainIndex
@@ -183,6 +184,7 @@ def _receive_and_merge(index: UncertainIndex, sizes: list[int], dst: int) -> str
             error = f"gather(): merging the shards on rank {dst} failed at rank {r}'s: {err}"
     if error is None and target is not None:
         with index._lock.write():
+            copy_nprobe(index._index, target._index)  # dst's search parameter, not rank 0's
             _adding.install(index, target._index, target._trained_digest)
             index._items = target._items
         _adding.refresh(index, "took the merged shards")

@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "GpuPlacement",
     "check_removable",
+    "copy_nprobe",
     "gpu_placement",
     "min_training_points",
     "new_index",
@@ -132,6 +133,13 @@ def trained_digest(index: Any) -> str:
         if isinstance(part, faiss.IndexIVF):
             part.nprobe = 1
     return hashlib.sha256(faiss.serialize_index(empty).tobytes()).hexdigest()
+
+
+def copy_nprobe(src: Any, dst: Any) -> None:
+    """Give the IVF part of ``dst`` the ``nprobe`` of ``src``'s (nothing for other types)."""
+    ivf = [next((p for p in _parts(index) if isinstance(p, faiss.IndexIVF)), None) for index in (src, dst)]
+    if ivf[0] is not None and ivf[1] is not None:
+        ivf[1].nprobe = ivf[0].nprobe
 
 
 def _build(factory: str, dim: int, metric: str) -> Any:
