@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lam_plugin import L2Normalize, LaplaceEmbedder
 from lam_plugin.index import UncertainIndex, _sharding
 from lam_plugin.index._merging import trained_state
 from lam_plugin.prediction import Prediction
@@ -72,11 +73,13 @@ def half(rank: int, n: int) -> slice:
     return slice(rank * n // 2, (rank + 1) * n // 2)
 
 
+RESULTS = ("ids", "distances", "variances", "expected", "order_probabilities", "within_probabilities")
+
+
 def results(index: UncertainIndex) -> dict[str, np.ndarray]:
     """What the tests compare of a search of :func:`queries`."""
     found = index.search(queries(), K, return_probabilities=True, threshold=1.0)
-    names = ("ids", "distances", "variances", "expected", "order_probabilities", "within_probabilities")
-    return {name: getattr(found, name) for name in names}
+    return {name: getattr(found, name) for name in RESULTS}
 
 
 def build(rank: int, out: Path, name: str, settings: dict[str, Any], dst: int) -> None:
@@ -97,6 +100,44 @@ def build(rank: int, out: Path, name: str, settings: dict[str, Any], dst: int) -
         merged.save(out / f"{name}.safetensors")  # only rank 0 writes files: nothing for dst 1
     record = {"state": state, "got": None if merged is None else len(merged), "len": len(index)}
     (out / f"{name}.rank{rank}.json").write_text(json.dumps(record))
+
+
+def embedder_net() -> torch.nn.Module:
+    """The small embedder of the ``posterior`` scenario (the same weights on every rank)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, DIM))
+    return torch.nn.Sequential(net, L2Normalize())
+
+
+def inputs(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def fitting_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)) for _ in range(4)]
+
+
+#: The index settings of the ``posterior`` scenario; batches of 100 split the halves alike.
+EMBEDDED = {"index_factory": "IVF8,Flat", "variance_dtype": "3bit", "batch_size": 100, "n_samples": 8}
+
+
+def embedded(rank: int, out: Path) -> None:
+    """The ``posterior`` scenario: the posterior fitted across the ranks (each on its half of
+    the batches), then each rank embeds its half of the training sample and of the gallery
+    through it (inputs, not predictions) and the shards are gathered on rank 0, which saves
+    the posterior and writes the search results of the embedded queries."""
+    batches = fitting_batches()
+    posterior = LaplaceEmbedder(embedder_net(), progress=False).fit(batches[rank::2])
+    _, ids = gallery()
+    index = UncertainIndex(posterior, progress=False, **EMBEDDED)
+    index.train(inputs(N_SAMPLE, 4)[half(rank, N_SAMPLE)], across_ranks=True)
+    index.add(inputs(N_GALLERY, 5)[half(rank, N_GALLERY)], ids=ids[half(rank, N_GALLERY)])
+    merged = index.gather()
+    if merged is not None:
+        posterior.save(out / "posterior.safetensors")
+        found = merged.search(inputs(N_QUERIES, 6), K, return_probabilities=True, threshold=1.0)
+        np.savez(out / "posterior.npz", **{name: getattr(found, name) for name in RESULTS})
 
 
 def mismatch(rank: int, name: str) -> None:
@@ -147,6 +188,7 @@ def main(out: Path) -> None:
         torch.cuda.set_device(rank)
     for name, (settings, dst) in SCENARIOS.items():
         build(rank, out, name, settings, dst)
+    embedded(rank, out)
     for name in MISMATCHES:
         try:
             mismatch(rank, name)

@@ -15,17 +15,23 @@ import faiss
 import numpy as np
 import pytest
 
+from lam_plugin import EmbeddingPosterior
 from lam_plugin.index import UncertainIndex
 from lam_plugin.index._merging import trained_state
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from index_shard_worker import (  # noqa: E402
+    EMBEDDED,
     N_GALLERY,
+    N_QUERIES,
     N_SAMPLE,
     SCENARIOS,
+    K,
+    embedder_net,
     gallery,
     half,
+    inputs,
     prediction,
     results,
     rows,
@@ -78,6 +84,18 @@ def test_gathered_shards_search_like_one_process_over_all_items(launched: Path, 
         reloaded = UncertainIndex.load(saved, progress=False)
         np.testing.assert_array_equal(reloaded.ids, single.ids)
         assert_same_results(results(reloaded), want)
+
+
+def test_shards_embedded_through_a_posterior_fitted_across_ranks(launched: Path) -> None:
+    """Each rank embeds its half of the sample and gallery with the same weight samples: the
+    gathered index equals one process embedding all of it through the same posterior."""
+    posterior = EmbeddingPosterior.load(launched / "posterior.safetensors", embedder_net())
+    single = UncertainIndex(posterior, progress=False, **EMBEDDED).train(inputs(N_SAMPLE, 4))
+    single.add(inputs(N_GALLERY, 5), ids=gallery()[1])
+    found = single.search(inputs(N_QUERIES, 6), K, return_probabilities=True, threshold=1.0)
+    with np.load(launched / "posterior.npz") as got:
+        assert_same_results(dict(got), {name: getattr(found, name) for name in FIELDS})
+    assert np.isfinite(found.variances).all() and (found.variances > 0).all()
 
 
 @pytest.mark.parametrize(
