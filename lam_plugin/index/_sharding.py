@@ -114,7 +114,7 @@ def gather(index: UncertainIndex, dst: int) -> bool:
     error = None
     if rank == dst:
         error = _receive_and_merge(index, sizes, dst)
-    elif sizes[rank]:
+    else:  # a trained shard is never empty bytes
         dist.send(_padded(payload, sizes[rank]), dst=dst)
     del payload
     _broadcast_bytes(b"", error, src=dst)  # dst's outcome: raised on every rank if an error
