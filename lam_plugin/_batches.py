@@ -74,7 +74,7 @@ def iter_inputs(data: Any) -> Iterator[Batch]:
     """The input batches of ``data``: a tensor, a dict, a tuple, or a list ``[x, y]`` as a
     DataLoader yields it is one batch; any other list or iterable (a DataLoader) is a
     loader whose items are batches."""
-    if isinstance(data, (Tensor, Mapping, tuple)) or _is_labelled_list(data):
+    if is_one_batch(data):
         yield inputs(data)
         return
     if not isinstance(data, Iterable) or isinstance(data, (str, bytes, np.ndarray)):
@@ -82,6 +82,12 @@ def iter_inputs(data: Any) -> Iterator[Batch]:
         return
     for batch in data:
         yield inputs(batch)
+
+
+def is_one_batch(data: Any) -> bool:
+    """Whether ``data`` is one batch (a tensor, a dict, a tuple, a list ``[x, y]``) rather
+    than a loader of batches."""
+    return isinstance(data, (Tensor, Mapping, tuple)) or _is_labelled_list(data)
 
 
 def _is_labelled_list(data: Any) -> bool:

@@ -71,6 +71,9 @@ class Prediction:
             raise ValueError("no prediction to concatenate")
         if len(parts) == 1:
             return parts[0]
+        dims = sorted({int(p.mean.shape[-1]) for p in parts})
+        if len(dims) > 1:
+            raise ValueError(f"cannot concatenate predictions of embedding dimensions {dims}")
 
         def cat(field: str, dim: int = 0) -> Tensor | None:
             values = [getattr(p, field) for p in parts]

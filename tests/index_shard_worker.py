@@ -140,6 +140,19 @@ def embedded(rank: int, out: Path) -> None:
         np.savez(out / "posterior.npz", **{name: getattr(found, name) for name in RESULTS})
 
 
+def empty_shard(rank: int, out: Path) -> None:
+    """Rank 1 trains with the others and adds nothing: the gathered index holds rank 0's
+    items (written to ``OUT/empty_shard.json`` with their ids)."""
+    g, ids = gallery()
+    index = UncertainIndex(index_factory="IVF8,PQ4x4", variance_dtype="3bit", progress=False)
+    index.train(rows(sample(), half(rank, N_SAMPLE)), across_ranks=True)
+    if rank == 0:
+        index.add(rows(g, half(0, N_GALLERY)), ids=ids[half(0, N_GALLERY)])
+    merged = index.gather()
+    if merged is not None:
+        (out / "empty_shard.json").write_text(json.dumps({"ids": merged.ids.tolist(), "ntotal": merged.faiss_index.ntotal}))
+
+
 def mismatch(rank: int, name: str) -> None:
     """Build shards that ``gather`` (or ``train``) must refuse on every rank."""
     g, ids = gallery()
@@ -189,6 +202,7 @@ def main(out: Path) -> None:
     for name, (settings, dst) in SCENARIOS.items():
         build(rank, out, name, settings, dst)
     embedded(rank, out)
+    empty_shard(rank, out)
     for name in MISMATCHES:
         try:
             mismatch(rank, name)

@@ -203,6 +203,34 @@ def test_save_load_round_trip_and_refusals(tmp_path) -> None:
     assert json.loads(meta["config"])["dim"] == 6
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"metric": "ip"}, "corrupted: the checksum of its configuration does not match"),
+        ({"metric": "ip", "checksum": None}, "inconsistent: metric 'ip', a FAISS index of metric L2"),
+        ({"extra": 1, "checksum": None}, r"lacks \[\] and has unknown entries \['extra'\]"),
+        ({"dim": None, "checksum": None}, r"lacks \['dim'\]"),
+        ({"config": "{not json", "checksum": None}, "corrupted: its configuration is not JSON"),
+    ],
+)
+def test_an_edited_configuration_is_refused(tmp_path, edit: dict, message: str) -> None:
+    """The configuration has a checksum of its own; a file without one (written before it
+    was added) is checked for the entries it must have and for its FAISS metric."""
+    path = tmp_path / "gallery.safetensors"
+    UncertainIndex(progress=False).add(gaussian_prediction(20, 4, 3)).save(path)
+    with safe_open(str(path), framework="np") as f:
+        meta, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    edit = dict(edit)
+    if "checksum" in edit:
+        del meta["config_sha256"], edit["checksum"]
+    config = json.loads(meta["config"]) | {k: v for k, v in edit.items() if k != "config"}
+    dropped = {k for k, v in edit.items() if v is None}
+    meta["config"] = edit.get("config", json.dumps({k: v for k, v in config.items() if k not in dropped}))
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=message):
+        UncertainIndex.load(path)
+
+
 def test_image_tensor_dict_and_loader_inputs_agree() -> None:
     posterior = FakePosterior()
     images, labels = torch.randn(50, 3, 2, 2), torch.arange(50)
@@ -455,8 +483,9 @@ def test_gpu_copy_takes_adds_and_is_searched_with_a_stand_in_faiss_gpu_api(tmp_p
     half = [Prediction(mean=gallery.mean[part], std=gallery.std[part]) for part in (slice(0, 300), slice(300, None))]
     gpu = index_of(half[0], index_factory="IVF8,Flat", device="cuda:1")
     gpu.add(half[1])
-    assert [(device, copy.inner.ntotal) for device, copy in copies] == [(1, 600)]  # one copy, added to
-    assert copies[0][1].adds == 1 and faiss.serialize_index(copies[0][1].inner).tobytes() == faiss.serialize_index(gpu.faiss_index).tobytes()
+    # one copy, made of the trained empty index and added to
+    assert [(device, copy.inner.ntotal) for device, copy in copies] == [(1, 600)]
+    assert copies[0][1].adds == 2 and faiss.serialize_index(copies[0][1].inner).tobytes() == faiss.serialize_index(gpu.faiss_index).tobytes()
     for index in (cpu, gpu):
         index.set_search_parameters("nprobe=8")  # every list: exact, whatever the training
     assert faiss.extract_index_ivf(copies[-1][1].inner).nprobe == 8
@@ -472,7 +501,7 @@ def test_gpu_copy_takes_adds_and_is_searched_with_a_stand_in_faiss_gpu_api(tmp_p
         UncertainIndex(device="cuda:2")
 
 
-@pytest.mark.parametrize(("shard", "factory", "copies"), [(False, "Flat", [300]), (True, "IVF4,Flat", [300]), (True, "Flat", [])])
+@pytest.mark.parametrize(("shard", "factory", "copies"), [(False, "Flat", [300]), (True, "IVF4,Flat", [300]), (True, "Flat", [0])])
 def test_all_gpus_are_placed_by_faiss_with_a_stand_in_api(monkeypatch, shard: bool, factory: str, copies: list[int]) -> None:
     """``device="cuda:all"`` hands the index to ``faiss.index_cpu_to_all_gpus`` with the
     sharding asked for; later adds go to the copy it returned, except for a sharded Flat
@@ -494,21 +523,66 @@ def test_all_gpus_are_placed_by_faiss_with_a_stand_in_api(monkeypatch, shard: bo
     index = UncertainIndex(device="cuda:all", gpu_shards=shard, index_factory=factory, progress=False)
     index.add(Prediction(mean=gallery.mean[:200], std=gallery.std[:200]))
     index.add(Prediction(mean=gallery.mean[200:], std=gallery.std[200:]))
-    assert [(sharded, copy.inner.ntotal, copy.adds) for sharded, copy in placed] == [(shard, n, 1) for n in copies]
+    # the trained empty index is copied first; a sharded Flat copy takes no add: dropped
+    assert [(sharded, copy.inner.ntotal, copy.adds) for sharded, copy in placed] == [
+        (shard, n, 2 if n else 0) for n in copies
+    ]
     expected = index.search(gallery, 3).ids
-    assert len(placed) == 1 and placed[0][1].inner.ntotal == 300 and placed[0][1].searches == 1
+    searched = placed[-1][1]  # the sharded Flat index: copied at the search
+    assert len(placed) == len(copies) + (not copies[0]) and searched.inner.ntotal == 300 and searched.searches == 1
     index.add(Prediction(mean=gallery.mean[:5] * -1, std=gallery.std[:5]))
-    if copies:  # the copy took the add
+    if copies[0]:  # the copy took the add
         assert len(placed) == 1 and placed[0][1].inner.ntotal == 305
     else:  # dropped, to be copied at the next search
-        assert len(placed) == 1 and index._gpu_index is None
+        assert len(placed) == 2 and index._gpu_index is None
     assert "cuda:all" in repr(index)
+    before = len(placed)
     index.remove([300, 301, 302, 303, 304])
-    assert len(placed) == 2 and placed[-1][1].inner.ntotal == 300  # a removal copies anew
+    assert len(placed) == before + 1 and placed[-1][1].inner.ntotal == 300  # a removal copies anew
     np.testing.assert_array_equal(index.search(gallery, 3).ids, expected)
     assert placed[-1][1].searches == 1
     with pytest.raises(ValueError, match="gpu_shards=True needs device='cuda:all'"):
         UncertainIndex(device="cuda:1", gpu_shards=True)
+
+
+def test_a_gpu_copy_that_fails_changes_nothing_and_is_never_stale(monkeypatch) -> None:
+    """An index FAISS cannot place on the GPU is refused before anything is stored; a
+    copy that cannot take an add or be made after a removal is dropped (with a warning),
+    never kept stale, and the next search copies the CPU index anew."""
+    failing = {"copy": False, "add": False}
+
+    class Copy(_GpuCopy):
+        def add(self, x):
+            if failing["add"]:
+                raise RuntimeError("out of GPU memory (stand-in)")
+            super().add(x)
+
+    def cpu_to_gpu(resources, gpu, index):
+        if failing["copy"] or isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+            raise RuntimeError("cannot copy (stand-in)")
+        return Copy(index)
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: "resources", raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", cpu_to_gpu, raising=False)
+    gallery = gaussian_prediction(200, 8, 35)
+    hnsw = UncertainIndex(device="cuda", index_factory="HNSW8", progress=False)
+    with pytest.raises(ValueError, match="faiss cannot move a 'HNSW8' index to cuda:0"):
+        hnsw.add(gallery)
+    assert len(hnsw) == 0 and hnsw.faiss_index is None
+    index = UncertainIndex(device="cuda", progress=False).add(Prediction(mean=gallery.mean[:100], std=gallery.std[:100]))
+    failing["add"] = True
+    index.add(Prediction(mean=gallery.mean[100:], std=gallery.std[100:]))
+    assert len(index) == index.faiss_index.ntotal == 200 and index._gpu_index is None
+    failing["add"] = False
+    np.testing.assert_array_equal(index.search(gallery, 1).ids[:, 0], np.arange(200))  # copied anew
+    failing["copy"] = True
+    index.remove([0])
+    assert index._gpu_index is None  # not the copy that still holds item 0
+    with pytest.raises(ValueError, match="faiss cannot move a 'Flat' index to cuda:0"):
+        index.search(gallery, 1)
+    failing["copy"] = False
+    assert 0 not in index.search(gallery, 1).ids
 
 
 @pytest.mark.cuda
@@ -535,3 +609,72 @@ def test_public_names_at_the_package_top_level() -> None:
     assert lam_plugin.UncertainIndex is UncertainIndex and lam_plugin.SearchResult is SearchResult
     with pytest.raises(AttributeError, match="no attribute 'Index'"):
         lam_plugin.Index  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("factory", "metric", "message"),
+    [
+        ("PCA8,Flat", "ip", "PCAMatrix subtracts a mean, so FAISS's inner products are not those of the embeddings"),
+        ("PCA8,Flat", "cosine", r"use 'OPQ' or 'RR' \(rotations\) to reduce, or metric='l2'"),
+        ("LSH", "l2", "LSH distances are Hamming counts, not l2 distances"),
+    ],
+)
+def test_factories_whose_distances_are_not_those_of_the_means_are_refused(factory: str, metric: str, message: str) -> None:
+    """FAISS's PCA centres the vectors ((q - m)·(g - m) under an inner product) and LSH
+    counts bits: the moments would add variances to other distances than the means'."""
+    index = UncertainIndex(index_factory=factory, metric=metric, progress=False)
+    with pytest.raises(ValueError, match=message):
+        index.add(gaussian_prediction(500, 16, 40))
+    assert len(index) == 0 and index.faiss_index is None
+
+
+def test_pca_under_l2_and_l2norm_factories_are_built_and_merged() -> None:
+    """PCA keeps l2 distances but for the dimensions it drops; FAISS cannot clone an L2norm
+    transform, so its trained-state digest is taken through the serialisation."""
+    gallery, queries = gaussian_prediction(600, 16, 41), gaussian_prediction(10, 16, 42)
+    pca = index_of(gallery, index_factory="PCA16,Flat")
+    np.testing.assert_array_equal(pca.search(queries, 5).ids, index_of(gallery).search(queries, 5).ids)
+    halves = [Prediction(mean=gallery.mean[part], std=gallery.std[part]) for part in (slice(0, 300), slice(300, None))]
+    a = index_of(halves[0], index_factory="L2norm,Flat", metric="ip")
+    b = index_of(halves[1], ids=np.arange(300, 600), index_factory="L2norm,Flat", metric="ip")
+    a.merge(b)
+    np.testing.assert_array_equal(a.search(queries, 5).ids, index_of(gallery, metric="ip").search(queries, 5).ids)
+
+
+def test_float16_variances_of_items_almost_certain() -> None:
+    """An item whose largest variance is below 2^-100 is stored without overflow: zeros
+    stay zero, and the rest are off by less than 2^-110."""
+    mean = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    var = torch.tensor([[1e-36] * 8, [1e-36] * 4 + [0.0] * 4, [0.0] * 8])
+    index = index_of(Prediction(mean=mean, std=var.sqrt()))
+    with np.errstate(all="raise"):
+        stored = index._items.variances(np.arange(3))
+    assert np.isfinite(stored).all() and (stored[1, 4:] == 0).all() and (stored[2] == 0).all()
+    np.testing.assert_allclose(stored, var.numpy(), rtol=0, atol=2.0**-110)
+
+
+def test_variance_bins_trained_on_few_items_warn(caplog) -> None:
+    with caplog.at_level("WARNING", logger="lam_plugin.index.variance_codes"):
+        index_of(gaussian_prediction(50, 8, 43), variance_dtype="3bit")
+    assert "the 3-bit variance bins are trained on 50 items" in caplog.text
+
+
+def test_queries_of_two_dimensions_are_refused_by_name() -> None:
+    class Identity:  # embeds an input as itself, of any dimension
+        fingerprint = "identity"
+
+        def predict(self, x, n=30, generator=None, return_samples=False):
+            return Prediction(mean=x, std=torch.full_like(x, 0.01))
+
+    index = UncertainIndex(Identity(), progress=False).add(torch.randn(20, 8))
+    with pytest.raises(ValueError, match=r"queries: cannot concatenate predictions of embedding dimensions \[6, 8\]"):
+        index.search(iter([torch.randn(2, 8), torch.randn(2, 6)]), 1)
+
+
+def test_a_labelled_tuple_is_one_batch_as_predict_reads_it() -> None:
+    posterior, x = FakePosterior(), torch.randn(30, 12)
+    want = UncertainIndex(posterior, progress=False).add(x)
+    for data in ((x, torch.arange(30)), [x, torch.arange(30)]):
+        index = UncertainIndex(posterior, progress=False).add(data)
+        assert len(index) == 30
+        np.testing.assert_array_equal(index.search(x[:4], 3).distances, want.search(x[:4], 3).distances)

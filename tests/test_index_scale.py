@@ -380,3 +380,22 @@ def test_a_sorted_gallery_trains_on_a_random_draw_not_its_first_items() -> None:
         recall[name] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(index.search(queries, 10).ids, truth)])
     # lists trained on the first cluster alone split the others badly: measured 0.99 against 0.85
     assert recall["drawn"] >= 0.95 and recall["first"] <= recall["drawn"] - 0.1, recall
+
+
+def test_a_loader_that_yields_part_of_its_dataset_trains_on_its_first_items() -> None:
+    """A draw from the dataset is a draw from what is added only under the default samplers
+    over all of it; a loader with its own sampler (a part of the dataset, as a distributed
+    sampler gives) or dropping its last batch trains on its first items, as an iterator."""
+    rows = torch.stack([torch.randn(3200, DIM), 0.05 * torch.rand(3200, DIM)], dim=1)
+    dataset = TensorDataset(rows)
+    settings = dict(index_factory="IVF8,Flat", train_size=400, progress=False)
+
+    def trained_on(loader: DataLoader) -> str:
+        return trained_state(UncertainIndex(RowsPosterior(), **settings).add(loader))["faiss"]
+
+    picked = torch.from_numpy(np.sort(np.random.default_rng(0).choice(3200, 400, replace=False)))
+    draw = trained_state(UncertainIndex(RowsPosterior(), **settings).train(rows[picked]))["faiss"]
+    assert trained_on(DataLoader(dataset, batch_size=200, shuffle=True)) == draw
+    first = trained_state(UncertainIndex(RowsPosterior(), **settings).train(rows[1000:1400]))["faiss"]
+    assert trained_on(DataLoader(dataset, batch_size=200, sampler=list(range(1000, 2000)))) == first
+    assert trained_on(DataLoader(dataset, batch_size=200, drop_last=True)) != draw

@@ -86,6 +86,11 @@ def test_gathered_shards_search_like_one_process_over_all_items(launched: Path, 
         assert_same_results(results(reloaded), want)
 
 
+def test_a_rank_that_adds_nothing_gathers_with_the_others(launched: Path) -> None:
+    record = json.loads((launched / "empty_shard.json").read_text())
+    assert record["ids"] == gallery()[1][half(0, N_GALLERY)].tolist() and record["ntotal"] == N_GALLERY // 2
+
+
 def test_shards_embedded_through_a_posterior_fitted_across_ranks(launched: Path) -> None:
     """Each rank embeds its half of the sample and gallery with the same weight samples: the
     gathered index equals one process embedding all of it through the same posterior."""
@@ -244,11 +249,18 @@ def test_refused_merges_change_neither_index(case: str, tmp_path: Path) -> None:
     assert_unchanged(b, before[1])
 
 
-def test_merging_an_index_that_holds_nothing_changes_nothing(tmp_path: Path) -> None:
-    a, _, _ = parts({"index_factory": "IVF8,PQ4x4", "variance_dtype": "3bit"}, tmp_path)
+@pytest.mark.parametrize("variance_dtype", ["3bit", "float16", "float32"])
+def test_merging_an_index_that_holds_nothing_changes_nothing(tmp_path: Path, variance_dtype: str) -> None:
+    settings = {"index_factory": "IVF8,PQ4x4", "variance_dtype": variance_dtype}
+    a, _, _ = parts(settings, tmp_path)
     before = snapshot(a)
-    a.merge(UncertainIndex(progress=False, index_factory="IVF8,PQ4x4", variance_dtype="3bit"))
+    a.merge(UncertainIndex(progress=False, **settings))  # not trained
     assert_unchanged(a, before)
+    a.merge(UncertainIndex.load(tmp_path / "trained.safetensors", progress=False))  # trained, empty
+    assert_unchanged(a, before)
+    empty = UncertainIndex.load(tmp_path / "trained.safetensors", progress=False)
+    empty.merge(a)  # into a trained, empty one
+    assert_unchanged(empty, before)
     with pytest.raises(ValueError, match="index_factory: this index 'IVF8,PQ4x4', other 'Flat'"):
         a.merge(UncertainIndex(progress=False, variance_dtype="3bit"))
     with pytest.raises(TypeError, match="other must be an UncertainIndex"):

@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, Subset
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset
 
 from ..prediction import Prediction
 from ._embedding import check, check_mean, predictions
@@ -141,9 +141,29 @@ def _items_in(data: Any) -> int | None:
     if isinstance(data, Mapping):
         lengths = {int(v.shape[0]) for v in data.values() if isinstance(v, Tensor) and v.ndim}
         return lengths.pop() if len(lengths) == 1 else None
-    if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset) and hasattr(data.dataset, "__len__"):
-        return len(data.dataset)
+    if isinstance(data, DataLoader) and _yields_whole_dataset(data):
+        return len(data.dataset)  # type: ignore[arg-type]
     return None
+
+
+def _yields_whole_dataset(loader: DataLoader) -> bool:
+    """Whether ``loader`` yields every item of a sized map-style dataset once: its default
+    sequential or shuffling sampler (without replacement) in batches that keep the last,
+    so a draw from the dataset is a draw from what is added (not a custom or distributed
+    sampler's part)."""
+    dataset, sampler, batches = loader.dataset, loader.sampler, loader.batch_sampler
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        return False
+    if type(batches) is not BatchSampler or batches.sampler is not sampler or batches.drop_last:
+        return False
+    if type(sampler) is SequentialSampler:
+        return sampler.data_source is dataset
+    return (
+        type(sampler) is RandomSampler
+        and sampler.data_source is dataset
+        and not sampler.replacement
+        and sampler.num_samples == len(dataset)
+    )
 
 
 def train(index: UncertainIndex, data: Any, *, fresh: bool = True) -> None:
@@ -187,13 +207,13 @@ def add_rows(
         else:
             index._items.check_new(new_ids)
         if index._index is None:
-            install(index, new_index(mean, index.index_factory, index.metric))
+            _install_trained(index, new_index(mean, index.index_factory, index.metric))
         if index._items.needs_training:  # a first add of fewer items than train_size
             index._items.train(var)
         index._index.add(mean)
-        if index._gpu is not None:  # the GPU copy takes the same means (made on the first add)
-            index._gpu_index = index._gpu.update(index._gpu_index, index._index, index.index_factory, mean)
         index._items.append(new_ids, var, samples)
+        if index._gpu is not None:  # the GPU copy takes the same means
+            _follow_on_gpu(index, mean)
         logger.debug("added %d rows, the index holds %d", mean.shape[0], len(index._items))
 
 
@@ -202,8 +222,34 @@ def refresh(index: UncertainIndex, what: str) -> None:
     the CPU index to the GPU anew, and say what the index holds."""
     if index._gpu is not None:
         with index._lock.write():
-            index._gpu_index = index._gpu.copy(index._index, index.index_factory)
+            _follow_on_gpu(index, None)
     logger.info("%s, the index holds %d", what, len(index._items))
+
+
+def _follow_on_gpu(index: UncertainIndex, added: np.ndarray | None) -> None:
+    """Bring the GPU copy in line with the CPU index (under the write lock): the copy takes
+    the means ``added`` ``[B, D]``, or, for ``None`` (a change adds cannot mirror), is made
+    anew. A copy that fails is dropped, with a warning, never kept stale: the next search
+    copies the CPU index, and says why if it cannot."""
+    assert index._gpu is not None
+    try:
+        if added is None:
+            index._gpu_index = None
+            index._gpu_index = index._gpu.copy(index._index, index.index_factory)
+        else:
+            index._gpu_index = index._gpu.update(index._gpu_index, index._index, index.index_factory, added)
+    except (RuntimeError, ValueError) as err:
+        index._gpu_index = None
+        logger.warning("the GPU copy could not follow the index (%s); the next search copies it anew", err)
+
+
+def _install_trained(index: UncertainIndex, trained: Any) -> None:
+    """Install the newly trained, empty ``trained`` (under the write lock), with its GPU
+    copy made first: an index FAISS cannot place on the GPU is refused before anything
+    changes."""
+    copy = index._gpu.copy(trained, index.index_factory) if index._gpu is not None else None
+    install(index, trained)
+    index._gpu_index = copy
 
 
 def _train_and_add(index: UncertainIndex, buffer: _TrainingBuffer) -> None:
@@ -223,7 +269,7 @@ def _train(index: UncertainIndex, means: np.ndarray, variances: list[np.ndarray]
         if fresh and index._index is not None:
             raise ValueError(_trained_already(index))
         if index._index is None and trained is not None:
-            install(index, trained)
+            _install_trained(index, trained)
         if index._items.needs_training:
             index._items.train(np.concatenate(variances))
 
@@ -242,9 +288,9 @@ def install(index: UncertainIndex, faiss_index: Any, digest: str | None = None) 
     """Make ``faiss_index`` the index's (under the write lock), with the
     :func:`~lam_plugin.index.faiss_backend.trained_digest` of its trained state: ``digest``
     if known, else taken now if the index is empty (cheap), else when first needed."""
-    index._index, index._dim = faiss_index, faiss_index.d
+    digest = digest or (trained_digest(faiss_index) if faiss_index.ntotal == 0 else None)
+    index._index, index._dim, index._trained_digest = faiss_index, faiss_index.d, digest
     index._flat = isinstance(faiss.downcast_index(faiss_index), faiss.IndexFlat)
-    index._trained_digest = digest or (trained_digest(faiss_index) if faiss_index.ntotal == 0 else None)
 
 
 def _trained_already(index: UncertainIndex) -> str:

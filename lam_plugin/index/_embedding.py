@@ -34,7 +34,11 @@ def prepare(index: UncertainIndex, data: Any, name: str) -> Rows:
     preds = list(predictions(index, data, name))
     if not preds:
         raise ValueError(f"{name} is empty")
-    return check(index, Prediction.concat(preds), name)
+    try:
+        joined = Prediction.concat(preds)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from err
+    return check(index, joined, name)
 
 
 def check(index: UncertainIndex, pred: Prediction, name: str) -> Rows:

@@ -28,7 +28,7 @@ __all__ = ["SETTINGS", "configuration", "describe", "merge", "mergeable", "short
 
 #: The settings merged indexes must share (with the posterior fingerprint and the dimension).
 SETTINGS = ("metric", "index_factory", "variance", "variance_dtype", "n_samples", "seed")
-_MERGEABLE = "Flat, PQ, SQ, LSH and IVF factories (e.g. 'IVF1024,PQ16', also behind 'PCA64,' or 'OPQ16,'; not fast scan)"
+_MERGEABLE = "Flat, PQ, SQ and IVF factories (e.g. 'IVF1024,PQ16', also behind 'PCA64,' or 'OPQ16,'; not fast scan)"
 _NO_MAP = 0  # faiss.DirectMap.NoMap (the faiss stub does not list DirectMap)
 
 

@@ -15,7 +15,7 @@ from ._adding import install
 if TYPE_CHECKING:
     from .uncertain_index import PosteriorLike, UncertainIndex
 
-__all__ = ["check_fingerprint", "file_config", "file_tensors", "restore"]
+__all__ = ["check_config", "check_fingerprint", "file_config", "file_tensors", "restore"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,19 @@ def file_config(index: UncertainIndex) -> dict[str, Any]:
         "seed": index.seed,
         "dim": index._dim,
     }
+
+
+def check_config(path: Path, config: dict[str, Any]) -> int:
+    """Refuse a file configuration without exactly the entries of :func:`file_config`;
+    returns its dimension, taken out of ``config`` (the rest: the constructor's arguments)."""
+    expected = {"metric", "index_factory", "n_samples", "batch_size", "variance", "variance_dtype", "train_size", "seed"}
+    missing, unknown = sorted((expected | {"dim"}) - set(config)), sorted(set(config) - expected - {"dim"})
+    if missing or unknown:
+        raise ValueError(f"{path} is inconsistent: its configuration lacks {missing} and has unknown entries {unknown}")
+    dim = config.pop("dim")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"{path} is inconsistent: dimension {dim!r}")
+    return dim
 
 
 def check_fingerprint(path: Path, posterior: PosteriorLike | None, stored: str | None) -> None:
@@ -74,6 +87,11 @@ def restore(
     except RuntimeError as err:
         raise ValueError(f"{path}: the FAISS index cannot be read: {err}") from err
     index._items.restore(tensors, dim, path)
+    metric = faiss.METRIC_L2 if index.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    if faiss_index.metric_type != metric:
+        names = {faiss.METRIC_L2: "L2", faiss.METRIC_INNER_PRODUCT: "inner product"}
+        kind = names.get(faiss_index.metric_type, f"type {faiss_index.metric_type}")
+        raise ValueError(f"{path} is inconsistent: metric {index.metric!r}, a FAISS index of metric {kind}")
     if faiss_index.d != dim or faiss_index.ntotal != len(index._items):
         raise ValueError(f"{path} is inconsistent: {faiss_index.ntotal} vectors of dimension {faiss_index.d}, "
                          f"{len(index._items)} items of dimension {dim}")

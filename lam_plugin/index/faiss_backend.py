@@ -38,6 +38,7 @@ def new_index(train_on: np.ndarray, factory: str, metric: str) -> Any:
     if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
         # a bad value of index_factory, not an argument of the wrong type
         raise ValueError("UncertainIndex keeps the ids itself: remove 'IDMap' from index_factory")
+    _check_geometry(index, factory, metric)
     if not index.is_trained:
         needed = min_training_points(index)
         if n < needed:
@@ -127,7 +128,10 @@ def trained_digest(index: Any) -> str:
     on a copy (quantiser, codebooks, transforms), with the IVF ``nprobe`` set to 1, since
     that is a search parameter. Copying costs the index's memory again for a moment: an
     index digested while empty (just trained) costs nothing."""
-    empty = faiss.clone_index(index)
+    try:
+        empty = faiss.clone_index(index)
+    except RuntimeError:  # FAISS clones no L2norm transform, say: a copy through its serialisation
+        empty = faiss.deserialize_index(faiss.serialize_index(index))
     empty.reset()
     for part in _parts(empty):
         if isinstance(part, faiss.IndexIVF):
@@ -140,6 +144,28 @@ def copy_nprobe(src: Any, dst: Any) -> None:
     ivf = [next((p for p in _parts(index) if isinstance(p, faiss.IndexIVF)), None) for index in (src, dst)]
     if ivf[0] is not None and ivf[1] is not None:
         ivf[1].nprobe = ivf[0].nprobe
+
+
+def _check_geometry(index: Any, factory: str, metric: str) -> None:
+    """Refuse what makes FAISS's distances other than those between the stored means
+    (up to quantisation), which the closed-form moments add the variances to: a centring
+    transform (PCA, ITQ) under an inner product, where FAISS returns ``(q - m)·(g - m)``,
+    and binary codes (LSH), whose distances are Hamming counts."""
+    parts = _parts(index)
+    if isinstance(parts[-1], faiss.IndexLSH):
+        raise ValueError(f"index_factory {factory!r}: LSH distances are Hamming counts, not {metric} distances")
+    if metric == "l2":
+        return
+    for part in parts:
+        chain: Any = part.chain if isinstance(part, faiss.IndexPreTransform) else None  # a C++ vector
+        for k in range(chain.size() if chain is not None else 0):
+            transform = faiss.downcast_VectorTransform(chain.at(k))
+            if isinstance(transform, (faiss.PCAMatrix, faiss.ITQTransform)):
+                raise ValueError(
+                    f"index_factory {factory!r}: {type(transform).__name__} subtracts a mean, so FAISS's "
+                    f"inner products are not those of the embeddings under metric={metric!r}; use 'OPQ' or "
+                    "'RR' (rotations) to reduce, or metric='l2'"
+                )
 
 
 def _build(factory: str, dim: int, metric: str) -> Any:

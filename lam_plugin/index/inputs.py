@@ -8,7 +8,7 @@ from typing import Any, cast
 import numpy as np
 from torch import Tensor
 
-from .._batches import inputs, without_labels
+from .._batches import inputs, is_one_batch, without_labels
 from ..wrapping import slice_batch
 
 __all__ = ["as_ids", "batches", "float32"]
@@ -17,7 +17,10 @@ __all__ = ["as_ids", "batches", "float32"]
 def batches(data: Any, batch_size: int, name: str) -> tuple[Iterable[Any], int | None]:
     """Batches of posterior inputs from a tensor, a dict of tensors or an iterable of
     batches (``x``, ``(x, y, ...)``, dicts with their labels: see :mod:`lam_plugin._batches`),
-    and their number (``None`` if unknown). Label entries never reach the posterior."""
+    and their number (``None`` if unknown). Label entries never reach the posterior. A tuple
+    or a list ``[x, y]`` is one batch, as the posterior's ``predict`` reads it."""
+    if isinstance(data, tuple) or (isinstance(data, list) and is_one_batch(data)):
+        data = inputs(data)
     if isinstance(data, Tensor):
         if data.ndim == 0:
             raise ValueError(f"{name} must be a batch [B, ...], got a scalar tensor")

@@ -25,7 +25,10 @@ Closed form (``variance="closed_form"``), per item of dimension ``D``:
 
   i.e. a relative error below ``1e-3`` (l2; ``5e-4`` ip) of each returned variance up to
   an absolute term of about ``4e-12`` times the item's largest variance times ``E[d^2]``.
-  The order probabilities take their variances from the same ``b'``.
+  The order probabilities take their variances from the same ``b'``. An item whose
+  largest variance is below ``2^-100`` (a standard deviation below ``1e-15``) is scaled
+  as if it were ``2^-100`` (``2^15`` over less would overflow float32): its decoded
+  variances are off by less than ``2^-110`` each, an error of no consequence.
 * ``variance_dtype="3bit"`` (also ``"4bit"``, ``"8bit"``): ``var`` uint8 ``[N, ceil(D/8) bits]``
   codes of the shape ``b / sum_d b_d`` (:mod:`lam_plugin.index.variance_codes`), decoded
   with ``var_sum`` as the per-item scale: ``ceil(D/8) bits + 12`` bytes per item (60 at
@@ -51,6 +54,7 @@ __all__ = ["VARIANCE_DTYPES", "ItemStore", "to_float16"]
 VARIANCE_DTYPES = ("float16", "float32", "8bit", "4bit", "3bit")
 #: float16 code of the largest variance of an item (a power of two: the scale is exact).
 _TOP_CODE = 2.0**15
+_TINY_TOP = 2.0**-100  # ~8e-31: 2^15 / _TINY_TOP stays far inside float32
 
 
 class ItemStore:
@@ -128,9 +132,9 @@ class ItemStore:
             if self.quantizer is not None:
                 self._rows["var"].append(self.quantizer.encode(var, var_sum))
             elif self.variance_dtype == "float16":
-                top = var.max(axis=1)
-                inverse = np.divide(_TOP_CODE, top, out=np.zeros_like(top), where=top > 0)
-                self._rows["var"].append(to_float16(var * inverse[:, None]))
+                # tops below _TINY_TOP (std under 1e-17) share its scale: 2^15 / top would overflow
+                top = np.maximum(var.max(axis=1), np.float32(_TINY_TOP))
+                self._rows["var"].append(to_float16(var * (np.float32(_TOP_CODE) / top)[:, None]))
                 self._rows["var_scale"].append(top * np.float32(1.0 / _TOP_CODE))
             else:
                 self._rows["var"].append(var)

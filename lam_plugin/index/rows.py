@@ -27,7 +27,10 @@ class GrowingRows:
         return self._buf[: self._n]
 
     def append(self, rows: np.ndarray) -> np.ndarray:
-        """Append ``rows`` ``[k, *shape]`` and return the new :attr:`view`."""
+        """Append ``rows`` ``[k, *shape]`` and return the new :attr:`view` (no rows: nothing
+        to append, whatever their shape, as an empty store's is not set yet)."""
+        if rows.shape[0] == 0:
+            return self.view
         if self._n == 0 and self._buf.shape[1:] != rows.shape[1:]:  # the shape is set by the first rows
             self._buf = np.empty((0, *rows.shape[1:]), dtype=self._buf.dtype)
         if rows.shape[1:] != self._buf.shape[1:]:

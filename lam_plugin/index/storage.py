@@ -34,10 +34,12 @@ _WHAT = "lam-plugin UncertainIndex"
 
 def write(path: Path, tensors: Mapping[str, np.ndarray], config: Mapping[str, Any], fingerprint: str | None) -> None:
     """Write ``tensors`` with the metadata above to ``path`` (:func:`lam_plugin.file_format.write`)."""
+    config_json = json.dumps(dict(config))
     metadata = {
-        "config": json.dumps(dict(config)),
+        "config": config_json,
         "posterior_fingerprint": fingerprint or "",
         "sha256": _checksum(tensors),
+        "config_sha256": _config_checksum(config_json, fingerprint or ""),
     }
     file_format.write(path, tensors, metadata, format_name=_FORMAT_NAME, version=FORMAT_VERSION, framework="np")
 
@@ -46,12 +48,22 @@ def read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], str | None]
     """``(tensors, config, posterior fingerprint or None)`` of a file written by :func:`write`.
 
     Missing files, files safetensors cannot read, files of another format or version and
-    files whose checksum does not match are refused (``FileNotFoundError``, ``ValueError``).
+    files whose checksums do not match (of the tensors; of the configuration and
+    fingerprint, in files that have one) are refused (``FileNotFoundError``, ``ValueError``).
     """
     tensors, meta = file_format.read(path, format_name=_FORMAT_NAME, version=FORMAT_VERSION, what=_WHAT, framework="np")
     if _checksum(tensors) != meta.get("sha256"):
         raise ValueError(f"{path} is corrupted: its checksum does not match")
-    return tensors, json.loads(meta["config"]), meta.get("posterior_fingerprint") or None
+    config_json, fingerprint = meta.get("config", ""), meta.get("posterior_fingerprint", "")
+    if "config_sha256" in meta and _config_checksum(config_json, fingerprint) != meta["config_sha256"]:
+        raise ValueError(f"{path} is corrupted: the checksum of its configuration does not match")
+    try:
+        config = json.loads(config_json)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is corrupted: its configuration is not JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is corrupted: its configuration is not a JSON object")
+    return tensors, config, fingerprint or None
 
 
 def _checksum(tensors: Mapping[str, np.ndarray]) -> str:
@@ -60,3 +72,7 @@ def _checksum(tensors: Mapping[str, np.ndarray]) -> str:
         digest.update(key.encode())
         digest.update(np.ascontiguousarray(tensors[key]).tobytes())
     return digest.hexdigest()
+
+
+def _config_checksum(config_json: str, fingerprint: str) -> str:
+    return hashlib.sha256(f"{config_json}\0{fingerprint}".encode()).hexdigest()

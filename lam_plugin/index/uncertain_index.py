@@ -23,7 +23,7 @@ from torch import Tensor
 from ..arguments import positive_int
 from ..prediction import Prediction
 from . import _adding, _embedding, _merging, _sharding, storage
-from ._persistence import check_fingerprint, file_config, file_tensors, restore
+from ._persistence import check_config, check_fingerprint, file_config, file_tensors, restore
 from ._searching import (
     Rerank,
     SearchOptions,
@@ -382,7 +382,7 @@ class UncertainIndex:
         path = Path(path)
         tensors, config, stored = storage.read(path)
         check_fingerprint(path, posterior, stored)
-        dim = int(config.pop("dim"))
+        dim = check_config(path, config)
         self = cls(posterior, device=device, progress=progress, gpu_shards=gpu_shards, **config)
         restore(self, path, tensors, dim, stored)
         logger.info("loaded %d items from %s", len(self._items), path)

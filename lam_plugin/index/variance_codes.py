@@ -30,12 +30,18 @@ IVF-PQ ``add`` of the item.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 __all__ = ["VarianceQuantizer"]
 
+logger = logging.getLogger(__name__)
+
 #: Quantiles of ``sqrt(t_d)`` over the training sample that bound the bins.
 _RANGE_QUANTILES = (0.001, 0.999)
+#: Fewer training items than this draw a warning: the 0.1 % quantile of fewer is their minimum.
+_FEW = 1000
 #: Names of the arrays that hold a trained quantiser, as in :meth:`VarianceQuantizer.state`.
 STATE_NAMES = ("var_lo", "var_width", "var_levels")
 
@@ -69,6 +75,11 @@ class VarianceQuantizer:
         n, dim = var.shape
         if n == 0:
             raise ValueError("the variances quantiser needs at least one training item")
+        if n < _FEW:
+            logger.warning(
+                "the %d-bit variance bins are trained on %d items: their measured error needs more "
+                "(thousands; train() on a sample, or a first add of more items than train_size)", self.bits, n
+            )
         shape = _shape(var, var.sum(axis=1, dtype=np.float32))
         u = np.sqrt(shape)
         lo, hi = np.quantile(u, _RANGE_QUANTILES, axis=0).astype(np.float32)
