@@ -80,16 +80,19 @@ class UncertainIndex:
         index_factory: a FAISS factory string, e.g. ``"Flat"`` (default, exact),
             ``"IVF1024,Flat"``, ``"HNSW32"``, ``"IVF256,PQ16"``. An index that needs
             training is trained by :meth:`train`, else on the means of the first items
-            of the first :meth:`add` (see ``train_size``), as are variances stored in bits. For lossy encodings (PQ, SQ,
-            PCA) the variance uses the index's reconstruction of each neighbour mean and
-            leaves out the quantisation error.
+            of the first :meth:`add` (see ``train_size``), as are variances stored in bits.
+            For lossy encodings (PQ, SQ, PCA) the variance uses the index's reconstruction
+            of each neighbour mean and leaves out the quantisation error. Refused, on the
+            first add: PCA or ITQ under ``"ip"``/``"cosine"`` (FAISS centres the vectors,
+            so its inner products are not the embeddings'), and LSH (Hamming counts).
         device: ``None``/``"cpu"``; ``"cuda"``/``"cuda:i"`` to search on a GPU copy of
             the index, or ``"cuda:all"`` for a copy on every GPU FAISS sees (its
             ``index_cpu_to_all_gpus``: replicated, or sharded with ``gpu_shards``). Needs
             a faiss build with GPU support. Training and storage stay on the CPU index;
             adds go to both (the GPU copy takes the new means, it is not copied again;
             a Flat index sharded over GPUs, whose FAISS shards take one add only, is
-            copied at the next search), a removal or a merge copies the CPU index anew.
+            copied at the next search), a removal or a merge copies the CPU index anew;
+            a copy that cannot follow is dropped, never kept stale.
         gpu_shards: with ``device="cuda:all"``, split the vectors across the GPUs
             (for a gallery larger than one GPU's memory) instead of copying all of
             them to each.
@@ -114,7 +117,8 @@ class UncertainIndex:
             :meth:`train`: the items the first :meth:`add` trains it on. Default
             ``max(10_000, 40 k)`` for ``k`` the IVF lists or PQ centroids (``2^nbits``)
             of the factory. Drawn at random (with ``seed``) where the data can be
-            sampled (a tensor, a dict of tensors, a DataLoader over a map-style dataset)
+            sampled (a tensor, a dict of tensors, a DataLoader whose default sampler
+            yields all of its map-style dataset)
             and holds more than twice as many, and embedded once more when added; else
             the first items, buffered until there are ``train_size`` or the add ends.
         seed: seed of the generator passed to the posterior for every batch, so that
