@@ -5,8 +5,10 @@ and for the closed form ``var`` ``[N, D]`` (float16 codes or float32 variances, 
 configuration's ``variance_dtype``), ``var_scale`` float32 ``[N]`` (float16 codes only)
 and ``var_sum`` float32 ``[N]`` (:mod:`lam_plugin.index.items` has the encoding), or for
 mc ``samples`` float32 ``[N, n, D]``. Metadata: the format name and
-:data:`FORMAT_VERSION`, the index configuration (JSON), the posterior fingerprint and a
-SHA-256 of the tensors.
+:data:`FORMAT_VERSION`, the index configuration (JSON), the posterior fingerprint, a
+SHA-256 of the tensors (``sha256``) and one of the configuration and fingerprint
+(``config_sha256``; checked where present: files written before it was added are read
+without it, their configuration checked against the index they hold on load).
 
 Version 2 (this one) added ``var_scale``, ``var_sum`` and float16 ``var``; version 1
 files (float32 ``var`` only) are refused like any other version.
