@@ -156,6 +156,8 @@ def test_user_ids_round_trip_across_adds() -> None:
         index.add(gaussian_prediction(2, 8, 13), ids=[4, 4])
     with pytest.raises(ValueError, match="non-negative"):
         index.add(gaussian_prediction(2, 8, 13), ids=[-1, 4])
+    with pytest.raises(ValueError, match=r"ids must be below 2\*\*63 \(stored as int64\), got 9223372036854775808"):
+        index.add(gaussian_prediction(2, 8, 13), ids=np.array([2**63, 4], dtype=np.uint64))
     with pytest.raises(ValueError, match=r"ids must have shape \(2,\)"):
         index.add(gaussian_prediction(2, 8, 13), ids=[4])
     assert len(index) == 53
@@ -583,6 +585,10 @@ def test_a_gpu_copy_that_fails_changes_nothing_and_is_never_stale(monkeypatch) -
         index.search(gallery, 1)
     failing["copy"] = False
     assert 0 not in index.search(gallery, 1).ids
+    searches = index._gpu_index.searches
+    big = UncertainIndex(device="cuda", progress=False).add(gaussian_prediction(2100, 4, 36))
+    assert big.search(gaussian_prediction(2, 4, 37), 2049).ids.shape == (2, 2049)  # more than FAISS's GPU returns
+    assert big._gpu_index.searches == 0 and index._gpu_index.searches == searches
 
 
 @pytest.mark.cuda

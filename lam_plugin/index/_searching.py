@@ -25,6 +25,7 @@ __all__ = ["Rerank", "SearchOptions", "check_search_arguments", "check_searchabl
 
 #: Bound on the floats of one ``[queries, candidates, D]`` work array of a search.
 _CHUNK_FLOATS = 1 << 24
+_GPU_MAX_K = 2048  # the most neighbours FAISS's GPU indexes return per query
 
 Rerank = Literal["expected", "lcb"]
 
@@ -239,8 +240,9 @@ def _means(index: UncertainIndex, rows: np.ndarray) -> np.ndarray:
 
 def _faiss_search(index: UncertainIndex, q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
     """``(distances, rows)``, each ``[Qc, c]``, of FAISS (on the GPU copy where the index
-    has a GPU placement; one dropped by an add is made again first)."""
-    if index._gpu is None:
+    has a GPU placement, one dropped by an add made again first; on the CPU index for more
+    than the 2048 neighbours FAISS's GPU search returns)."""
+    if index._gpu is None or c > _GPU_MAX_K:
         return index._index.search(q, c)
     with index._gpu_lock:  # the read lock keeps the CPU index as it is meanwhile
         if index._gpu_index is None:

@@ -69,6 +69,8 @@ def as_ids(ids: Sequence[int] | np.ndarray | Tensor, n: int | None = None) -> np
         return np.empty(0, dtype=np.int64)
     if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.unsignedinteger) and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"ids must be below 2**63 (stored as int64), got {int(arr.max())}")
     arr = arr.astype(np.int64)
     if (arr < 0).any():
         raise ValueError("ids must be non-negative (-1 marks empty result slots)")
