@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .calling import Batch, ModelCall
 from .curvature.base import FitTarget
-from .curvature.last_layer import Head, detect_head, run_with_features
+from .curvature.last_layer import Head, HeadMismatchError, detect_head, run_with_features
 from .wrapping import eval_mode, head_of_batch
 
 Subset = str | Sequence[str]
@@ -73,7 +73,10 @@ def probe_last_layer(
     """
     with eval_mode(model):
         name = layer if layer is not None else last_linear(model, example, call)
-        _, u, out = run_with_features(model, dict(model.named_modules())[name], example, call)
+        try:
+            _, u, out = run_with_features(model, dict(model.named_modules())[name], example, call)
+        except HeadMismatchError:  # a layer run more than once: no head of one call's output
+            return name, None
     return name, detect_head(u, out)
 
 

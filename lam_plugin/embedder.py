@@ -240,9 +240,11 @@ class LaplaceEmbedder:
                 if y.shape[0] != batch_size(x):
                     raise ValueError(f"a batch has {batch_size(x)} inputs but {y.shape[0]} labels")
                 x, y = prepare_inputs(x, self.model), y.to(model_device(self.model))
+                point = selection.checkpoint()
                 try:
                     diag, out = engine.batch(x, self._hessian_fn(y, selection))
                 except (HeadMismatchError, UnsupportedModelError) as err:
+                    selection.rewind(point)  # the batch is redone: its pairs count once
                     engine = self._fallback(target)(engine, err)
                     target = FitTarget(target.names) if isinstance(err, HeadMismatchError) else target
                     logger.warning("%s; using the %s backend from here on", err, engine.name)

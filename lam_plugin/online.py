@@ -8,7 +8,8 @@ Each step (docs/design.md §4), with ``mu`` the current weights of the Laplace s
    (:class:`~lam_plugin.losses.ContrastiveBatchLoss`) on the embedder's miner tuples.
    Because ``d theta_s / d mu = I``, back-propagating through ``theta_s`` applies the
    gradient at the sampled weights to ``mu`` (and the backbone is trained as usual).
-3. Without gradient, the contrastive GGN diagonal ``h_s`` at ``theta_s`` over every pair
+3. Without gradient and with the model in eval mode, as in every fit, the contrastive
+   GGN diagonal ``h_s`` at ``theta_s`` over every pair
    of the batch (at most ``max_pairs``; a negative only while its hinge is active), from
    the fit's curvature backend (:meth:`CurvatureBackend.batch_at`), rescaled to the data
    set by ``dataset_size**2 / n_pairs``: an estimate of the curvature summed over every
@@ -41,12 +42,12 @@ from .arguments import number, positive_int
 from .calling import Batch, ModelCall
 from .curvature.base import CurvatureBackend, FitTarget, UnsupportedModelError
 from .curvature.last_layer import HeadMismatchError
-from .geometry import Geometry, output_hessian
+from .geometry import Geometry, OutputHessian, output_hessian
 from .numerics import flush_denormals
 from .pairs import PairSelection
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
-from .wrapping import batch_size, model_device, prepare_inputs
+from .wrapping import batch_size, eval_mode, model_device, prepare_inputs
 
 __all__ = ["OnlineLaplace", "dataset_size_of", "first_input"]
 
@@ -173,7 +174,7 @@ class OnlineLaplace:
             out = self.call.functional(self.model, sampled, x)
             losses.append(self.loss_fn(out, y))
             with torch.no_grad():
-                h = self._curvature(x, y, out.detach(), {n: t.detach() for n, t in sampled.items()})
+                h = self._curvature(x, y, {n: t.detach() for n, t in sampled.items()})
             if h is not None:
                 curvatures.append(h)
         loss = torch.stack(losses).mean()
@@ -192,24 +193,33 @@ class OnlineLaplace:
         self.steps += 1
         return float(loss.detach())
 
-    def _curvature(self, x: Batch, y: Tensor, out: Tensor, sampled: dict[str, Tensor]) -> Tensor | None:
-        """The batch curvature at the sampled weights, rescaled to the data set; None
-        when the batch has no Hessian pair."""
-        pairs = self.selection(y, out)
-        if len(pairs) == 0:
-            return None
-        g = output_hessian(out, pairs, self.geometry, self.config.approx)  # type: ignore[arg-type]
-        try:
-            h, _ = self.backend.batch_at(x, lambda _f: g, sampled)
-        except (HeadMismatchError, UnsupportedModelError) as err:
-            if self.fallback is None:
-                raise
-            if isinstance(err, HeadMismatchError):  # sampling cannot take the last layer's shortcut either
-                self.target = FitTarget(self.target.names)
-            self.backend = self.fallback(self.backend, err)
-            logger.warning("%s; using the %s backend from here on", err, self.backend.name)
-            h, _ = self.backend.batch_at(x, lambda _f: g, sampled)
-        return h * self.batch_to_data(len(pairs), len(y))
+    def _curvature(self, x: Batch, y: Tensor, sampled: dict[str, Tensor]) -> Tensor | None:
+        """The batch curvature at the sampled weights, rescaled to the data set; None when
+        the batch has no Hessian pair. As in every fit, the model runs in eval mode (no
+        dropout; BatchNorm's running statistics, left as they are) and the pairs and the
+        output Hessian come from the outputs of that forward pass."""
+        n_pairs = 0
+
+        def hessian(f: Tensor) -> OutputHessian:
+            nonlocal n_pairs
+            pairs = self.selection(y, f)
+            n_pairs = len(pairs)
+            return output_hessian(f, pairs, self.geometry, self.config.approx)  # type: ignore[arg-type]
+
+        point = self.selection.checkpoint()
+        with eval_mode(self.model):
+            try:
+                h, _ = self.backend.batch_at(x, hessian, sampled)
+            except (HeadMismatchError, UnsupportedModelError) as err:
+                if self.fallback is None:
+                    raise
+                self.selection.rewind(point)  # the batch is redone: its pairs count once
+                if isinstance(err, HeadMismatchError):  # sampling cannot take the last layer's shortcut either
+                    self.target = FitTarget(self.target.names)
+                self.backend = self.fallback(self.backend, err)
+                logger.warning("%s; using the %s backend from here on", err, self.backend.name)
+                h, _ = self.backend.batch_at(x, hessian, sampled)
+        return h * self.batch_to_data(n_pairs, len(y)) if n_pairs else None
 
     def batch_to_data(self, n_pairs: int, batch_size: int) -> float:
         """The factor that rescales one batch's curvature sum to the data set:

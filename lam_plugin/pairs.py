@@ -12,7 +12,7 @@ Conventions (docs/design.md §2):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -166,6 +166,18 @@ class PairSelection:
         self.counts.positive += pairs.n_positive
         self.counts.negative_active += pairs.n_negative
         return pairs
+
+    def checkpoint(self) -> tuple[PairCounts, Tensor | None]:
+        """The counts and the generator's state, for :meth:`rewind` before a batch is redone."""
+        return replace(self.counts), None if self.generator is None else self.generator.get_state()
+
+    def rewind(self, point: tuple[PairCounts, Tensor | None]) -> None:
+        """Back to a :meth:`checkpoint`: a batch redone (by another backend) counts once."""
+        counts, state = point
+        self.counts.positive, self.counts.negative_active = counts.positive, counts.negative_active
+        self.counts.negative_total = counts.negative_total
+        if self.generator is not None and state is not None:
+            self.generator.set_state(state)
 
     def active(self, pairs: PairSet, z: Tensor) -> PairSet:
         """The pairs whose curvature is not zero: the positives and the negatives whose

@@ -24,7 +24,7 @@ from ._batches import inputs as inputs_of
 from ._batches import iter_inputs
 from ._parameters import fingerprint, flatten, unflatten
 from .calling import Batch, ModelCall, OutputKey
-from .curvature.last_layer import apply_head, head_holds, run_with_features
+from .curvature.last_layer import HeadMismatchError, apply_head, head_holds, run_with_features
 from .prediction import Prediction
 from .records import FitStats, PosteriorConfig, PosteriorSummary
 from .wrapping import batch_size as batch_size_of
@@ -238,7 +238,10 @@ class EmbeddingPosterior:
         model output does not follow from that layer by the head on this batch (an
         elementwise nonlinearity after it, say): the general path then samples them."""
         layer = dict(self.model.named_modules())[self.config.layer]
-        feats, u, out = run_with_features(self.model, layer, x, self.model_call)
+        try:
+            feats, u, out = run_with_features(self.model, layer, x, self.model_call)
+        except HeadMismatchError:  # the layer ran more than once
+            return None
         if not head_holds(u, out, self.config.head):  # type: ignore[arg-type]
             logger.debug("the head does not hold on this batch; sampling through the whole model")
             return None

@@ -215,3 +215,122 @@ def test_online_leaves_the_closed_form_where_the_head_does_not_hold(caplog):
     # the general backend that "auto" picks for the whole subset takes over
     assert trainer.backend.name == "backpack" and trainer.posterior().config.head is None
     assert any("backpack backend from here on" in r.getMessage() for r in caplog.records)
+
+
+class _Twice(torch.nn.Module):
+    """One Linear (and one Tanh) run twice: ``lin(tanh(lin(tanh(inp(x)))))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.act, self.lin = torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(self.act(self.lin(self.act(self.inp(x)))))
+
+
+def _tied() -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Tanh(), torch.nn.Linear(5, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    model[2].weight = model[0].weight
+    return model
+
+
+def _conv(**kwargs) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv1d(4, 6, **kwargs), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+
+
+@pytest.mark.parametrize(
+    ("case", "refusal"),
+    [
+        ("twice", "module 'act' run 2 times in the forward"),
+        ("tied", "a parameter shared by modules '0' and '2' (tied weights)"),
+        ("circular", "convolution '0' with padding_mode='circular'"),
+        ("grouped same", "grouped convolution '0' padded 'same' unevenly (kernel (4,))"),
+    ],
+)
+def test_what_backpack_gets_wrong_is_refused_and_auto_stays_exact(case: str, refusal: str):
+    """BackPACK keeps one call's input per module, one factor per module of a shared
+    parameter, and assumes zero padding placed evenly in grouped convolutions: models
+    where those fail are refused by name, and "auto" takes an exact backend."""
+    torch.manual_seed(0)
+    if case == "twice":
+        model, x = _Twice(), torch.randn(8, 5)
+    elif case == "tied":
+        model, x = _tied(), torch.randn(8, 5)
+    else:
+        kwargs = {"kernel_size": 3, "padding": 1, "padding_mode": "circular"} if case == "circular" else {}
+        model, x = _conv(**(kwargs or {"kernel_size": 4, "padding": "same", "groups": 2})), torch.randn(8, 4, 7)
+        model(x)  # materialise the lazy layer
+    model = model.double().eval()
+    batches = [(x.double(), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))]
+    names = [n for n, _ in model.named_parameters()]
+    want = reference_curvature(model, names, batches, "arccos", "pos")
+    with pytest.raises(UnsupportedModelError, match=refusal.replace("(", r"\(").replace(")", r"\)")):
+        _fit(model, batches, None, subset="all", approx="pos", backend="backpack")
+    got = _fit(model, batches, None, subset="all", approx="pos")
+    assert got.stats.backend != "backpack" and _relerr(got.curvature, want) < 1e-10
+
+
+def test_a_last_layer_run_twice_has_no_closed_form():
+    """The closed form needs the embedding to be the head of one call of the layer: a
+    layer run twice is fitted and sampled through the whole model."""
+    torch.manual_seed(0)
+    model = _Twice().double().eval()
+    batches = [(torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))]
+    posterior = _fit(model, batches, None, subset="last_layer", approx="pos")
+    assert posterior.stats.backend != "last_layer" and posterior.config.head is None
+    want = reference_curvature(model, ["lin.weight", "lin.bias"], batches, "arccos", "pos")
+    assert _relerr(posterior.curvature, want) < 1e-10
+    x = batches[0][0]
+    weights = posterior.sample_weights(3, torch.Generator().manual_seed(0))
+    got = posterior.sample(x, n=3, generator=torch.Generator().manual_seed(0))
+    for s in range(3):
+        w, b = weights[s].split([16, 4])
+        expected = functional_call(model, {"lin.weight": w.view(4, 4), "lin.bias": b}, (x,))
+        torch.testing.assert_close(got[s], torch.nn.functional.normalize(expected, dim=-1))
+
+
+def test_a_batch_redone_by_another_backend_counts_its_pairs_once():
+    """The hooks backend refuses a parameter used outside its module only after the batch's
+    pairs are counted; the batch is then redone by torch.func, and counted once."""
+
+    class Shared(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(x) + x[:, :3] @ self.fc.weight[:, :3].T
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 5), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))] * 2
+    want = LaplaceEmbedder(Shared(), backend="torch.func", approx="pos", progress=False).fit(batches).stats
+    torch.manual_seed(0)
+    got = LaplaceEmbedder(Shared(), backend="auto", approx="pos", progress=False).fit(batches).stats
+    assert got.backend == "torch.func"
+    assert (got.n_positive, got.n_negative_active, got.n_negative_total) == (
+        want.n_positive,
+        want.n_negative_active,
+        want.n_negative_total,
+    ) == (8, want.n_negative_active, 48)
+
+
+@pytest.mark.parametrize("backend", ["hooks", "last_layer", "backpack"])
+def test_online_curvature_runs_the_model_in_eval_mode(backend: str):
+    """Each step's curvature pass, like a fit's, runs in eval mode: BatchNorm's statistics
+    move with the training forward passes only, and dropout does not change the curvature."""
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Dropout(0.5))
+    model = torch.nn.Sequential(body, torch.nn.Linear(8, 4))
+    x, y = torch.randn(16, 6), torch.arange(16) % 4
+    subset = "all" if backend == "backpack" else "last_layer"  # the hooks backend covers no BatchNorm weights
+    trainer = LaplaceEmbedder(model, subset=subset, backend=backend, approx="pos", progress=False).online(x, dataset_size=32)
+    model.train()
+    for _ in range(2):
+        trainer.step(x, y)
+    assert int(body[1].num_batches_tracked) == 2  # one training forward per step (one weight sample)
+    assert trainer.backend.name == backend
+    weights = {n: p.detach() for n, p in model.named_parameters() if n in trainer.target.names}
+    first, second = trainer._curvature(x, y, weights), trainer._curvature(x, y, weights)
+    assert first is not None and bool((first > 0).any())
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert model.training and body[3].training  # the caller's modes are kept

@@ -147,6 +147,7 @@ def _unsupported(gm: nn.Module, graph: Graph) -> str | None:
     """Why BackPACK cannot run this graph exactly, or None."""
     supported = _supported_types(_extension())
     modules = dict(gm.named_modules())
+    called: list[str] = []
     for node in graph.nodes:
         if node.op not in _GRAPH_OPS_OK:
             return f"operation {node.op} {getattr(node.target, '__name__', node.target)!s} in the forward"
@@ -154,6 +155,40 @@ def _unsupported(gm: nn.Module, graph: Graph) -> str | None:
             mod = modules[node.target]
             if supported and not isinstance(mod, supported):
                 return f"module {node.target!r} ({type(mod).__name__})"
+            called.append(str(node.target))
+    return _called_twice(called) or _shared_parameter(called, modules) or _conv_problem(called, modules)
+
+
+def _called_twice(called: list[str]) -> str | None:
+    """A module run more than once: BackPACK keeps the input of one call only."""
+    twice = sorted({name for name in called if called.count(name) > 1})
+    return f"module {twice[0]!r} run {called.count(twice[0])} times in the forward" if twice else None
+
+
+def _shared_parameter(called: list[str], modules: dict[str, nn.Module]) -> str | None:
+    """A parameter held by two modules that run (tied weights): BackPACK gives each module
+    its own factor, and the two Jacobians must be summed before contracting."""
+    owner: dict[int, str] = {}
+    for name in dict.fromkeys(called):
+        for p in modules[name].parameters(recurse=False):
+            if id(p) in owner:
+                return f"a parameter shared by modules {owner[id(p)]!r} and {name!r} (tied weights)"
+            owner[id(p)] = name
+    return None
+
+
+def _conv_problem(called: list[str], modules: dict[str, nn.Module]) -> str | None:
+    """Convolutions BackPACK's derivatives get wrong: padding other than zeros, and grouped
+    ones padded ``"same"`` unevenly (an even kernel extent)."""
+    for name in dict.fromkeys(called):
+        mod = modules[name]
+        if not isinstance(mod, nn.modules.conv._ConvNd):
+            continue
+        if mod.padding_mode != "zeros":
+            return f"convolution {name!r} with padding_mode={mod.padding_mode!r}"
+        uneven = any((k - 1) * d % 2 for k, d in zip(mod.kernel_size, mod.dilation))
+        if mod.groups != 1 and mod.padding == "same" and uneven:
+            return f"grouped convolution {name!r} padded 'same' unevenly (kernel {tuple(mod.kernel_size)})"
     return None
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -38,12 +38,14 @@ _CHUNK_ELEMENTS = 2**21
 
 
 @contextlib.contextmanager
-def capture_io(layer: nn.Module) -> Iterator[dict[str, Tensor]]:
-    """Record the input and output of ``layer`` while the block runs; the hook is removed after."""
-    store: dict[str, Tensor] = {}
+def capture_io(layer: nn.Module) -> Iterator[dict[str, Any]]:
+    """Record the input and output of ``layer`` (of its last call) and how many times it
+    ran (``"calls"``) while the block runs; the hook is removed after."""
+    store: dict[str, Any] = {"calls": 0}
 
     def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
         store["input"], store["output"] = inp[0], out
+        store["calls"] += 1
 
     handle = layer.register_forward_hook(hook)
     try:
@@ -55,11 +57,18 @@ def capture_io(layer: nn.Module) -> Iterator[dict[str, Tensor]]:
 def run_with_features(
     model: nn.Module, layer: nn.Linear, x: Batch, call: ModelCall
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(features [B, in], layer output [B, out], model output [B, D])`` of one no-grad forward."""
+    """``(features [B, in], layer output [B, out], model output [B, D])`` of one no-grad forward.
+
+    Raises:
+        HeadMismatchError: the layer ran more than once (a layer applied twice, its
+            weights shared along the way): the output is not the head of one call's.
+    """
     with torch.no_grad(), capture_io(layer) as io:
         out = call.embed(model, x)
     if "input" not in io:
         raise RuntimeError("the last linear layer did not run in this forward pass")
+    if io["calls"] > 1:
+        raise HeadMismatchError(f"the last linear layer runs {io['calls']} times in the forward pass, not once")
     return io["input"], io["output"], out
 
 
