@@ -25,6 +25,7 @@ __all__ = [
     "average_gradients",
     "broadcast_module",
     "check_same_everywhere",
+    "fail_together",
     "in_process_group",
     "is_writer",
     "mean_over_ranks",
@@ -66,6 +67,17 @@ def check_same_everywhere(record: dict[str, Any]) -> None:
             f"the ranks of the process group fit different configurations ({shown[:2000]}); every rank must "
             "wrap the same model architecture with the same LaplaceEmbedder settings"
         )
+
+
+def fail_together(error: BaseException | None) -> None:
+    """Raise on every rank, naming the ranks and their errors, if this rank's own work
+    failed with ``error`` or another rank's did: a rank that failed alone would leave the
+    others waiting for ever in the next collective. This rank's error is chained."""
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    failed = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
+    if failed:
+        raise ValueError(f"the fit failed on {failed[:2000]}") from error
 
 
 def sum_over_ranks(total: Tensor, counts: list[int]) -> tuple[Tensor, list[int]]:

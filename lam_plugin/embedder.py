@@ -168,12 +168,21 @@ class LaplaceEmbedder:
         The curvature is the contrastive GGN diagonal summed over all batches; the ``relu``
         is applied once to the total for ``approx`` "fix" and "full".
         """
-        first = _first_batch(loader)
         selection = self.pair_selection(self.max_pairs, torch.Generator().manual_seed(self.seed))
-        with eval_mode(self.model):
-            target = self.fit_target(labelled(first)[0])
-            total, n_data, n_batches, out_dim, target, backend = self._sum_batches(loader, target, selection)
-        if distributed.in_process_group():
+        grouped, error, summed = distributed.in_process_group(), None, None
+        try:
+            with eval_mode(self.model):
+                target = self.fit_target(labelled(_first_batch(loader))[0])
+                summed = self._sum_batches(loader, target, selection)
+        except Exception as err:  # in a process group, every rank must learn of it (no hang)
+            if not grouped:
+                raise
+            error = err
+        if grouped:
+            distributed.fail_together(error)
+        assert summed is not None
+        total, n_data, n_batches, out_dim, target, backend = summed
+        if grouped:
             total, n_data, n_batches, target = self._sum_over_ranks(total, n_data, n_batches, target, selection)
         dtype = flatten(self.model, target.names[:1]).dtype
         curvature = (total.clamp_min(0) if self.approx in ("fix", "full") else total).to(dtype)

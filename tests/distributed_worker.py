@@ -4,7 +4,8 @@
     distributed_worker.py MODE OUT
 
 MODE ``fit`` fits the rank's shard of the batches, ``ddp`` does so with the model
-wrapped in DistributedDataParallel, ``mismatch`` gives rank 1 another approximation;
+wrapped in DistributedDataParallel, ``mismatch`` gives rank 1 another approximation,
+``empty`` gives rank 1 no batch;
 ``online`` trains with online LAM on the rank's shard, ``online-same`` on all batches on
 every rank.
 Each rank writes what it got to ``OUT/rank<r>.pt`` (or its error to ``OUT/rank<r>.err``)
@@ -54,8 +55,11 @@ def main(mode: str, out: Path) -> None:
     if mode.startswith("online"):
         online(net, rank, world, mode == "online-same", out)
         return
+    shard = [(x.to(device), y) for x, y in batches()[rank::world]]
+    if mode == "empty" and rank == 1:
+        shard = []  # this rank's loader yields nothing: every rank must fail, none wait
     try:
-        posterior = LaplaceEmbedder(net, **kwargs).fit([(x.to(device), y) for x, y in batches()[rank::world]])
+        posterior = LaplaceEmbedder(net, **kwargs).fit(shard)
     except ValueError as err:
         (out / f"rank{rank}.err").write_text(str(err))
         sys.exit(3)

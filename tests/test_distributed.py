@@ -62,6 +62,13 @@ def test_ranks_that_fit_different_configurations_fail_on_every_rank(tmp_path):
         assert "approx: rank 0 'pos', rank 1 'fix'" in message
 
 
+def test_a_rank_whose_fit_fails_makes_every_rank_fail(tmp_path):
+    result = _launch("empty", tmp_path)
+    assert result.returncode != 0
+    messages = [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
+    assert messages[0] == messages[1] == "the fit failed on rank 1: ValueError: the loader yielded no batch"
+
+
 def test_online_lam_keeps_one_model_over_the_ranks(tmp_path):
     """Every rank starts from rank 0's weights, the gradients and each step's curvature are
     averaged: ranks with the same batches train what one process trains on them, and
