@@ -27,6 +27,8 @@ from typing import Any
 
 from lam_plugin import __version__
 
+from .cli_args import add_combine_arguments, add_reproduce_arguments
+
 logger = logging.getLogger("lam_study.cli")
 
 #: Distributions reported by ``info``: label -> candidate distribution names.
@@ -43,57 +45,8 @@ _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _prior(value: str) -> float | str:
-    if value in ("auto", "marglik"):
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto', 'marglik' or a positive number, got {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"the prior precision must be positive, got {value}")
-    return number
-
-
-def _candidate(value: str) -> float | str:
-    """A post-hoc prior candidate: 'marglik' or a positive number ('auto' is not a candidate)."""
-    if value == "auto":
-        raise argparse.ArgumentTypeError("'auto' chooses among the candidates; it cannot be one")
-    return _prior(value)
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return number
-
-
-def _fraction(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}") from None
-    if not 0.0 <= number < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return number
-
-
-def _only(value: str) -> tuple[str, list[str]]:
-    path, sep, methods = value.rpartition("=")
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    if not sep or not path or not names:
-        raise argparse.ArgumentTypeError(f"expected FILE=METHOD[,METHOD...], got {value!r}")
-    return path, names
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``lam-study``."""
-    from .reproduce import ALL_METHODS, DEFAULT_METHODS, LAM_APPROXES
-
+    """The argument parser of ``lam-study`` (the subcommands' arguments: :mod:`lam_study.cli_args`)."""
     parser = argparse.ArgumentParser(
         prog="lam-study", description="Laplace-approximation uncertainty for PyTorch embedding models."
     )
@@ -107,149 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reproduce a table of the paper",
         description="Train (or load from the cache) and evaluate every method of the paper's protocol.",
     )
-    rep.add_argument("dataset", choices=["fashionmnist"], help="the experiment to reproduce")
-    rep.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 1 2 3 4 5; --quick: 1)")
-    rep.add_argument("--quick", action="store_true", help="a reduced smoke run (minutes on a CPU), every method")
-    rep.add_argument("--out", default=None, help="output folder (default runs/fashionmnist; trained models are cached in DIR/cache)")
-    rep.add_argument(
-        "--methods",
-        nargs="+",
-        choices=ALL_METHODS,
-        default=None,
-        metavar="METHOD",
-        help=f"methods to run (default: {' '.join(DEFAULT_METHODS)}; also: hib)",
-    )
-    rep.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    rep.add_argument("--no-progress", action="store_true", help="no progress bars")
-    rep.add_argument(
-        "--cached-only",
-        action="store_true",
-        help="evaluate the models in DIR/cache only; stop with an error, instead of training, where one is missing",
-    )
-    rep.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default 20; --quick: 3)")
-    rep.add_argument("--samples", type=_positive_int, default=None, help="samples per test image (default 100)")
-    rep.add_argument("--train-limit", type=_positive_int, default=None, help="use a random subset of the training split")
-    rep.add_argument("--test-limit", type=_positive_int, default=None, help="use a random subset of the test split")
-    rep.add_argument("--ood-limit", type=_positive_int, default=None, help="use a random subset of the OoD images")
-    rep.add_argument(
-        "--val-fraction",
-        type=_fraction,
-        default=None,
-        help="share of the training split held out for validation (default 0.1); 0 fits every model on "
-        "the whole split, as the paper's code does, and leaves temperatures at 1",
-    )
-    rep.add_argument(
-        "--prior-precision",
-        type=_prior,
-        default=None,
-        help="post-hoc LAM prior: a number (default 1, the paper's value), marglik, or auto (the candidate "
-        "with the best validation ECE)",
-    )
-    rep.add_argument(
-        "--prior-candidates",
-        type=_candidate,
-        nargs="+",
-        default=None,
-        metavar="PRIOR",
-        help="post-hoc LAM priors evaluated on validation, each with its own calibrated temperature "
-        "(default: marglik 1 10 ... 1e6 with --prior-precision auto, else marglik and the fixed prior)",
-    )
-    rep.add_argument(
-        "--online-curvature",
-        choices=["pairs", "triplets"],
-        default=None,
-        help="online LAM's running curvature: the margin-violating triplets rescaled by N/batch "
-        "(the paper's code, default) or all pairs rescaled by N^2/pairs (docs/design.md §4)",
-    )
-    rep.add_argument(
-        "--online-loss-miner",
-        choices=["all", "triplets"],
-        default=None,
-        help="pairs of online LAM's contrastive loss: the pairs of the margin-violating triplets (the "
-        "paper's code, default) or every pair of the batch",
-    )
-    rep.add_argument(
-        "--online-relu",
-        choices=["per_step", "on_use", "per_epoch"],
-        default=None,
-        help="relu of online LAM's running curvature: on every step's term (docs/design.md §4, "
-        "default), only where the signed running sum is used, or on the signed running sum at every "
-        "epoch's end (what the latest version of the paper's code does in effect)",
-    )
-    rep.add_argument(
-        "--online-hinge",
-        choices=["on", "off"],
-        default=None,
-        help="count a negative Hessian pair only while its hinge is active (on, docs/design.md §2) or "
-        "every mined negative (off, the paper's code)",
-    )
-    rep.add_argument(
-        "--online-max-pairs",
-        type=int,
-        default=None,
-        help="online LAM's Hessian pairs per batch (default: 5000; the paper's code draws 5000 "
-        "triplets, i.e. 10000 pairs)",
-    )
-    rep.add_argument(
-        "--online-posterior",
-        choices=["running", "refit"],
-        default=None,
-        help="online LAM's posterior: the running curvature of its training (the paper's method, default) "
-        "or the post-hoc LAM fit (--posthoc-approx, --posthoc-pairs) at its final weights",
-    )
-    rep.add_argument(
-        "--online-approx",
-        choices=list(LAM_APPROXES),
-        default=None,
-        help="curvature approximation of online LAM's running curvature: fix (default), pos or full (the paper's "
-        "laplace_online_arccos_{pos,full} configurations)",
-    )
-    rep.add_argument(
-        "--posthoc-approx",
-        choices=list(LAM_APPROXES),
-        default=None,
-        help="curvature approximation of the post-hoc fits (post-hoc LAM, --online-posterior refit): "
-        "fix (the paper's, default), pos or full",
-    )
-    rep.add_argument(
-        "--posthoc-pairs",
-        choices=["all", "triplets"],
-        default=None,
-        help="Hessian pairs of the post-hoc fits (post-hoc LAM, --online-posterior refit): every pair of each "
-        "batch (default) or the pairs of the margin-violating triplets, every mined negative counted (the "
-        "paper's post-hoc code)",
-    )
-    rep.add_argument(
-        "--train-recipe",
-        choices=["adam", "paper"],
-        default=None,
-        help="training of the deterministic, ensemble and MC-dropout networks: the paper's code (default: "
-        "RMSprop at lr 1e-3 x batch size, weight decay 1e-5, lr decay e^-0.01 per epoch, loss on the pairs of "
-        "the margin-violating triplets) or Adam at lr 1e-3 on all pairs; online LAM's RMSprop at 1e-3 x its "
-        "batch size (0.064, the paper's code) or 1e-3 (adam)",
-    )
-    rep.add_argument(
-        "--keep-best-epoch",
-        action="store_true",
-        default=None,
-        help="end the training of the deterministic, ensemble and MC-dropout networks with the weights of the "
-        "epoch of highest validation mAP@5 (the paper's code keeps its best.ckpt); default: the last epoch",
-    )
-    rep.add_argument(
-        "--online-lr",
-        type=float,
-        default=None,
-        help="online LAM's RMSprop learning rate (overrides the recipe's: 0.064, or 1e-3 with "
-        "--train-recipe adam)",
-    )
-    rep.add_argument(
-        "--dropout-layout",
-        choices=["channel", "pool"],
-        default=None,
-        help="MC dropout's layers: channel dropout after the first ReLU and after the pooling (the "
-        "paper's network, default) or one element-wise dropout after the pooling",
-    )
-    rep.add_argument("--data-root", default=None, help="folder with the FashionMNIST IDX files (searched first)")
+    add_reproduce_arguments(rep)
     rep.set_defaults(handler=_cmd_reproduce)
 
     comb = sub.add_parser(
@@ -260,24 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "have the same numbers, and the runs a method draws on must share their configuration unless "
         "--allow-config-differences is given.",
     )
-    comb.add_argument(
-        "results", nargs="+", help="results.json files (at least two; a combined one stands for its sources)"
-    )
-    comb.add_argument("--out", required=True, help="folder for the combined results.json and results.md")
-    comb.add_argument(
-        "--allow-config-differences",
-        action="store_true",
-        help="combine a method's seeds from runs whose configurations differ (they are listed in results.md)",
-    )
-    comb.add_argument(
-        "--only",
-        action="append",
-        default=[],
-        type=_only,
-        metavar="FILE=METHOD[,METHOD...]",
-        help="take only these methods from FILE, one of the results files (repeatable); e.g. "
-        "--only runs/a/results.json=mc_dropout",
-    )
+    add_combine_arguments(comb)
     comb.set_defaults(handler=_cmd_combine)
 
     info = sub.add_parser("info", help="versions and available datasets")
