@@ -27,6 +27,8 @@ Rules:
   sources kept their configuration cannot be checked; a method that draws on one of them
   and on another run is refused unless differences are allowed, and is then listed with
   the field ``config`` "not recorded".
+
+The text of the combined ``results.md`` is :mod:`lam_study.combine_markdown`.
 """
 
 from __future__ import annotations
@@ -39,25 +41,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .reproduce import (
-    ALL_METHODS,
-    CONFIG_FIELDS_ABSENT,
-    METRICS,
-    results_table,
-    seed_counts,
-    supplementary_summary,
-)
+from .combine_markdown import _markdown
+from .reproduce import ALL_METHODS, CONFIG_FIELDS_ABSENT, METRICS, supplementary_summary
 from .reproduce.evaluation import _aggregate
-from .reproduce.report import _json_safe, _per_seed_table, _supplementary_markdown
+from .reproduce.report import _json_safe
 
 __all__ = ["combine_results", "write_combined"]
 
 #: Top-level fields that every combined run must share.
 _SHARED = ("dataset", "quick", "ood_dataset")
-#: Display names of the datasets.
-_NAMES = {"fashionmnist": "FashionMNIST", "mnist": "MNIST"}
 #: Config fields that say which part of the protocol a run covered, not how it ran.
 _SCOPE = ("seeds", "methods")
+#: Per-seed rows of every method: ``method -> seed (str) -> metric -> value``.
+_PerSeed = dict[str, dict[str, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -200,6 +196,36 @@ def combine_results(
             that differ between the sources of one method, or an ``only`` that names a
             file not in ``paths`` or a method its file does not hold.
     """
+    files, runs = _load_runs(paths)
+    taken = _methods_taken(files, runs, only or {})
+    units = [
+        _restricted(unit, taken[i]) for i, (f, run) in enumerate(zip(files, runs)) for unit in _sources(f, run)
+    ]
+    per_seed, origin = _merged_per_seed(units)
+    order = list(per_seed)
+    summary = {m: {k: _aggregate([row.get(k) for row in per_seed[m].values()]) for k in METRICS} for m in order}
+    supplementary = supplementary_summary({m: list(per_seed[m].values()) for m in order})
+    differences = _checked_differences(units, origin, allow_config_differences)
+    first = runs[0]
+    return {
+        "dataset": first["dataset"],
+        "seeds": sorted({int(s) for rows in per_seed.values() for s in rows}),
+        "methods": summary,
+        "supplementary": supplementary,
+        "quick": first["quick"],
+        "ood_dataset": first.get("ood_dataset"),
+        "data": first["data"],
+        "combined": True,
+        "seeds_by_method": {m: [int(s) for s in per_seed[m]] for m in order},
+        "per_seed": per_seed,
+        "paper": first.get("paper"),
+        "sources": _source_entries(units, origin),
+        "config_differences": differences,
+    }
+
+
+def _load_runs(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[dict[str, Any]]]:
+    """The files of ``paths`` and their results, checked to be at least two runs of the same protocol data."""
     files = [Path(p) for p in paths]
     if len(files) < 2:
         raise ValueError(f"combine needs at least two results files, got {len(files)}")
@@ -214,12 +240,17 @@ def combine_results(
                 f"{f}: its data (fingerprint {run['data'].get('fingerprint')}, sizes {run['data'].get('sizes')}) "
                 f"differ from {files[0]}'s ({first['data'].get('fingerprint')}, {first['data'].get('sizes')})"
             )
+    return files, runs
 
-    taken = _methods_taken(files, runs, only or {})
-    units = [
-        _restricted(unit, taken[i]) for i, (f, run) in enumerate(zip(files, runs)) for unit in _sources(f, run)
-    ]
-    per_seed: dict[str, dict[str, dict[str, Any]]] = {}
+
+def _merged_per_seed(units: Sequence[_Source]) -> tuple[_PerSeed, dict[str, dict[str, int]]]:
+    """The per-seed rows of every method over ``units`` and the unit each came from
+    (``method -> seed -> index into units``), both with the methods in the paper's order
+    (the rows with their seeds in ascending order).
+
+    A (method, seed) found in two units must carry the same numbers (:class:`ValueError`).
+    """
+    per_seed: _PerSeed = {}
     origin: dict[str, dict[str, int]] = {}  # method -> seed -> index of the source it came from
     for i, unit in enumerate(units):
         for method, seeds in unit.per_seed.items():
@@ -236,18 +267,22 @@ def combine_results(
                             f"different results ({metric} {known.get(metric)} against {row.get(metric)}): they are "
                             "two configurations of that method; combine runs of one configuration"
                         )
-
     order = [m for m in ALL_METHODS if m in per_seed] + sorted(m for m in per_seed if m not in ALL_METHODS)
-    per_seed = {m: dict(sorted(per_seed[m].items(), key=lambda kv: int(kv[0]))) for m in order}
-    summary = {m: {k: _aggregate([row.get(k) for row in per_seed[m].values()]) for k in METRICS} for m in order}
-    supplementary = supplementary_summary({m: list(per_seed[m].values()) for m in order})
+    rows = {m: dict(sorted(per_seed[m].items(), key=lambda kv: int(kv[0]))) for m in order}
+    return rows, {m: origin[m] for m in order}
 
+
+def _checked_differences(
+    units: Sequence[_Source], origin: Mapping[str, Mapping[str, int]], allow: bool
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per method (of ``origin``), the configuration fields that differ between the units its
+    seeds come from (:func:`_config_differences`); :class:`ValueError` listing them unless ``allow``."""
     differences: dict[str, dict[str, dict[str, Any]]] = {}
-    for method in order:
+    for method in origin:
         found = _config_differences(method, [units[i] for i in sorted(set(origin[method].values()))])
         if found:
             differences[method] = found
-    if differences and not allow_config_differences:
+    if differences and not allow:
         listed = "; ".join(
             f"{method}: {key} = "
             + ", ".join(f"{'not recorded' if v is None else repr(v)} in {f}" for f, v in values.items())
@@ -259,10 +294,14 @@ def combine_results(
             "the differences (allow_config_differences=True, `--allow-config-differences`) if they do not "
             "touch these methods"
         )
+    return differences
 
+
+def _source_entries(units: Sequence[_Source], origin: Mapping[str, Mapping[str, int]]) -> list[dict[str, Any]]:
+    """``sources`` of the combined results: every unit, with the seeds each method took from it."""
     sources = []
     for i, unit in enumerate(units):
-        took = {m: [int(s) for s, j in origin[m].items() if j == i] for m in order}
+        took = {m: [int(s) for s, j in origin[m].items() if j == i] for m in origin}
         sources.append(
             {
                 "file": unit.label,
@@ -273,22 +312,7 @@ def combine_results(
                 "config": unit.config,
             }
         )
-    seeds = sorted({int(s) for rows in per_seed.values() for s in rows})
-    return {
-        "dataset": first["dataset"],
-        "seeds": seeds,
-        "methods": summary,
-        "supplementary": supplementary,
-        "quick": first["quick"],
-        "ood_dataset": first.get("ood_dataset"),
-        "data": first["data"],
-        "combined": True,
-        "seeds_by_method": {m: [int(s) for s in per_seed[m]] for m in order},
-        "per_seed": per_seed,
-        "paper": first.get("paper"),
-        "sources": sources,
-        "config_differences": differences,
-    }
+    return sources
 
 
 def _config_differences(method: str, used: Sequence[_Source]) -> dict[str, dict[str, Any]]:
@@ -312,68 +336,6 @@ def _config_differences(method: str, used: Sequence[_Source]) -> dict[str, dict[
         if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
             differences[key] = values
     return differences
-
-
-def _markdown(combined: Mapping[str, Any], command: str | None) -> str:
-    sizes = combined["data"].get("sizes", {})
-    parts = [
-        f"# {_NAMES.get(combined['dataset'], combined['dataset'])} → "
-        f"{_NAMES.get(combined.get('ood_dataset'), combined.get('ood_dataset'))}: combined runs of the LAM paper's "
-        "protocol",
-        "",
-        "The per-seed results of several `lam-study reproduce` runs, combined without re-evaluation "
-        "(`lam_study.combine`). Each method's mean ± std is over its own seeds:",
-        "",
-        *(f"- {m}: seeds {', '.join(map(str, s))}" for m, s in combined["seeds_by_method"].items()),
-        "",
-    ]
-    if command:
-        parts += [f"Command: `{command}`", ""]
-    if sizes:
-        parts += ["Data: " + ", ".join(f"{k} {v:,}" for k, v in sizes.items()) + " images.", ""]
-    parts += [
-        results_table(combined["methods"], _paper(combined), n_seeds=seed_counts(combined)),
-        "",
-        *_supplementary_markdown(combined),
-    ]
-    parts += ["## Sources", ""]
-    used = [source for source in combined["sources"] if source["seeds_by_method"]]
-    for source in used:
-        took = "; ".join(f"{m} {', '.join(map(str, s))}" for m, s in source["seeds_by_method"].items())
-        wall = source.get("wall_time_s")
-        parts.append(
-            f"- `{source['file']}`: {took}. Command: `{source.get('command')}`"
-            + (f", {wall:,.0f} s" if isinstance(wall, (int, float)) else "")
-            + (f" on {source['machine']}" if source.get("machine") else "")
-            + "."
-        )
-    unused = len(combined["sources"]) - len(used)
-    if unused:
-        parts.append(
-            f"- {unused} more source(s) gave nothing: their seeds came from an earlier file, or `only` "
-            "(`--only`) left their methods out (`sources` in results.json lists them)."
-        )
-    parts.append("")
-    differences = combined["config_differences"]
-    parts += ["## Configuration differences between the sources of one method", ""]
-    if not differences:
-        parts += ["None: every method's seeds come from runs of one configuration.", ""]
-    for method, fields in differences.items():
-        for key, values in fields.items():
-            listed = ", ".join(f"`{'not recorded' if v is None else v}` in `{f}`" for f, v in values.items())
-            parts.append(f"- {method}: `{key}` is {listed}.")
-    parts += ["", "## Per seed", "", _per_seed_table(combined["per_seed"]), ""]
-    return "\n".join(parts)
-
-
-def _paper(combined: Mapping[str, Any]) -> dict[str, dict[str, tuple[float | None, float | None] | None]] | None:
-    paper = combined.get("paper")
-    if not paper:
-        return None
-    return {
-        m: {k: (None if v is None else (v.get("mean"), v.get("std"))) for k, v in row.items()}
-        for m, row in paper.items()
-    }
 
 
 def write_combined(

@@ -15,7 +15,7 @@ from lam_study import cli, plots
 from lam_study import reproduce as R
 from lam_study.data import DatasetNotFoundError, ImageDataset
 from lam_study.reproduce import runner
-from lam_study.reproduce.report import _cache_text
+from lam_study.reproduce.markdown import _cache_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

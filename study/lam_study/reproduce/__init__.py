@@ -38,36 +38,31 @@ Protocol (what the code does; ``results.md`` repeats it):
   on the deterministic network of the same seed); ``lam_online``
   (:meth:`LaplaceEmbedder.fit_online` from the same initial weights).
 
-The package's modules: :mod:`~lam_study.reproduce.config` (the option tuples and
-constants, the paper's numbers, the errors, :class:`ReproduceConfig`),
-:mod:`~lam_study.reproduce.protocol` (the datasets, subsets and validation split),
-:mod:`~lam_study.reproduce.runner` (training, fitting and caching of each method),
+The package's modules: :mod:`~lam_study.reproduce.constants` (the option tuples and
+constants, the paper's numbers), :mod:`~lam_study.reproduce.config` (the errors,
+:class:`ReproduceConfig`), :mod:`~lam_study.reproduce.protocol` (the datasets, subsets
+and validation split), :mod:`~lam_study.reproduce.runner` (training, fitting and caching
+of each method; their cache keys: :mod:`~lam_study.reproduce.specs`),
 :mod:`~lam_study.reproduce.evaluation` (metrics, curves, prior choice, mean and std
-over seeds) and :mod:`~lam_study.reproduce.report` (the table, ``results.md``, figures,
-machine); this module holds the entry points and re-exports the public names.
+over seeds), :mod:`~lam_study.reproduce.report` (the tables, figures, machine),
+:mod:`~lam_study.reproduce.markdown` (the text of ``results.md``) and
+:mod:`~lam_study.reproduce.steps` (the steps of a run); this module holds the entry
+points and re-exports the public names.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from lam_plugin import __version__
-from lam_plugin import metrics as M
 from lam_plugin.numerics import flush_denormals
-from lam_plugin.posterior import EmbeddingPosterior
 
-from ..training import seeded
 from .config import (
     ALL_METHODS,
     CONFIG_FIELDS_ABSENT,
@@ -82,21 +77,22 @@ from .config import (
     CacheMissError,
     DeviceUnavailableError,
     ReproduceConfig,
-    _prior_name,
     with_overrides,
 )
-from .evaluation import (
-    _aggregate,
-    _choose_prior,
-    _Curves,
-    _evaluate,
-    _predict_all,
-    _validate_posterior,
-    supplementary_summary,
-)
+from .evaluation import supplementary_summary
 from .protocol import ProtocolData, _prepare, load_fashionmnist_protocol
-from .report import _json_safe, _machine, _markdown, _plots, results_table, seed_counts
-from .runner import _Method, _posterior_predict, _Runner
+from .report import results_table, seed_counts
+from .runner import _Runner
+from .steps import (
+    _choose_posthoc_prior,
+    _evaluate_all,
+    _figures,
+    _fit_all,
+    _over_seeds,
+    _results,
+    _usable_device,
+    _write,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -182,12 +178,7 @@ def reproduce_fashionmnist(
     """
     start = time.perf_counter()
     config = config or ReproduceConfig()
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailableError(
-            "device 'cuda' was asked for, but this torch build or machine has no usable CUDA device "
-            f"(torch {torch.__version__}, torch.cuda.is_available() is False); use device 'cpu'"
-        )
+    device = _usable_device(device)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if data is None:
@@ -196,121 +187,19 @@ def reproduce_fashionmnist(
     logger.info("data: %s", tensors.sizes)
     runner = _Runner(config, tensors, out_dir / "cache", device, progress, cached_only)
     methods = [m for m in ALL_METHODS if m in config.methods]
-
     # 1. train or load every method; post-hoc prior candidates on the validation split
-    built: dict[str, dict[int, _Method]] = {m: {} for m in methods}
-    posthoc: dict[int, dict[str, EmbeddingPosterior]] = {}
-    validation: dict[int, dict[str, dict[str, float]]] = {}
-    val_map: dict[int, float] = {}
-    timings: dict[str, dict[str, float]] = {m: {"train_s": 0.0, "evaluate_s": 0.0} for m in methods}
-    bar = tqdm(total=len(methods) * len(config.seeds), desc="train", disable=not progress)
-    for seed in config.seeds:
-        for name in methods:
-            bar.set_postfix(method=name, seed=seed)
-            t0 = time.perf_counter()
-            if name == "lam_posthoc":
-                posthoc[seed] = runner.lam_posthoc_candidates(seed)
-                if len(tensors.val_y) >= 2:
-                    with seeded(30_000 + seed):
-                        validation[seed] = {
-                            c: _validate_posterior(p, tensors, config, seed, progress) for c, p in posthoc[seed].items()
-                        }
-            else:
-                built[name][seed] = runner.build(name, seed)
-                if name == "deterministic" and len(tensors.val_y) >= 2:
-                    det = built[name][seed]
-                    val_map[seed] = M.map_at_k(_predict_all(det, tensors.val_x, False, config.eval_batch_size,
-                                                            "deterministic: validation", progress).mean,
-                                               tensors.val_y, 1)
-            timings[name]["train_s"] += time.perf_counter() - t0
-            bar.update(1)
-    bar.close()
-
-    lam_info: dict[str, Any] | None = None
-    if "lam_posthoc" in methods:
-        if config.prior_precision == "auto":
-            if not validation:
-                raise ValueError("prior_precision='auto' needs a validation split of at least 2 images")
-            chosen, selection = _choose_prior(validation), "validation"
-        else:
-            chosen, selection = _prior_name(config.prior_precision), "fixed"
-        for seed in config.seeds:
-            values = runner.prior_values[seed]
-            built["lam_posthoc"][seed] = _Method(
-                "lam_posthoc",
-                _posterior_predict(posthoc[seed][chosen], config.n_samples, seed),
-                info={"prior_precision": values[chosen]},
-            )
-        lam_info = {
-            "prior_precision": chosen,
-            "selection": selection,
-            "candidates": [_prior_name(c) for c in config.candidates],
-            "prior_values": {str(s): v for s, v in runner.prior_values.items()},
-            "temperatures": {str(s): v for s, v in runner.temperatures.items()},
-            "validation": {str(s): v for s, v in validation.items()},
-            "curvature": {str(s): v for s, v in runner.curvature_stats.items()},
-        }
-        logger.info("post-hoc LAM prior precision: %s (%s)", chosen, selection)
-
+    fitted = _fit_all(runner, methods)
+    lam_info = _choose_posthoc_prior(runner, fitted) if "lam_posthoc" in methods else None
     # 2. evaluate on the test split and the OoD set
-    per_seed: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in methods}
-    curves: dict[str, _Curves] = {}
-    first = config.seeds[0]
-    bar = tqdm(total=len(methods) * len(config.seeds), desc="evaluate", disable=not progress)
-    for seed in config.seeds:
-        for name in methods:
-            bar.set_postfix(method=name, seed=seed)
-            t0 = time.perf_counter()
-            method = built[name][seed]
-            row, curve = _evaluate(method, tensors, config, seed, seed == first, progress)
-            row.update({f"info_{k}": v for k, v in method.info.items()})
-            per_seed[name][str(seed)] = row
-            if curve is not None:
-                curves[name] = curve
-            timings[name]["evaluate_s"] += time.perf_counter() - t0
-            bar.update(1)
-    bar.close()
-
-    summary = {
-        name: {metric: _aggregate([per_seed[name][str(s)][metric] for s in config.seeds]) for metric in METRICS}
-        for name in methods
-    }
-    supplementary = supplementary_summary({name: [per_seed[name][str(s)] for s in config.seeds] for name in methods})
+    per_seed, curves = _evaluate_all(runner, fitted, methods)
+    # 3. the table, the figures, results.md and results.json
+    summary = _over_seeds(per_seed, config.seeds)
     table = results_table(summary, n_seeds={m: len(config.seeds) for m in methods})
-    chance = len(tensors.ood_x) / (len(tensors.ood_x) + len(tensors.test_y))
-    plot_files = _plots(curves, {m: per_seed[m][str(first)] for m in curves}, out_dir, first, chance)
-    files = [out_dir / "results.json", out_dir / "results.md", *plot_files]
-    results: dict[str, Any] = {
-        "dataset": "fashionmnist",
-        "seeds": list(config.seeds),
-        "methods": summary,
-        "supplementary": supplementary,
-        "quick": config.quick,
-        "ood_dataset": "mnist",
-        "data": {"sizes": tensors.sizes, "names": tensors.names, "fingerprint": tensors.fingerprint},
-        "lam_posthoc": lam_info,
-        "validation_map@1": {str(s): v for s, v in val_map.items()},
-        "per_seed": per_seed,
-        "paper": {m: {k: (None if v is None else {"mean": v[0], "std": v[1]}) for k, v in row.items()}
-                  for m, row in PAPER_FASHIONMNIST.items()},
-        "timings": timings,
-        "trained": list(runner.cache.trained),
-        "loaded_from_cache": list(runner.cache.loaded),
-        "config": asdict(config),
-        "train_recipe": config.recipe,
-        "versions": {"lam_plugin": __version__, "torch": torch.__version__, "numpy": np.__version__},
-        "machine": _machine(device),
-        "command": command if command is not None else " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "files": [p.name for p in files],
-    }
-    results["wall_time_s"] = time.perf_counter() - start
-    (out_dir / "results.md").write_text(_markdown(results, table), encoding="utf-8")
-    results["wall_time_s"] = time.perf_counter() - start
-    with (out_dir / "results.json").open("w", encoding="utf-8") as stream:
-        json.dump(_json_safe(results), stream, indent=2, allow_nan=False)
-        stream.write("\n")
-    logger.info("wrote %s in %.0f s", ", ".join(p.name for p in files), results["wall_time_s"])
+    files = [out_dir / "results.json", out_dir / "results.md", *_figures(runner, per_seed, curves, out_dir)]
+    results = _results(runner, fitted, summary, per_seed, lam_info, files, command)
+    _write(results, table, out_dir, files, start)
     return ReproduceResult(results, table, out_dir, files, list(runner.cache.trained), list(runner.cache.loaded))
+
 
 def reproduce(dataset: str, config: ReproduceConfig | None = None, **kwargs: Any) -> ReproduceResult:
     """Run the protocol for ``dataset`` (only ``"fashionmnist"`` here); ``kwargs`` go to it."""

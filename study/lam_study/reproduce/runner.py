@@ -1,10 +1,11 @@
 """Training and fitting of every method (:class:`_Runner`), through the file cache of
-:mod:`.cache`, and the fitted methods it hands to the evaluation (:class:`_Method`)."""
+:mod:`.cache` under the keys of :mod:`.specs`, and the fitted methods it hands to the
+evaluation (:class:`_Method`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,10 @@ from ..baselines.mc_dropout import dropout_modules
 from ..models import fashionmnist_net
 from ..paper import PaperLaplaceEmbedder
 from ..training import seeded, train_contrastive
-from .cache import ModelCache, short_hash
-from .config import (
-    CACHE_VERSION,
-    CALIBRATION_TEMPERATURES,
-    ONLINE_LATER_DEFAULTS,
-    ReproduceConfig,
-    _prior_name,
-)
+from . import specs
+from .cache import ModelCache
+from .config import ReproduceConfig, _prior_name
+from .constants import CALIBRATION_TEMPERATURES
 from .protocol import _Tensors
 
 # the package's logger, so that log lines keep the name "lam_study.reproduce"
@@ -95,33 +92,8 @@ class _Runner:
         return net.to(self.device, memory_format=torch.channels_last)
 
     def net_spec(self, dropout: float) -> dict[str, Any]:
-        c = self.config
-        spec = {
-            "cache_version": CACHE_VERSION,
-            "net": "fashionmnist_net",
-            "embedding_dim": c.embedding_dim,
-            "dropout": dropout,
-            "epochs": c.epochs,
-            "lr": c.lr,
-            "optimizer": c.optimizer,
-            "batch_size": c.batch_size,
-            "margin": c.margin,
-            "miner": c.loss_miner,
-            "data": self.data.fingerprint,
-        }
-        # fields added after the first networks were cached: named only with a value
-        # other than those networks', so their cache files keep their keys
-        if c.weight_decay:
-            spec["weight_decay"] = c.weight_decay
-        if c.lr_decay is not None:
-            spec["lr_decay"] = c.lr_decay
-        if c.keep_best_epoch:
-            spec["keep_best_epoch"] = "validation map@5"
-        # the layout joined the spec after "pool" networks were cached; it is named only
-        # where it changes the network, so those cache files keep their keys
-        if dropout > 0 and c.dropout_layout != "pool":
-            spec["dropout_layout"] = c.dropout_layout
-        return spec
+        """The cache spec of this run's contrastive network of dropout rate ``dropout`` (:func:`.specs.net_spec`)."""
+        return specs.net_spec(self.config, self.data.fingerprint, dropout)
 
     def contrastive_net(self, seed: int, dropout: float = 0.0) -> nn.Module:
         """A contrastively trained network (deterministic, ensemble member or MC dropout)."""
@@ -228,14 +200,7 @@ class _Runner:
         det = self.contrastive_net(seed)
         pfe = PFE(det, hidden=c.head_hidden, n=c.n_samples)
         epochs = c.pfe_epochs or c.epochs
-        spec = {
-            "parent": short_hash(self.net_spec(0.0)),
-            "head_hidden": c.head_hidden,
-            "epochs": epochs,
-            "lr": c.head_lr,
-            "batch_size": c.batch_size,
-            "input_scale": "rms",  # the head divides its input by the features' RMS (InputScale)
-        }
+        spec = specs.pfe_spec(c, self.net_spec(0.0), epochs)
         path = self.cache.path("pfe", seed, spec)
         head = variance_head(self._feature_dim(det), c.embedding_dim, c.head_hidden).to(self.device)
         if self.cache.load_into(head, path):
@@ -256,8 +221,7 @@ class _Runner:
         net = self.new_net(seed)
         hib = HIB(net, hidden=c.head_hidden, n=c.n_samples)
         epochs = c.hib_epochs or c.epochs
-        spec = {**self.net_spec(0.0), "lr": c.head_lr, "method": "hib", "head_hidden": c.head_hidden, "epochs": epochs, "k": hib.k,
-                "beta": hib.beta, "input_scale": "rms"}
+        spec = specs.hib_spec(c, self.net_spec(0.0), epochs, hib.k, hib.beta)
         path = self.cache.path("hib", seed, spec)
         head = variance_head(self._feature_dim(net), c.embedding_dim, c.head_hidden).to(self.device)
         state = self.cache.load(path)
@@ -288,23 +252,6 @@ class _Runner:
         net.eval()
         return _Method("hib", lambda x, keep: hib.predict(x, return_samples=keep))
 
-    def _fit_spec(self, parent: Mapping[str, Any]) -> dict[str, Any]:
-        """The cache spec of a post-hoc fit (:meth:`_embedder`) of the network of spec ``parent``."""
-        c = self.config
-        spec: dict[str, Any] = {
-            "parent": short_hash(parent),
-            "subset": "last_layer",
-            "approx": c.posthoc_approx,
-            "geometry": "arccos",
-            "margin": c.margin,
-            "miner": "all",
-            "batch_size": c.lam_batch_size,
-            "max_pairs": c.max_pairs,
-        }
-        if c.posthoc_pairs == "triplets":
-            spec.update(miner="triplets", hinge=False, max_pairs=2 * c.max_pairs)
-        return spec
-
     def _fit_cached(self, net: nn.Module, seed: int, path: Path, what: str) -> EmbeddingPosterior:
         """The post-hoc fit (:meth:`_embedder`) of ``net``, loaded from ``path`` when cached there."""
         if path.is_file():
@@ -327,7 +274,7 @@ class _Runner:
     def lam_posthoc_base(self, seed: int) -> EmbeddingPosterior:
         """The post-hoc posterior of the deterministic network of ``seed`` (prior 1, cached)."""
         det = self.contrastive_net(seed)
-        path = self.cache.path("lam_posthoc", seed, self._fit_spec(self.net_spec(0.0)))
+        path = self.cache.path("lam_posthoc", seed, specs.fit_spec(self.config, self.net_spec(0.0)))
         return self._fit_cached(det, seed, path, "the post-hoc LAM curvature")
 
     def _calibrated(self, posterior: EmbeddingPosterior, seed: int) -> tuple[EmbeddingPosterior, float]:
@@ -387,33 +334,7 @@ class _Runner:
         c = self.config
         net = self.new_net(seed)
         kwargs = _online_kwargs(c, self.progress)
-        # online LAM has its own optimiser and loss: of the recipe of the contrastive
-        # networks only its learning rate (online_lr, below) enters the key
-        dropped = ("weight_decay", "lr_decay", "keep_best_epoch")
-        base = {k: v for k, v in self.net_spec(0.0).items() if k not in dropped}
-        spec = {
-            **base,
-            "miner": "all",
-            "method": "lam_online",
-            "lr": c.online_lr,
-            "optimizer": "rmsprop (fit_online)",
-            "batch_size": c.lam_batch_size,
-            "max_pairs": kwargs.get("max_pairs", c.max_pairs),
-            "subset": "last_layer",
-            "approx": c.online_approx,
-            "geometry": "arccos",
-            "prior_precision": 1.0,
-            # the keys of later options enter only with a value other than their first
-            # default, so that the caches of earlier runs stay valid
-            "fit_online_kwargs": sorted(k for k in kwargs if k not in ONLINE_LATER_DEFAULTS),
-        }
-        chosen = {
-            "curvature": c.online_curvature,
-            "relu": c.online_relu,
-            "hinge": c.online_hinge,
-            "loss_miner": c.online_loss_miner,
-        }
-        spec.update({k: v for k, v in chosen.items() if v != ONLINE_LATER_DEFAULTS[k]})
+        spec = specs.online_spec(c, self.net_spec(0.0), kwargs)
         path = self.cache.path("lam_online", seed, spec)
         post_path = self.cache.path("lam_online", seed, spec, suffix=".posterior")
         posterior: EmbeddingPosterior | None = None
@@ -439,7 +360,7 @@ class _Runner:
             self.cache.trained.append(post_path.name)
         net.eval()
         if c.online_posterior == "refit":
-            refit_path = self.cache.path("lam_online", seed, self._fit_spec(spec), suffix=".refit")
+            refit_path = self.cache.path("lam_online", seed, specs.fit_spec(c, spec), suffix=".refit")
             posterior = self._fit_cached(net, seed, refit_path, "the post-hoc LAM curvature of online LAM's weights")
         # the running curvature of online LAM sets the posterior's scale only up to the
         # rescaling of its batch sums: its temperature is chosen on validation ECE
