@@ -138,23 +138,12 @@ def _check_data(images: Tensor, labels: Tensor) -> None:
 
 @flush_denormals()
 def train_contrastive(
-    model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    *,
-    epochs: int = 20,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    margin: float = 0.7,
-    miner: Any | None = None,
-    optimizer: str | torch.optim.Optimizer = "adam",
-    weight_decay: float = 0.0,
-    lr_decay: float | None = None,
-    validation: tuple[Tensor, Tensor] | None = None,
-    keep_best: bool = False,
-    seed: int = 0,
-    device: torch.device | str | None = None,
-    progress: bool = True,
+    model: nn.Module, images: Tensor, labels: Tensor, *,
+    epochs: int = 20, batch_size: int = 256, lr: float = 1e-3,
+    margin: float = 0.7, miner: Any | None = None,
+    optimizer: str | torch.optim.Optimizer = "adam", weight_decay: float = 0.0, lr_decay: float | None = None,
+    validation: tuple[Tensor, Tensor] | None = None, keep_best: bool = False,
+    seed: int = 0, device: torch.device | str | None = None, progress: bool = True,
 ) -> TrainingHistory:
     """Train ``model`` in place with the contrastive loss on in-memory data.
 
@@ -198,6 +187,53 @@ def train_contrastive(
     Returns:
         The :class:`TrainingHistory` of per-epoch and per-step losses.
     """
+    loop = _setup(
+        model, images, labels, epochs=epochs, batch_size=batch_size, lr=lr, margin=margin, miner=miner,
+        optimizer=optimizer, weight_decay=weight_decay, lr_decay=lr_decay, validation=validation, keep_best=keep_best,
+        device=device,
+    )
+    with preserve_modes(model), seeded(seed, loop.device):
+        return _run_epochs(loop, seed, progress)
+
+
+@dataclass
+class _Loop:
+    """A contrastive training run as :func:`_setup` checked and prepared it, and the weights
+    of its best epoch so far (``keep_best``)."""
+
+    model: nn.Module
+    images: Tensor
+    labels: Tensor
+    epochs: int
+    batch_size: int
+    loss_fn: ContrastiveBatchLoss
+    opt: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ExponentialLR | None
+    validation: tuple[Tensor, Tensor] | None
+    keep_best: bool
+    device: torch.device
+    best_state: dict[str, Tensor] | None = None
+
+
+def _setup(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    margin: float,
+    miner: Any | None,
+    optimizer: str | torch.optim.Optimizer,
+    weight_decay: float,
+    lr_decay: float | None,
+    validation: tuple[Tensor, Tensor] | None,
+    keep_best: bool,
+    device: torch.device | str | None,
+) -> _Loop:
+    """Check the arguments of :func:`train_contrastive`, move ``model`` to ``device``, and
+    build its loss, optimizer and learning-rate schedule."""
     _check_data(images, labels)
     epochs, batch_size, lr = check_schedule(epochs, batch_size, lr)
     if validation is not None:
@@ -211,48 +247,64 @@ def train_contrastive(
     if lr_decay is not None and not 0.0 < lr_decay <= 1.0:
         raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay}")
     scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay) if lr_decay is not None else None
-    generator = torch.Generator().manual_seed(seed)
-    n = images.shape[0]
-    history = TrainingHistory()
-    best_state: dict[str, Tensor] | None = None
+    return _Loop(model, images, labels, epochs, batch_size, loss_fn, opt, scheduler, validation, keep_best, device)
 
-    with preserve_modes(model), seeded(seed, device):
-        model.train()
-        bar = tqdm(range(epochs), desc="contrastive", disable=not progress)
-        for _ in bar:
-            order = torch.randperm(n, generator=generator).to(images.device)
-            total, steps = 0.0, 0
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                if idx.numel() < 2:
-                    continue
-                x = images[idx].to(device, non_blocking=True)
-                y = labels[idx].to(device, non_blocking=True)
-                emb = model(x)
-                loss = loss_fn(emb, y)
-                opt.zero_grad(set_to_none=True)
-                if loss.requires_grad:
-                    loss.backward()
-                    opt.step()
-                value = float(loss.detach())
-                history.batch_losses.append(value)
-                total += value
-                steps += 1
-            history.epoch_losses.append(total / max(steps, 1))
-            if scheduler is not None:
-                scheduler.step()
-            bar.set_postfix(loss=f"{history.epoch_losses[-1]:.4f}")
-            if validation is not None:
-                score = map_at_k(embed(model, validation[0], device=device), validation[1], 5)
-                history.val_map5.append(score)
-                logger.info("epoch %d: loss %.4f, validation mAP@5 %.4f", len(history), history.final_loss, score)
-                if keep_best and (history.best_epoch is None or score > history.val_map5[history.best_epoch - 1]):
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    history.best_epoch = len(history)
-        if best_state is not None:
-            model.load_state_dict(best_state)
-            logger.info("kept epoch %d of %d (validation mAP@5 %.4f)", history.best_epoch, epochs, max(history.val_map5))
+
+def _run_epochs(loop: _Loop, seed: int, progress: bool) -> TrainingHistory:
+    """Train ``loop.model`` for its epochs, each in a fresh order drawn from a generator seeded
+    with ``seed``; then restore the best epoch's weights where ``keep_best`` kept them."""
+    generator = torch.Generator().manual_seed(seed)
+    history = TrainingHistory()
+    loop.model.train()
+    bar = tqdm(range(loop.epochs), desc="contrastive", disable=not progress)
+    for _ in bar:
+        order = torch.randperm(loop.images.shape[0], generator=generator).to(loop.images.device)
+        _train_epoch(loop, order, history)
+        if loop.scheduler is not None:
+            loop.scheduler.step()
+        bar.set_postfix(loss=f"{history.epoch_losses[-1]:.4f}")
+        if loop.validation is not None:
+            _validate_epoch(loop, loop.validation, history)
+    if loop.best_state is not None:
+        loop.model.load_state_dict(loop.best_state)
+        logger.info(
+            "kept epoch %d of %d (validation mAP@5 %.4f)", history.best_epoch, loop.epochs, max(history.val_map5)
+        )
     return history
+
+
+def _train_epoch(loop: _Loop, order: Tensor, history: TrainingHistory) -> None:
+    """One pass over the data in ``order``, batch by batch (batches of fewer than 2 examples
+    skipped); every step's loss and the epoch's mean loss go into ``history``."""
+    total, steps = 0.0, 0
+    for start in range(0, loop.images.shape[0], loop.batch_size):
+        idx = order[start : start + loop.batch_size]
+        if idx.numel() < 2:
+            continue
+        x = loop.images[idx].to(loop.device, non_blocking=True)
+        y = loop.labels[idx].to(loop.device, non_blocking=True)
+        emb = loop.model(x)
+        loss = loop.loss_fn(emb, y)
+        loop.opt.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            loop.opt.step()
+        value = float(loss.detach())
+        history.batch_losses.append(value)
+        total += value
+        steps += 1
+    history.epoch_losses.append(total / max(steps, 1))
+
+
+def _validate_epoch(loop: _Loop, validation: tuple[Tensor, Tensor], history: TrainingHistory) -> None:
+    """Record the validation mAP@5 of the epoch just trained; with ``keep_best``, keep a copy
+    of the weights of the best epoch so far (the first on a tie)."""
+    score = map_at_k(embed(loop.model, validation[0], device=loop.device), validation[1], 5)
+    history.val_map5.append(score)
+    logger.info("epoch %d: loss %.4f, validation mAP@5 %.4f", len(history), history.final_loss, score)
+    if loop.keep_best and (history.best_epoch is None or score > history.val_map5[history.best_epoch - 1]):
+        loop.best_state = {k: v.detach().clone() for k, v in loop.model.state_dict().items()}
+        history.best_epoch = len(history)
 
 
 @torch.no_grad()
