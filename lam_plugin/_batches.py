@@ -169,3 +169,23 @@ def _describe(batch: Any) -> str:
     if isinstance(batch, (tuple, list)):
         return f"a {type(batch).__name__} of {len(batch)}"
     return type(batch).__name__
+
+
+def first_batch(loader: Iterable[Any]) -> Any:
+    """The first item of a re-iterable ``loader`` (a DataLoader, a list of batches)."""
+    if iter(loader) is loader:
+        raise TypeError("loader must be re-iterable (a DataLoader or a list of batches), not a one-shot iterator")
+    try:
+        return next(iter(loader))
+    except StopIteration:
+        raise ValueError("the loader yielded no batch") from None
+    except TypeError as err:
+        raise TypeError(f"loader must be an iterable of (x, y) batches, got {type(loader).__name__}") from err
+
+
+def len_or(loader: Iterable[Any], default: int) -> int:
+    """``len(loader)``, or ``default`` for a loader without one."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return default

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from ._batches import labelled
+from ._batches import first_batch, labelled, len_or
 from ._parameters import Subset, architecture, fit_target, flatten
 from .arguments import check_prior, number, positive_int
 from .calling import Batch, Convention, ModelCall, OutputKey
@@ -172,7 +172,7 @@ class LaplaceEmbedder:
         grouped, error, summed = distributed.in_process_group(), None, None
         try:
             with eval_mode(self.model):
-                target = self.fit_target(labelled(_first_batch(loader))[0])
+                target = self.fit_target(labelled(first_batch(loader))[0])
                 summed = self._sum_batches(loader, target, selection)
         except Exception as err:  # in a process group, every rank must learn of it (no hang)
             if not grouped:
@@ -323,7 +323,7 @@ class LaplaceEmbedder:
         flags = {m: m.training for m in self.model.modules()}
         self.model.train()
         try:
-            bar = tqdm(total=epochs * _len_or_none(loader, 1), desc="online LAM", disable=not self.progress)
+            bar = tqdm(total=epochs * len_or(loader, 1), desc="online LAM", disable=not self.progress)
             for _ in range(epochs):
                 for batch in loader:
                     x, y = labelled(batch)
@@ -350,6 +350,8 @@ class LaplaceEmbedder:
             f"{type(self).__name__}(subset={self.subset!r}, approx={self.approx!r}, "
             f"geometry={self.geometry.name!r}, margin={self.margin}, backend={self.backend!r})"
         )
+
+
 def _check_curvature(
     total: Tensor, curvature: Tensor, names: Sequence[str], model: nn.Module, selection: PairSelection, approx: str
 ) -> None:
@@ -384,21 +386,3 @@ def _check_curvature(
 
 def _shown(names: Sequence[str], limit: int = 4) -> str:
     return ", ".join(list(names)[:limit]) + (", ..." if len(names) > limit else "")
-
-
-def _len_or_none(loader: Iterable[Any], default: int) -> int:
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return default
-
-
-def _first_batch(loader: Iterable[Any]) -> Any:
-    if iter(loader) is loader:
-        raise TypeError("loader must be re-iterable (a DataLoader or a list of batches), not a one-shot iterator")
-    try:
-        return next(iter(loader))
-    except StopIteration:
-        raise ValueError("the loader yielded no batch") from None
-    except TypeError as err:
-        raise TypeError(f"loader must be an iterable of (x, y) batches, got {type(loader).__name__}") from err
