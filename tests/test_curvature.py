@@ -334,3 +334,16 @@ def test_online_curvature_runs_the_model_in_eval_mode(backend: str):
     assert first is not None and bool((first > 0).any())
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     assert model.training and body[3].training  # the caller's modes are kept
+
+
+def test_torch_func_refuses_modules_with_backward_hooks_by_name():
+    """torch wraps a module with a full backward hook in an autograd.Function that vmap
+    cannot transform: refused before any work, and "auto" takes the hooks backend."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+    model[3].register_full_backward_hook(lambda *args: None)
+    batches = [(torch.randn(8, 6), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))]
+    with pytest.raises(UnsupportedModelError, match=r"torch.func cannot run modules with backward hooks registered \('3'\)"):
+        _fit(model, batches, None, subset="all", approx="pos", backend="torch.func")
+    assert _fit(model, batches, None, subset="all", approx="pos").stats.backend == "hooks"
+    assert len(model[3]._backward_hooks) == 1  # the user's hook is left in place

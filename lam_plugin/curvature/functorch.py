@@ -16,7 +16,15 @@ from torch.func import jacrev, vmap
 from torch.utils._pytree import tree_map
 
 from ..calling import Batch, ModelCall
-from .base import BackendOptions, CurvatureBackend, FitTarget, HessianFn, check_finite, flat_jacobian
+from .base import (
+    BackendOptions,
+    CurvatureBackend,
+    FitTarget,
+    HessianFn,
+    UnsupportedModelError,
+    check_finite,
+    flat_jacobian,
+)
 
 __all__ = ["FunctorchBackend"]
 
@@ -35,6 +43,12 @@ class FunctorchBackend(CurvatureBackend):
     ) -> None:
         super().__init__(model, call, param_names)
         self.chunk_size = chunk_size
+        hooked = [name or "the model" for name, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]
+        if hooked:  # torch wraps such modules in an autograd.Function that vmap cannot transform
+            raise UnsupportedModelError(
+                f"torch.func cannot run modules with backward hooks registered ({', '.join(map(repr, hooked[:4]))}): "
+                "remove the hooks for the fit, or use backend='hooks' or 'montecarlo'"
+            )
 
     @classmethod
     def create(cls, model: nn.Module, call: ModelCall, target: FitTarget, options: BackendOptions) -> FunctorchBackend:
