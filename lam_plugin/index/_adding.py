@@ -5,8 +5,8 @@ the training of an index that needs it.
 An index that needs training (IVF, PQ, SQ, ..., or variances stored in a few bits) and
 is not trained yet is trained by the first add on ``train_size`` items (default
 :func:`training_items`): drawn at random from the data where it can be sampled (a
-tensor, a dict of tensors, a DataLoader over a map-style dataset, of more than twice
-that many items; :func:`drawn`), else its first items, held in a buffer until it is
+tensor, a dict of tensors, a DataLoader whose default sampler yields all of its map-style
+dataset, of more than twice that many items; :func:`drawn`), else its first items, held in a buffer until it is
 full or the add ends. Memory: one batch of predictions at a time, plus that buffer.
 :func:`train` trains on items given apart instead.
 """
@@ -113,8 +113,9 @@ def _prepare_training(index: UncertainIndex, data: Any, default: int | None) -> 
 
 def drawn(data: Any, size: int, seed: int, batch_size: int) -> Any | None:
     """``size`` items of ``data`` drawn uniformly without replacement (seeded), in their
-    order, to train on: where ``data`` is a tensor, a dict of tensors or a DataLoader over
-    a map-style dataset, of more than ``2 size`` items. ``None`` otherwise (an iterator, a
+    order, to train on: where ``data`` is a tensor, a dict of tensors or a DataLoader that
+    yields all of its map-style dataset (:func:`_yields_whole_dataset`), of more than
+    ``2 size`` items. ``None`` otherwise (an iterator, a
     smaller gallery): the first items train the index then. A sorted gallery (an image
     folder, class by class) would otherwise train IVF lists on its first classes only.
     The drawn items are embedded once more when added."""
@@ -135,7 +136,7 @@ def drawn(data: Any, size: int, seed: int, batch_size: int) -> Any | None:
 
 def _items_in(data: Any) -> int | None:
     """How many items ``data`` holds, where :func:`drawn` can sample it: a tensor, a dict
-    of tensors of one length, a DataLoader over a sized map-style dataset."""
+    of tensors of one length, a DataLoader that yields all of a sized map-style dataset."""
     if isinstance(data, Tensor):
         return int(data.shape[0]) if data.ndim else None
     if isinstance(data, Mapping):
