@@ -69,15 +69,15 @@ def check_same_everywhere(record: dict[str, Any]) -> None:
         )
 
 
-def fail_together(error: BaseException | None) -> None:
-    """Raise on every rank, naming the ranks and their errors, if this rank's own work
+def fail_together(error: BaseException | None, work: str = "the fit") -> None:
+    """Raise on every rank, naming the ranks and their errors, if this rank's own ``work``
     failed with ``error`` or another rank's did: a rank that failed alone would leave the
     others waiting for ever in the next collective. This rank's error is chained."""
     errors: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
     failed = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
     if failed:
-        raise ValueError(f"the fit failed on {failed[:2000]}") from error
+        raise ValueError(f"{work} failed on {failed[:2000]}") from error
 
 
 def sum_over_ranks(total: Tensor, counts: list[int]) -> tuple[Tensor, list[int]]:

@@ -158,7 +158,36 @@ class OnlineLaplace:
 
     @flush_denormals()
     def step(self, x: Batch, y: Tensor) -> float:
-        """One optimisation step on the batch ``(x, y)``; returns the loss."""
+        """One optimisation step on the batch ``(x, y)``; returns the loss. In a process
+        group, a rank whose own part of the step fails makes every rank fail with its
+        error before the gradients are averaged (none is left waiting)."""
+        error, loss, curvatures = None, None, list[Tensor]()
+        try:
+            loss, curvatures = self._losses_and_curvatures(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        except Exception as err:
+            if not self.distributed:
+                raise
+            error = err
+        if self.distributed:
+            distributed.fail_together(error, f"online step {self.steps}")
+            distributed.average_gradients(self.model)
+        assert loss is not None
+        self.optimizer.step()
+        with torch.no_grad():
+            self.H.mul_(self.memory_factor)
+            h = torch.stack(curvatures).mean(0) if curvatures else None
+            if self.distributed:
+                h = distributed.mean_over_ranks(h, self.H)
+            if h is not None:
+                self.accumulate(h)
+        self.steps += 1
+        return float(loss.detach())
+
+    def _losses_and_curvatures(self, x: Batch, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The loss averaged over ``n_samples`` weight samples, and the batch curvature at
+        each sample that has a Hessian pair."""
         device = model_device(self.model)
         x = prepare_inputs(x, self.model)
         y = torch.as_tensor(y, device=device)
@@ -177,21 +206,7 @@ class OnlineLaplace:
                 h = self._curvature(x, y, {n: t.detach() for n, t in sampled.items()})
             if h is not None:
                 curvatures.append(h)
-        loss = torch.stack(losses).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.distributed:
-            distributed.average_gradients(self.model)
-        self.optimizer.step()
-        with torch.no_grad():
-            self.H.mul_(self.memory_factor)
-            h = torch.stack(curvatures).mean(0) if curvatures else None
-            if self.distributed:
-                h = distributed.mean_over_ranks(h, self.H)
-            if h is not None:
-                self.accumulate(h)
-        self.steps += 1
-        return float(loss.detach())
+        return torch.stack(losses).mean(), curvatures
 
     def _curvature(self, x: Batch, y: Tensor, sampled: dict[str, Tensor]) -> Tensor | None:
         """The batch curvature at the sampled weights, rescaled to the data set; None when

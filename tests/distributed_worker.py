@@ -7,7 +7,7 @@ MODE ``fit`` fits the rank's shard of the batches, ``ddp`` does so with the mode
 wrapped in DistributedDataParallel, ``mismatch`` gives rank 1 another approximation,
 ``empty`` gives rank 1 no batch;
 ``online`` trains with online LAM on the rank's shard, ``online-same`` on all batches on
-every rank.
+every rank, ``online-bad`` gives rank 1 a second batch with one label too few.
 Each rank writes what it got to ``OUT/rank<r>.pt`` (or its error to ``OUT/rank<r>.err``)
 and calls ``posterior.save(OUT/posterior.safetensors)``. ``LAM_DIST_BACKEND=nccl`` runs
 the ranks on the GPUs (rank r on ``cuda:r``; benchmarks/gpu_check.sh), gloo on the CPU
@@ -53,7 +53,7 @@ def main(mode: str, out: Path) -> None:
     if mode == "mismatch" and rank == 1:
         kwargs["approx"] = "fix"
     if mode.startswith("online"):
-        online(net, rank, world, mode == "online-same", out)
+        online(net, rank, world, mode, out)
         return
     shard = [(x.to(device), y) for x, y in batches()[rank::world]]
     if mode == "empty" and rank == 1:
@@ -82,13 +82,21 @@ def online_settings() -> dict:
     return dict(subset="all", prior_precision=10.0, progress=False)
 
 
-def online(net: nn.Module, rank: int, world: int, same: bool, out: Path) -> None:
+def online(net: nn.Module, rank: int, world: int, mode: str, out: Path) -> None:
     if rank == 1:  # another start: online LAM gives every rank rank 0's weights
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(1.0)
-    data = batches() if same else batches()[rank::world]
-    posterior = LaplaceEmbedder(net, **online_settings()).fit_online(data, epochs=2, dataset_size=72, max_pairs=None)
+    data = batches() if mode == "online-same" else batches()[rank::world]
+    if mode == "online-bad" and rank == 1:
+        data[1] = (data[1][0], data[1][1][:-1])  # its step fails on this rank alone: no rank may wait
+    try:
+        posterior = LaplaceEmbedder(net, **online_settings()).fit_online(
+            data, epochs=2, dataset_size=72, max_pairs=None
+        )
+    except ValueError as err:
+        (out / f"rank{rank}.err").write_text(str(err))
+        sys.exit(3)
     torch.save({"curvature": posterior.curvature, "weights": net.state_dict()}, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

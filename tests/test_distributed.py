@@ -69,6 +69,14 @@ def test_a_rank_whose_fit_fails_makes_every_rank_fail(tmp_path):
     assert messages[0] == messages[1] == "the fit failed on rank 1: ValueError: the loader yielded no batch"
 
 
+def test_a_rank_whose_online_step_fails_makes_every_rank_fail(tmp_path):
+    result = _launch("online-bad", tmp_path)
+    assert result.returncode != 0
+    messages = [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("online step 1 failed on rank 1: ValueError: y must hold one label per input (12)")
+
+
 def test_online_lam_keeps_one_model_over_the_ranks(tmp_path):
     """Every rank starts from rank 0's weights, the gradients and each step's curvature are
     averaged: ranks with the same batches train what one process trains on them, and
