@@ -161,7 +161,9 @@ class OnlineLaplace:
         """One optimisation step on the batch ``(x, y)``; returns the loss. In a process
         group, a rank whose own part of the step fails makes every rank fail with its
         error before the gradients are averaged (none is left waiting)."""
-        error, loss, curvatures = None, None, list[Tensor]()
+        error: Exception | None = None
+        loss: Tensor | None = None
+        curvatures: list[Tensor] = []
         try:
             loss, curvatures = self._losses_and_curvatures(x, y)
             self.optimizer.zero_grad(set_to_none=True)
