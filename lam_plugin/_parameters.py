@@ -14,10 +14,16 @@ from torch import Tensor, nn
 
 from .calling import Batch, ModelCall
 from .curvature.base import FitTarget
-from .curvature.last_layer import Head, HeadMismatchError, detect_head, run_with_features
+from .curvature.last_layer import Head, HeadMismatchError, capture_io, detect_head, head_holds, run_with_features
 from .wrapping import eval_mode, head_of_batch
 
 Subset = str | Sequence[str]
+
+#: the last layer's weight and bias are multiplied by this in the probe of its head: an
+#: elementwise function after the layer (a ReLU, abs, tanh, clamp) that acts as the
+#: identity at the fitted weights does not survive a flipped sign and a larger scale,
+#: which weight samples can reach
+_HEAD_PROBE_SCALE = -8.0
 
 
 def last_linear(model: nn.Module, example: Batch, call: ModelCall) -> str:
@@ -68,16 +74,25 @@ def probe_last_layer(
     """The last layer (``layer``, or :func:`last_linear`) and the parameter-free head
     (identity or L2 normalisation) that maps its output to the embedding, None if none.
 
-    The head is checked on all of ``example``; :class:`LastLayerCurvature` checks it
-    again on every batch it is given.
+    The head is checked on all of ``example``, at the model's weights and with the
+    layer's weight and bias scaled by ``-8`` (so that a function after the layer that
+    only looks like the identity at these weights is found);
+    :class:`LastLayerCurvature` checks it again on every batch it is given.
     """
     with eval_mode(model):
         name = layer if layer is not None else last_linear(model, example, call)
+        module = dict(model.named_modules())[name]
         try:
-            _, u, out = run_with_features(model, dict(model.named_modules())[name], example, call)
+            _, u, out = run_with_features(model, module, example, call)
         except HeadMismatchError:  # a layer run more than once: no head of one call's output
             return name, None
-    return name, detect_head(u, out)
+        head = detect_head(u, out)
+        if head is None:
+            return name, None
+        scaled = {f"{name}.{k}": _HEAD_PROBE_SCALE * p.detach() for k, p in module.named_parameters(recurse=False)}
+        with torch.no_grad(), capture_io(module) as io:
+            out = call.functional(model, scaled, example)
+    return name, head if head_holds(io["output"], out, head) else None
 
 
 def resolve_subset(model: nn.Module, subset: Subset, last_layer: str | None = None) -> list[str]:

@@ -166,29 +166,49 @@ def test_miner_pairs_count_as_given():
     assert _relerr(post.curvature, total) <= 1e-6
 
 
-def _relu_head_case():
-    """A ReLU after the last Linear, and two batches: on the first it looks like the
-    identity (no output clipped), on the second it is not."""
+def _clip_head_case():
+    """A clip to [-1, 1] after the last Linear, and two batches: on the first it looks like
+    the identity (every output within 1/8, so even the probe's weights scaled by -8 clip
+    nothing), on the second it is not."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(10, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4), torch.nn.ReLU()
+        torch.nn.Linear(10, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3), torch.nn.Hardtanh(-1.0, 1.0)
     ).double().eval()
     with torch.no_grad():
-        model[2].bias.fill_(0.3)
-        x = torch.randn(200, 10, dtype=torch.float64)
-        clipped = (model(x) == 0).any(1)
-    first, second = x[~clipped][:6], torch.cat([x[clipped][:3], x[~clipped][6:9]])
+        x = torch.randn(20000, 10, dtype=torch.float64)
+        size = model[:3](x).abs().amax(1)
+    small, clipped = x[size < 0.12], x[size > 1.0]
+    first, second = small[:6], torch.cat([clipped[:3], small[6:9]])
     batches = [(first, torch.tensor([0, 0, 0, 1, 1, 1])), (second, torch.tensor([0, 1, 0, 1, 0, 1]))]
     return model, batches
+
+
+def test_a_relu_after_the_last_layer_is_found_where_it_clips_nothing():
+    """A ReLU whose inputs are all positive at the fitted weights acts as the identity
+    there, but not on weight samples: the probe finds it, and sampling runs the model."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4), torch.nn.ReLU())
+    with torch.no_grad():
+        model[2].bias.fill_(3.0)
+    x, y = torch.randn(24, 10), torch.arange(24) % 3
+    assert bool((model[:3](x) > 0).all())
+    post = LaplaceEmbedder(model, approx="pos", normalize=False, progress=False).fit([(x, y)])
+    assert post.config.head is None and post.stats.backend != "last_layer"
+    z = post.sample(x[:6], n=20, generator=torch.Generator().manual_seed(0))
+    weights = post.sample_weights(20, torch.Generator().manual_seed(0))
+    for s in (0, 7, 19):
+        w, b = weights[s].split([32, 4])
+        torch.testing.assert_close(z[s], functional_call(model, {"2.weight": w.view(4, 8), "2.bias": b}, (x[:6],)))
+    assert bool((z == 0).any())  # the samples do clip
 
 
 def test_a_head_that_looks_like_the_identity_on_the_first_batch(caplog):
     """The closed form of the last layer is checked on every batch: where the model output
     is not the layer's output, the general backend takes over and the curvature stays exact."""
-    model, batches = _relu_head_case()
+    model, batches = _clip_head_case()
     with caplog.at_level(logging.WARNING, logger="lam_plugin"):
         post = _fit(model, batches, None, approx="pos")
-    assert post.stats.backend == "backpack" and post.config.head is None
+    assert post.stats.backend == "hooks" and post.config.head is None  # BackPACK lacks Hardtanh
     assert any("is not 'identity' of the output of layer '2'" in r.getMessage() for r in caplog.records)
     ref = reference_curvature(model, post.param_names, batches, "arccos", "pos")
     assert _relerr(post.curvature, ref) <= 1e-6
@@ -197,15 +217,15 @@ def test_a_head_that_looks_like_the_identity_on_the_first_batch(caplog):
     assert fast.config.head == "identity"
     x = batches[1][0]
     weights = fast.sample_weights(5, torch.Generator().manual_seed(0))
-    params = {n: w for n, w in zip(fast.param_names, weights[0].split([48, 4]))}
-    expected = functional_call(model, {"2.weight": params["2.weight"].view(4, 12), "2.bias": params["2.bias"]}, (x,))
+    params = {n: w for n, w in zip(fast.param_names, weights[0].split([36, 3]))}
+    expected = functional_call(model, {"2.weight": params["2.weight"].view(3, 12), "2.bias": params["2.bias"]}, (x,))
     got = fast.sample(x, n=5, generator=torch.Generator().manual_seed(0))[0]
     torch.testing.assert_close(got, torch.nn.functional.normalize(expected, dim=-1))
-    assert (expected == 0).any()  # the clipped outputs were sampled, not refused
+    assert (expected.abs() == 1).any()  # the clipped outputs were sampled, not refused
 
 
 def test_online_leaves_the_closed_form_where_the_head_does_not_hold(caplog):
-    model, batches = _relu_head_case()
+    model, batches = _clip_head_case()
     lam = LaplaceEmbedder(model, approx="pos", prior_precision=1e12, progress=False)  # sampled weights = mean
     trainer = lam.online(batches[0][0], dataset_size=12, lr=1e-9)
     trainer.step(*batches[0])
@@ -213,8 +233,8 @@ def test_online_leaves_the_closed_form_where_the_head_does_not_hold(caplog):
     with caplog.at_level(logging.WARNING, logger="lam_plugin"):
         trainer.step(*batches[1])
     # the general backend that "auto" picks for the whole subset takes over
-    assert trainer.backend.name == "backpack" and trainer.posterior().config.head is None
-    assert any("backpack backend from here on" in r.getMessage() for r in caplog.records)
+    assert trainer.backend.name == "hooks" and trainer.posterior().config.head is None
+    assert any("hooks backend from here on" in r.getMessage() for r in caplog.records)
 
 
 class _Twice(torch.nn.Module):
