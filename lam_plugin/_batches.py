@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .calling import Batch
+from .wrapping import batch_size
 
 #: dict entries that hold labels, never passed to the model
 LABEL_KEYS = ("labels", "label")
@@ -124,18 +125,18 @@ def stack_pairs(anchors: Batch, positives: Batch) -> tuple[Batch, Tensor]:
 
     Dict batches are stacked key by key; token tensors ``[B, T]`` of different lengths
     are right-padded with 0 to the longer one (the attention mask then masks the padding),
-    and a non-tensor entry equal in both halves is kept.
+    a non-tensor entry equal in both halves is kept, and label entries are left out.
     """
-    n = _size(anchors)
-    if _size(positives) != n:
-        raise ValueError(f"a pair batch needs as many positives as anchors, got {n} and {_size(positives)}")
+    n = batch_size(anchors)
+    if batch_size(positives) != n:
+        raise ValueError(f"a pair batch needs as many positives as anchors, got {n} and {batch_size(positives)}")
     if isinstance(anchors, Mapping):
         if not isinstance(positives, Mapping) or set(anchors) != set(positives):
             raise ValueError(
                 f"anchors and positives of a pair batch need the same keys, got {sorted(anchors)} and "
                 f"{sorted(positives) if isinstance(positives, Mapping) else type(positives).__name__}"
             )
-        x: Batch = {k: _cat_padded(anchors[k], positives[k]) for k in anchors}
+        x: Batch = {k: _cat_padded(anchors[k], positives[k]) for k in anchors if k not in LABEL_KEYS}
     else:
         x = torch.cat([anchors, positives])  # type: ignore[list-item]
     idx = torch.arange(n)
@@ -155,12 +156,6 @@ def _cat_padded(a: Any, b: Any) -> Any:
         length = max(a.shape[1], b.shape[1])
         a, b = (torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1])) for t in (a, b))
     return torch.cat([a, b])
-
-
-def _size(x: Batch) -> int:
-    if isinstance(x, Mapping):
-        return next(v.shape[0] for v in x.values() if isinstance(v, Tensor))
-    return x.shape[0]
 
 
 def _describe(batch: Any) -> str:

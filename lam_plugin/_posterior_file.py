@@ -31,7 +31,7 @@ def write(path: str | Path, posterior: EmbeddingPosterior) -> None:
     tensors = {
         "curvature": posterior.curvature.detach().cpu().contiguous(),
         "mean": posterior.mean.detach().cpu().contiguous(),
-        "prior_precision": (prior if isinstance(prior, Tensor) else torch.tensor([prior])).detach().cpu().contiguous(),
+        "prior_precision": (prior if isinstance(prior, Tensor) else torch.tensor([prior], dtype=torch.float64)).detach().cpu().contiguous(),
     }
     meta = {
         "lam_plugin_version": __version__,

@@ -8,6 +8,7 @@ weight sample gives one embedding per input; their spread is the uncertainty.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -20,8 +21,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from . import _posterior_file
-from ._batches import inputs as inputs_of
-from ._batches import iter_inputs
+from ._batches import is_one_batch, iter_inputs
 from ._parameters import fingerprint, flatten, unflatten
 from .calling import Batch, ModelCall, OutputKey
 from .curvature.last_layer import HeadMismatchError, apply_head, head_holds, run_with_features
@@ -68,6 +68,9 @@ class EmbeddingPosterior:
                 f"curvature has shape {tuple(curvature.shape)}, the subset has {self.mean.numel()} parameters"
             )
         self.curvature = curvature.detach().to(self.mean)
+        for name, t in (("curvature", self.curvature), ("mean", self.mean)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"the posterior's {name} holds NaN or infinite values")
         self.prior_precision = _check_prior(prior_precision, self.mean)
         self.config = config or PosteriorConfig()
         self.stats = stats or FitStats()
@@ -157,6 +160,7 @@ class EmbeddingPosterior:
         if generator is None:  # seeded from the global RNG, so torch.manual_seed decides
             generator = torch.Generator(self.mean.device).manual_seed(int(torch.randint(2**62, ())))
         start = generator.get_state()
+        self._check_model_placement()
         self._warn_if_moved()
         empty = True
         with eval_mode(self.model):
@@ -171,6 +175,21 @@ class EmbeddingPosterior:
                     empty = False
         if empty:
             raise ValueError("the inputs hold no batch")
+
+    def _check_model_placement(self) -> None:
+        """Refuse a model whose subset is no longer in the dtype or on the device of the fit
+        (``model.double()``, ``model.to("cuda")`` after it), saying what to do."""
+        param = dict(self.model.named_parameters())[self.param_names[0]]
+        if param.dtype != self.mean.dtype:
+            raise ValueError(
+                f"the model's parameters are {param.dtype} now, the posterior was fitted in {self.mean.dtype}: "
+                "convert the model back, or refit"
+            )
+        if param.device != self.mean.device:
+            raise ValueError(
+                f"the model is on {param.device} now, the posterior on {self.mean.device}: move the model back, "
+                "or save the posterior and load it for the moved model (EmbeddingPosterior.load)"
+            )
 
     def _warn_if_moved(self) -> None:
         """Log once when the model's weights in the subset are no longer the posterior's mean
@@ -285,14 +304,15 @@ class EmbeddingPosterior:
     # -- diagnostics --------------------------------------------------------------------
     def summary(self, data: Iterable[Any] | Tensor | None = None, n: int = 30, max_batches: int = 20) -> PosteriorSummary:
         """How much of the precision comes from the data, the pair counts of the fit, and,
-        given ``data`` (a batch or a loader of ``(x, y)``), the spread of the uncertainty."""
+        given ``data`` (a batch, or a loader of batches of which the first ``max_batches``
+        are taken), the spread of the uncertainty."""
         data_part = self.config.hessian_scale * self.curvature.clamp_min(0)
         share = (data_part / self.precision).float()
         prior = self.prior_precision
         quantiles = None
         if data is not None:
             unc = self._uncertainties(data, n, max_batches)
-            qs = torch.quantile(unc.float(), torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]))
+            qs = torch.quantile(unc.float().cpu(), torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]))
             quantiles = dict(zip(["min", "p10", "median", "p90", "max"], qs.tolist()))
         return PosteriorSummary(
             n_params=self.mean.numel(),
@@ -308,17 +328,11 @@ class EmbeddingPosterior:
         )
 
     def _uncertainties(self, data: Iterable[Any] | Tensor, n: int, max_batches: int) -> Tensor:
-        if isinstance(data, Tensor):
-            return self.predict(data, n=n).uncertainty
-        out = []
-        for b, batch in enumerate(data):
-            if b >= max_batches:
-                break
-            x = inputs_of(batch)
-            out.append(self.predict(x, n=n).uncertainty)
-        if not out:
-            raise ValueError("data yielded no batch")
-        return torch.cat(out)
+        """``[N]`` uncertainties of a batch, or of the first ``max_batches`` batches of a
+        loader, every batch under the same ``n`` weight samples."""
+        if not is_one_batch(data) and isinstance(data, Iterable):
+            data = itertools.islice(data, max_batches)
+        return self.predict(data, n=n).uncertainty
 
     # -- persistence --------------------------------------------------------------------
     @property

@@ -19,13 +19,14 @@ from .calling import Batch
 __all__ = ["batch_size", "check_inputs", "eval_mode", "head_of_batch", "model_device", "prepare_inputs", "slice_batch"]
 
 
-
 def batch_size(x: Batch) -> int:
-    """Number of items in a tensor or dict-of-tensors batch."""
+    """Number of items in a tensor or dict-of-tensors batch (the length of a dict's first
+    tensor entry; other entries may come along)."""
     if isinstance(x, Mapping):
-        if not x:
-            raise ValueError("the input dict is empty")
-        return next(iter(x.values())).shape[0]
+        size = next((v.shape[0] for v in x.values() if isinstance(v, Tensor)), None)
+        if size is None:
+            raise ValueError("the input dict holds no tensor" if x else "the input dict is empty")
+        return int(size)
     if not isinstance(x, Tensor):
         raise TypeError(f"inputs must be a tensor or a dict of tensors, got {type(x).__name__}")
     return x.shape[0]

@@ -484,7 +484,7 @@ def test_tempered_and_calibrated_posterior():
         calibrate_temperature(post, x, y, n=1)
     with pytest.raises(ValueError, match="no label occurs twice"):
         calibrate_temperature(post, x[:5], torch.arange(5))
-    with pytest.raises(ValueError, match="data yielded no batch"):
+    with pytest.raises(ValueError, match="the inputs hold no batch"):
         post.summary([])
 
 
