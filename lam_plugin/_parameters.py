@@ -7,6 +7,7 @@ parameters in ``model.named_parameters()`` order.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -14,10 +15,20 @@ from torch import Tensor, nn
 
 from .calling import Batch, ModelCall
 from .curvature.base import FitTarget
-from .curvature.last_layer import Head, HeadMismatchError, capture_io, detect_head, head_holds, run_with_features
+from .curvature.last_layer import (
+    Head,
+    HeadMismatchError,
+    capture_io,
+    detect_head,
+    head_holds,
+    plain_linear_problem,
+    run_with_features,
+)
 from .wrapping import eval_mode, head_of_batch
 
 Subset = str | Sequence[str]
+
+logger = logging.getLogger(__name__)
 
 #: the last layer's weight and bias are multiplied by this in the probe of its head: an
 #: elementwise function after the layer (a ReLU, abs, tanh, clamp) that acts as the
@@ -72,7 +83,8 @@ def probe_last_layer(
     model: nn.Module, example: Batch, call: ModelCall, layer: str | None = None
 ) -> tuple[str, Head | None]:
     """The last layer (``layer``, or :func:`last_linear`) and the parameter-free head
-    (identity or L2 normalisation) that maps its output to the embedding, None if none.
+    (identity or L2 normalisation) that maps its output to the embedding, None if none
+    or if the layer is not a plain ``nn.Linear`` (:func:`plain_linear_problem`).
 
     The head is checked on all of ``example``, at the model's weights and with the
     layer's weight and bias scaled by ``-8`` (so that a function after the layer that
@@ -82,6 +94,10 @@ def probe_last_layer(
     with eval_mode(model):
         name = layer if layer is not None else last_linear(model, example, call)
         module = dict(model.named_modules())[name]
+        problem = plain_linear_problem(model, name)
+        if problem is not None:
+            logger.info("no closed form for layer %r: %s", name, problem)
+            return name, None
         try:
             _, u, out = run_with_features(model, module, example, call)
         except HeadMismatchError:  # a layer run more than once: no head of one call's output
@@ -98,21 +114,22 @@ def probe_last_layer(
 def resolve_subset(model: nn.Module, subset: Subset, last_layer: str | None = None) -> list[str]:
     """Parameter names covered by ``subset``, in ``named_parameters()`` order.
 
-    ``subset`` is ``"all"``, ``"last_layer"`` (weight and bias of the module named
+    ``subset`` is ``"all"``, ``"last_layer"`` (the parameters of the module named
     ``last_layer``, see :func:`last_linear`), the name of a module (its parameters), or a
-    list of name prefixes.
+    list of name prefixes. A module's parameters are named as ``named_parameters()``
+    names them: a weight tied to an earlier module's by that module's name.
     """
     names = [n for n, _ in model.named_parameters()]
     if isinstance(subset, str):
         if subset == "all":
             chosen = names
-        elif subset == "last_layer":
-            if last_layer is None:
-                raise ValueError('subset="last_layer" needs the name of the last linear layer')
-            chosen = [n for n in names if n.rpartition(".")[0] == last_layer]
+        elif subset == "last_layer" and last_layer is None:
+            raise ValueError('subset="last_layer" needs the name of the last linear layer')
         else:
-            chosen = [n for n in names if _has_prefix(n, subset)]
-            if subset not in dict(model.named_modules()) or not chosen:
+            module = dict(model.named_modules()).get(last_layer if subset == "last_layer" else subset)
+            ids = {id(p) for p in module.parameters()} if module is not None else set()
+            chosen = [n for n, p in model.named_parameters() if id(p) in ids]
+            if module is None or not chosen:
                 raise ValueError(
                     f"subset={subset!r} is not 'all', 'last_layer' or the name of a module with parameters; "
                     f"modules with parameters are {_module_names(model)}"

@@ -153,7 +153,7 @@ def _unsupported(gm: nn.Module, graph: Graph) -> str | None:
             return f"operation {node.op} {getattr(node.target, '__name__', node.target)!s} in the forward"
         if node.op == "call_module":
             mod = modules[node.target]
-            if supported and not isinstance(mod, supported):
+            if supported and type(mod) not in supported:  # BackPACK looks modules up by their exact class
                 return f"module {node.target!r} ({type(mod).__name__})"
             called.append(str(node.target))
     return _called_twice(called) or _shared_parameter(called, modules) or _conv_problem(called, modules)
@@ -192,14 +192,32 @@ def _conv_problem(called: list[str], modules: dict[str, nn.Module]) -> str | Non
     return None
 
 
+def _hooked_module(model: nn.Module) -> str | None:
+    """The first module with forward hooks (its own or global), as a reason, or None."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return "global module forward hooks"
+    for name, mod in model.named_modules():
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return f"module {name!r} ({type(mod).__name__}) with forward hooks"
+    return None
+
+
 def backpack_support(model: nn.Module) -> tuple[nn.Module | None, str | None]:
     """An extended copy of ``model`` for BackPACK: ``(copy, None)``, or ``(None, reason)``.
 
     A model whose every operation is a supported module is extended as it is; one with
     functional operations (residual ``+``, ``flatten``, ...) goes through BackPACK's
     converter, and whatever still is not a supported module is named in ``reason``.
+    BackPACK's derivatives are those of each module's own forward, so a model with hooks
+    that can change what a module computes is refused too.
     """
-    net = copy.deepcopy(model).eval()
+    hooked = _hooked_module(model)
+    if hooked is not None:
+        return None, hooked
+    try:
+        net = copy.deepcopy(model).eval()
+    except Exception as err:  # non-leaf tensors as attributes (old weight_norm, pruning), ...
+        return None, f"a model that cannot be copied ({type(err).__name__}: {err})"
     try:
         graph = _LeafTracer().trace(net)
     except Exception as err:  # fx cannot trace data-dependent control flow, among others

@@ -31,7 +31,10 @@ from ..calling import Batch, ModelCall
 from ..geometry import LowRankBlocks, OutputHessian
 from .base import BackendOptions, CurvatureBackend, FitTarget, HessianFn, UnsupportedModelError, check_finite
 
-__all__ = ["Head", "HeadJacobian", "HeadMismatchError", "LastLayerCurvature", "apply_head", "capture_io", "detect_head", "head_holds", "run_with_features"]
+__all__ = [
+    "Head", "HeadJacobian", "HeadMismatchError", "LastLayerCurvature", "apply_head", "capture_io", "detect_head",
+    "head_holds", "plain_linear_problem", "run_with_features",
+]
 
 Head = Literal["identity", "normalize"]
 _CHUNK_ELEMENTS = 2**21
@@ -87,6 +90,27 @@ def detect_head(u: Tensor, out: Tensor) -> Head | None:
     for head in ("identity", "normalize"):
         if head_holds(u, out, head):
             return head
+    return None
+
+
+def plain_linear_problem(model: nn.Module, name: str) -> str | None:
+    """Why the closed form cannot stand for the ``nn.Linear`` named ``name``, or None: it
+    takes the layer's output to be ``input @ weight.T + bias`` with the layer's own,
+    unshared parameters, which hooks, a parametrisation (weight or spectral norm,
+    pruning), a subclass's ``forward`` or a weight tied elsewhere make untrue."""
+    layer = dict(model.named_modules())[name]
+    if type(layer).forward is not nn.Linear.forward:
+        return f"{type(layer).__name__} overrides nn.Linear's forward"
+    global_hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    if layer._forward_hooks or layer._forward_pre_hooks or global_hooks:
+        return "forward hooks run on it"
+    own = dict(layer.named_parameters(recurse=False))
+    if "weight" not in own or set(own) - {"weight", "bias"} or any(True for _ in layer.children()):
+        return "its weight is reparametrised (weight or spectral norm, pruning, ...)"
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    for local, p in own.items():
+        if canonical[id(p)] != f"{name}.{local}":
+            return f"its {local} is shared with {canonical[id(p)]!r}"
     return None
 
 
