@@ -6,8 +6,10 @@ A model is called the way its own library calls it (design.md §12):
 * a dict batch is ``model(x)`` when ``forward`` takes the dict as one argument
   (sentence-transformers modules: ``forward(features)``), and ``model(**x)`` when
   ``forward`` names the keys (Hugging Face ``AutoModel``: ``forward(input_ids=...,
-  attention_mask=...)``). ``convention="positional"`` or ``"keywords"`` overrides that
-  choice.
+  attention_mask=...)``). A pass-through wrapper, whose ``forward`` takes only ``(*args,
+  **kwargs)`` (a user's wrapper, ``torch.compile``'s module, ``DataParallel``), is called
+  as the module it wraps, its only child module, would be. ``convention="positional"`` or
+  ``"keywords"`` overrides that choice.
 
 The embedding ``[B, D]`` is taken from the output by ``output_key``:
 
@@ -29,7 +31,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["CONVENTIONS", "SENTENCE_EMBEDDING", "Batch", "Convention", "ModelCall", "OutputFn", "OutputKey", "as_call", "mean_pooling", "takes_keywords"]
+__all__ = ["CONVENTIONS", "SENTENCE_EMBEDDING", "Batch", "Convention", "ModelCall", "OutputFn", "OutputKey", "as_call", "convention_module", "mean_pooling", "takes_keywords"]
 
 Batch = Tensor | Mapping[str, Any]
 OutputFn = Callable[[Any, Batch], Tensor]
@@ -39,6 +41,13 @@ CONVENTIONS = ("auto", "positional", "keywords")
 
 #: the output entry a sentence-transformers model puts its embedding in
 SENTENCE_EMBEDDING = "sentence_embedding"
+
+#: the parameter kinds of a pass-through ``forward(*args, **kwargs)``
+_PASS_THROUGH = {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
+
+#: what a model raises when a batch reaches it in the other convention (a dict where it
+#: reads a tensor's ``.size()``, keywords where it wants one dict, Hugging Face's checks)
+_WRONG_FORM_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError)
 
 
 def mean_pooling(output: Any, inputs: Batch) -> Tensor:
@@ -62,17 +71,38 @@ def takes_keywords(model: nn.Module, keys: list[str]) -> bool:
     rather than taking the dict as one argument (``model(x)``).
 
     Keywords when some key is a parameter of ``forward``; otherwise keywords only when
-    ``forward`` has no positional parameter at all (just ``**kwargs``).
+    ``forward`` has no positional parameter at all (just ``**kwargs``). The ``forward`` read
+    is that of :func:`convention_module`: a pass-through wrapper's is its wrapped module's.
     """
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):  # a builtin or C forward: assume keyword inputs
+    params = _parameters(convention_module(model))
+    if params is None:  # a builtin or C forward: assume keyword inputs
         return True
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     if any(k in named for k in keys):
         return True
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
     return not positional
+
+
+def convention_module(model: nn.Module) -> nn.Module:
+    """The module whose ``forward`` signature decides how a dict batch is passed: ``model``,
+    or, while ``forward`` takes only ``(*args, **kwargs)`` and the module has exactly one
+    child (a pass-through wrapper: a user's wrapper, ``torch.compile``'s ``OptimizedModule``,
+    ``DataParallel``), that child."""
+    while True:
+        params = _parameters(model)
+        children = list(model.children())
+        if params is None or len(children) != 1 or {p.kind for p in params} != _PASS_THROUGH:
+            return model
+        model = children[0]
+
+
+def _parameters(model: nn.Module) -> list[inspect.Parameter] | None:
+    """The parameters of ``model.forward``, or None where they cannot be read."""
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -116,7 +146,9 @@ class ModelCall:
             if self.keywords(model, x):
                 return model(**x)  # type: ignore[arg-type]
             return model(dict(x) if isinstance(x, Mapping) else x)
-        except TypeError as err:
+        except Exception as err:
+            if not self._hints(x, err):
+                raise
             raise TypeError(self._call_error(model, x, err)) from err
 
     def functional(self, model: nn.Module, params: Mapping[str, Tensor], x: Batch) -> Tensor:
@@ -126,7 +158,9 @@ class ModelCall:
                 out: Any = functional_call(model, dict(params), (), dict(x))
             else:
                 out = functional_call(model, dict(params), (dict(x) if isinstance(x, Mapping) else x,))
-        except TypeError as err:
+        except Exception as err:
+            if not self._hints(x, err):
+                raise
             raise TypeError(self._call_error(model, x, err)) from err
         return self.embedding(out, x)
 
@@ -166,15 +200,26 @@ class ModelCall:
             return f"{getattr(key, '__module__', '?')}.{getattr(key, '__qualname__', repr(key))}"
         return repr(key)
 
+    def _hints(self, x: Batch, err: Exception) -> bool:
+        """Whether the call's error ``err`` is re-raised with :meth:`_call_error`'s hint: a
+        ``TypeError``, or, where the convention was chosen for a dict batch from ``forward``'s
+        signature, any error a batch passed the other way raises (``_WRONG_FORM_ERRORS``).
+        Other errors (``RuntimeError``: ``vmap``'s refusals, out of memory, the curvature
+        backends' own signals) pass through as they are."""
+        if isinstance(err, TypeError):
+            return True
+        return self.convention == "auto" and isinstance(x, Mapping) and isinstance(err, _WRONG_FORM_ERRORS)
+
     def _call_error(self, model: nn.Module, x: Batch, err: Exception) -> str:
-        name = type(model).__name__
+        name, cause = type(model).__name__, f"{type(err).__name__}: {err}"
         if isinstance(x, Mapping):
             style = f"{name}(**batch)" if self.keywords(model, x) else f"{name}(batch)"
+            chosen = " (chosen from the signature of forward)" if self.convention == "auto" else ""
             return (
-                f"calling {style} with batch keys {sorted(x)} failed: {err}. Pass call='positional' "
+                f"calling {style}{chosen} with batch keys {sorted(x)} failed: {cause}. Pass call='positional' "
                 "(model(batch)) or call='keywords' (model(**batch)) to choose how the dict is passed"
             )
-        return f"calling {name}(x) with a tensor of shape {tuple(x.shape)} failed: {err}"
+        return f"calling {name}(x) with a tensor of shape {tuple(x.shape)} failed: {cause}"
 
 
 def _take(out: Any, key: str | int) -> Any:

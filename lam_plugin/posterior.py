@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from . import _posterior_file
+from . import _posterior_file, distributed
 from ._batches import is_one_batch, iter_inputs
 from ._parameters import fingerprint, flatten, unflatten
 from .calling import Batch, ModelCall, OutputKey
@@ -351,9 +351,12 @@ class EmbeddingPosterior:
     def load(cls, path: str | Path, model: nn.Module, output_key: OutputKey = None) -> EmbeddingPosterior:
         """Read a file written by :meth:`save` for ``model``; refuse one made for another model.
 
+        ``model`` may be wrapped in ``DataParallel`` / ``DistributedDataParallel`` as it was
+        for the fit: the posterior covers the module inside (:func:`distributed.unwrap`).
         ``output_key``: the callable that took the embedding from the output, when the
         posterior was fitted with one (files record only its name).
         """
+        model = distributed.unwrap(model)
         names, curvature, prior, mean, config, stats = _posterior_file.read(path, model, output_key)
         return cls(model, names, curvature, prior, mean=mean, config=config, stats=stats)
 

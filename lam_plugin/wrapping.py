@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .calling import Batch
 
-__all__ = ["batch_size", "check_inputs", "eval_mode", "head_of_batch", "model_device", "prepare_inputs", "slice_batch"]
+__all__ = ["batch_size", "check_inputs", "check_rows", "eval_mode", "head_of_batch", "model_device", "prepare_inputs", "slice_batch"]
 
 
 def batch_size(x: Batch) -> int:
@@ -63,11 +63,13 @@ def prepare_inputs(x: Any, model: nn.Module) -> Batch:
 
 def check_inputs(x: Any) -> None:
     """Refuse, with what was wrong, inputs that are not a tensor or a dict of tensors (other
-    dict values may come along), that hold no item, or whose floating tensors are not finite."""
+    dict values may come along), whose tensor entries disagree on their number of rows
+    (:func:`check_rows`), that hold no item, or whose floating tensors are not finite."""
     if isinstance(x, Mapping):
         tensors = {k: v for k, v in x.items() if isinstance(v, Tensor)}
         if not tensors:
             raise TypeError("the input dict holds no tensor")
+        check_rows(tensors)
     elif isinstance(x, Tensor):
         tensors = {"inputs": x}
     else:
@@ -80,6 +82,23 @@ def check_inputs(x: Any) -> None:
             bad = int((~torch.isfinite(v)).sum())
             where = "the inputs" if isinstance(x, Tensor) else f"input {key!r}"
             raise ValueError(f"{where} contain {bad} NaN or infinite value(s) of {v.numel()}")
+
+
+def check_rows(tensors: Mapping[str, Tensor]) -> None:
+    """Refuse a dict batch whose tensor entries do not all have the same first dimension
+    ``B``: rows must be items (``input_ids``, ``attention_mask``, ``token_type_ids`` all
+    ``[B, T]``), since batches are counted, sliced and stacked along that dimension.
+    Flattened inputs with offsets (``nn.EmbeddingBag``, sentence-transformers'
+    ``StaticEmbedding``: ``input_ids [N]``, ``offsets [B]``) cannot be cut into items."""
+    rows = {key: int(v.shape[0]) if v.ndim else None for key, v in tensors.items()}
+    if len(set(rows.values())) > 1 or None in rows.values():
+        shown = ", ".join(f"{key!r}: {'0-dim' if n is None else n}" for key, n in rows.items())
+        raise ValueError(
+            f"the tensor entries of a dict batch must all hold one row per item (the same first dimension); "
+            f"their first dimensions are {{{shown}}}. Flattened inputs with offsets (nn.EmbeddingBag, "
+            "sentence-transformers' StaticEmbedding) cannot be cut into items: pass [B, ...] tensors, e.g. "
+            "padded [B, T] input_ids, to a model that takes them"
+        )
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype | None:
