@@ -6,7 +6,7 @@ again at each network's final weights over the parameter subset ``--subset``
 (``last_layer``, the protocol's, or ``all``: both convolutions too), with every pair of
 each batch and the ``--approx`` of the arccos loss (``pos``: the ``--online-posterior
 refit --posthoc-approx pos`` of ``reproduce``). The prior precision is ``--prior``
-(a number, or ``marglik``: laplace-torch's marginal-likelihood optimum); the temperature
+(a number, or ``marglik``: the marginal-likelihood optimum); the temperature
 is chosen on validation ECE as ``reproduce`` does. It prints, per parameter tensor, the
 share of weights whose curvature is below the prior precision (their spread is the
 prior's) and exactly 0; then the fit, calibration and prediction times and the AUROC,

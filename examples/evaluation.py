@@ -22,7 +22,7 @@ from lam_plugin.metrics import auroc, retrieval_metrics
 
 def setup_logging(verbose: bool = False) -> None:
     """Timestamped INFO logging (DEBUG with ``verbose``) on stderr."""
-    # force: importing laplace-torch (via lam_plugin) already gave the root logger a handler
+    # force: replace any handler an imported library already gave the root logger
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

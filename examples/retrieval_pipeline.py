@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     a = p.parse_args(argv)
-    # force: importing laplace-torch (via lam_plugin) already gave the root logger a handler
+    # force: replace any handler an imported library already gave the root logger
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -167,8 +167,9 @@ def _describe(batch: Any) -> str:
 
 
 def first_batch(loader: Iterable[Any]) -> Any:
-    """The first item of a re-iterable ``loader`` (a DataLoader, a list of batches)."""
-    if iter(loader) is loader:
+    """The first item of a re-iterable ``loader`` (a DataLoader, a list of batches): one
+    iterator is made (a DataLoader's starts its workers and draws from its generator)."""
+    if isinstance(loader, Iterator):
         raise TypeError("loader must be re-iterable (a DataLoader or a list of batches), not a one-shot iterator")
     try:
         return next(iter(loader))

@@ -9,12 +9,18 @@ rank then builds the same posterior as one process over all the batches. Before 
 approximation, the model's parameter shapes, ...) and fails on every rank with one
 message where they differ, rather than hanging in a collective of mismatched sizes.
 
+Online LAM trains one model over the ranks: it starts them from rank 0's weights
+(:func:`broadcast_module`), averages each step's gradients (:func:`average_gradients`)
+and curvature (:func:`mean_over_ranks`), and gives every rank rank 0's buffers after each
+optimiser step (:func:`broadcast_buffers`).
+
 Files are written by rank 0 only (:func:`is_writer`).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -23,6 +29,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "average_gradients",
+    "broadcast_buffers",
     "broadcast_module",
     "check_same_everywhere",
     "fail_together",
@@ -47,12 +54,21 @@ def is_writer() -> bool:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel``, else ``model``: the
-    posterior covers the user's module (its parameter names carry no ``module.`` prefix)."""
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        logger.info("fitting the module inside %s", type(model).__name__)
-        return model.module
-    return model
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``'s
+    ``OptimizedModule`` (nested ones too), else ``model``: the posterior covers the user's
+    module, whose parameter names carry no ``module.`` or ``_orig_mod.`` prefix, so a file
+    saved through one wrapper loads for the plain module."""
+    # torch.compile has imported it wherever a model is compiled; importing it costs 1.5 s
+    compiled = sys.modules.get("torch._dynamo.eval_frame")
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        elif compiled is not None and isinstance(model, compiled.OptimizedModule):
+            inner = model._orig_mod
+        else:
+            return model
+        logger.info("taking the module inside %s", type(model).__name__)
+        model = inner
 
 
 def check_same_everywhere(record: dict[str, Any]) -> None:
@@ -101,15 +117,47 @@ def broadcast_module(model: nn.Module) -> None:
 
 
 def average_gradients(model: nn.Module) -> None:
-    """Replace each parameter's gradient by its mean over the ranks (a missing one counts as
-    zero), as ``DistributedDataParallel`` does for its own forward passes."""
+    """Replace each parameter's gradient by its mean over the ranks, as
+    ``DistributedDataParallel`` does for its own forward passes: where some rank has a
+    gradient, a rank without one counts it as zero; where no rank has one, it stays
+    ``None``, so the optimiser leaves the parameter alone (no weight decay either) as one
+    process does. One all-reduce of ``[n_params]`` flags decides which is which."""
     world = dist.get_world_size()
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    flags = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=_collective_device(params[0]))
+    dist.all_reduce(flags)
+    for p, ranks_with_grad in zip(params, flags.tolist()):
+        if ranks_with_grad == 0:
+            p.grad = None
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm's running statistics, which each rank's
+    training forward passes update on its own), as ``DistributedDataParallel`` does with
+    ``broadcast_buffers=True``: one broadcast of all buffers' bytes, none without buffers."""
+    buffers = list(model.buffers())
+    if not buffers:
+        return
+    device = _collective_device(buffers[0])
+    flat = [b.detach().reshape(-1).to(device).view(torch.uint8) for b in buffers]  # any dtype, bit for bit
+    packed = torch.cat(flat)
+    dist.broadcast(packed, src=0)
+    with torch.no_grad():
+        for b, part in zip(buffers, packed.split([f.numel() for f in flat])):
+            b.copy_(part.clone().view(b.dtype).view(b.shape))  # a clone: aligned for b's dtype
+
+
+def _collective_device(like: Tensor) -> torch.device:
+    """Where a collective over tensors like ``like`` runs: the CPU under gloo, which
+    reduces CPU tensors only (:func:`sum_over_ranks`), else ``like``'s device."""
+    return torch.device("cpu") if dist.get_backend() == "gloo" else like.device
 
 
 def mean_over_ranks(h: Tensor | None, like: Tensor) -> Tensor | None:

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from ._batches import first_batch, labelled, len_or
+from ._batches import first_batch, labelled
+from ._batches import inputs as inputs_of
 from ._parameters import Subset, architecture, fit_target, flatten
 from .arguments import check_prior, number, positive_int
 from .calling import Batch, Convention, ModelCall, OutputKey
@@ -21,7 +22,7 @@ from .curvature.selection import BackendSpec, check_backend, fallback_backend, m
 from .geometry import APPROXES, Geometry, OutputHessian, output_hessian, resolve_geometry
 from .losses import ContrastiveBatchLoss
 from .numerics import flush_denormals
-from .online import OnlineLaplace, dataset_size_of, first_input
+from .online import OnlineLaplace, dataset_size_of
 from .pairs import Miner, PairSelection, check_miner
 from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
@@ -181,7 +182,7 @@ class LaplaceEmbedder:
         if grouped:
             distributed.fail_together(error)
         assert summed is not None
-        total, n_data, n_batches, out_dim, target, backend = summed
+        total, n_data, n_batches, target, backend = summed
         if grouped:
             total, n_data, n_batches, target = self._sum_over_ranks(total, n_data, n_batches, target, selection)
         dtype = flatten(self.model, target.names[:1]).dtype
@@ -199,7 +200,7 @@ class LaplaceEmbedder:
         mean = flatten(self.model, target.names)
         prior = self.prior_precision
         if isinstance(prior, str):
-            prior = marglik_prior_precision(self.hessian_scale * curvature, mean, n_data, out_dim)
+            prior = marglik_prior_precision(self.hessian_scale * curvature, mean)
         config = self.posterior_config(target)
         self.posterior = EmbeddingPosterior(self.model, target.names, curvature, prior, mean=mean, config=config, stats=stats)
         return self.posterior
@@ -235,13 +236,13 @@ class LaplaceEmbedder:
 
     def _sum_batches(
         self, loader: Iterable[Any], target: FitTarget, selection: PairSelection
-    ) -> tuple[Tensor, int, int, int, FitTarget, str]:
-        """``(signed curvature sum in float64, items, batches, embedding size, target,
-        backend name)`` over the loader; the target loses its last layer when the closed
-        form gives way to another backend."""
+    ) -> tuple[Tensor, int, int, FitTarget, str]:
+        """``(signed curvature sum in float64, items, batches, target, backend name)`` over
+        the loader; the target loses its last layer when the closed form gives way to
+        another backend."""
         engine = self.make_backend(target)
         total: Tensor | None = None
-        n_data = n_batches = out_dim = 0
+        n_data = n_batches = 0
         try:
             bar = tqdm(loader, desc=f"curvature ({engine.name})", disable=not self.progress, leave=False)
             for batch in bar:
@@ -251,22 +252,22 @@ class LaplaceEmbedder:
                 x, y = prepare_inputs(x, self.model), y.to(model_device(self.model))
                 point = selection.checkpoint()
                 try:
-                    diag, out = engine.batch(x, self._hessian_fn(y, selection))
+                    diag, _ = engine.batch(x, self._hessian_fn(y, selection))
                 except (HeadMismatchError, UnsupportedModelError) as err:
                     selection.rewind(point)  # the batch is redone: its pairs count once
                     engine = self._fallback(target)(engine, err)
                     target = FitTarget(target.names) if isinstance(err, HeadMismatchError) else target
                     logger.warning("%s; using the %s backend from here on", err, engine.name)
                     bar.set_description(f"curvature ({engine.name})")
-                    diag, out = engine.batch(x, self._hessian_fn(y, selection))
+                    diag, _ = engine.batch(x, self._hessian_fn(y, selection))
                 total = diag.to(torch.float64, copy=True) if total is None else total.add_(diag)
-                n_data, n_batches, out_dim = n_data + y.shape[0], n_batches + 1, out.shape[-1]
+                n_data, n_batches = n_data + y.shape[0], n_batches + 1
         finally:
             if engine is not self.backend:
                 engine.close()
         if total is None:
             raise ValueError("the loader yielded no batch")
-        return total, n_data, n_batches, out_dim, target, engine.name
+        return total, n_data, n_batches, target, engine.name
 
     def _hessian_fn(self, y: Tensor, selection: PairSelection) -> HessianFn:
         """Outputs -> pairs (miner, hinge, subsample) -> the batch's output Hessian."""
@@ -282,18 +283,24 @@ class LaplaceEmbedder:
     ) -> OnlineLaplace:
         """A step-wise online-LAM trainer (``.step(x, y)``, ``.end_epoch()``, ``.posterior()``)
         for use inside your own training loop, on any curvature backend; ``kwargs`` go to
-        :attr:`online_class` (:class:`~lam_plugin.online.OnlineLaplace`)."""
+        :attr:`online_class` (:class:`~lam_plugin.online.OnlineLaplace`).
+
+        The loss takes :attr:`miner`'s tuples; the running curvature takes every pair of
+        each batch (docs/design.md §4 step 3): the :meth:`pair_selection` it is given has
+        ``miner="all"``, whatever :attr:`miner` is."""
         if max_pairs is not None:
             positive_int(max_pairs, "max_pairs")
         with eval_mode(self.model):
             target = self.fit_target(example)
         backend = self.make_backend(target)
+        selection = self.pair_selection(max_pairs, torch.Generator().manual_seed(self.seed))
+        selection.miner = "all"  # on what pair_selection gives, so that a subclass keeps its other rules (a hinge)
         return self.online_class(
             self.model,
             self.model_call,
             target,
             backend,
-            self.pair_selection(max_pairs, torch.Generator().manual_seed(self.seed)),
+            selection,
             self.loss(),
             self.geometry,
             self.posterior_config(target),
@@ -309,29 +316,26 @@ class LaplaceEmbedder:
         """Train the model with online LAM (docs/design.md §4) and return its posterior.
 
         ``kwargs`` go to :meth:`online` (``max_pairs``, ``lr``, ``weight_decay``,
-        ``lr_decay``, ``memory_factor``, ``n_samples``). The rescaling of the batch sums
-        fixes the running curvature only up to a convention, so the posterior's overall
-        spread is not calibrated: set it with
+        ``lr_decay``, ``memory_factor``, ``n_samples``). ``loader`` must be re-iterable (a
+        DataLoader or a list of batches; a one-shot iterator is refused) and yield a batch
+        in every epoch (:meth:`OnlineLaplace.run_epochs`). ``dataset_size`` defaults to the
+        items of ``loader.dataset``: ``len(loader.dataset)``, or twice that for
+        ``(anchors, positives)`` pair batches, two items a row, as :meth:`fit` counts them.
+        The rescaling of the batch sums fixes the running curvature only up to a
+        convention, so the posterior's overall spread is not calibrated: set it with
         :func:`lam_plugin.calibration.calibrate_temperature` on held-out labelled data.
 
         Unlike :meth:`fit`, this trains the model's weights in place (it is a training
         loop); every module's train/eval flag is restored afterwards.
         """
         positive_int(epochs, "epochs")
-        size = dataset_size if dataset_size is not None else dataset_size_of(loader)
-        trainer = self.online(first_input(loader), size, **kwargs)
+        first = first_batch(loader)
+        size = dataset_size if dataset_size is not None else dataset_size_of(loader, first)
+        trainer = self.online(inputs_of(first), size, **kwargs)
         flags = {m: m.training for m in self.model.modules()}
         self.model.train()
         try:
-            bar = tqdm(total=epochs * len_or(loader, 1), desc="online LAM", disable=not self.progress)
-            for _ in range(epochs):
-                for batch in loader:
-                    x, y = labelled(batch)
-                    loss = trainer.step(x, y)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                trainer.end_epoch()
-            bar.close()
+            trainer.run_epochs(loader, epochs, progress=self.progress)
         finally:
             for m, flag in flags.items():
                 m.training = flag

@@ -17,9 +17,13 @@ Each step (docs/design.md §4), with ``mu`` the current weights of the Laplace s
 4. ``H <- memory_factor * H + relu(mean_s h_s)``, starting from ``H_0 = dataset_size``.
 
 The optimiser is RMSprop with weight decay and an exponential learning-rate decay per
-epoch, as in the paper. Inside a ``torch.distributed`` process group every rank starts
-from rank 0's weights, and the gradients and each step's curvature are averaged over the
-ranks (:mod:`lam_plugin.distributed`), so all ranks keep one model and one ``H``. Subclasses change the pairs (:attr:`OnlineLaplace.selection`),
+epoch, as in the paper. ``H`` is kept in float32 at least (a bfloat16 ``H`` could not
+decay by ``memory_factor``); the sampled weights have the parameters' dtype. Inside a
+``torch.distributed`` process group every rank starts from rank 0's weights, the
+gradients and each step's curvature are averaged over the ranks and rank 0's buffers
+(BatchNorm's running statistics) are broadcast after every step
+(:mod:`lam_plugin.distributed`), so all ranks keep one model and one ``H``. Subclasses
+change the pairs (:attr:`OnlineLaplace.selection`),
 the rescaling (:meth:`OnlineLaplace.batch_to_data`) and the update of ``H``
 (:meth:`OnlineLaplace.accumulate`, :meth:`OnlineLaplace.end_epoch`).
 """
@@ -34,8 +38,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from . import distributed
+from ._batches import first_batch, is_pair_batch, labelled, len_or
 from ._batches import inputs as inputs_of
 from ._parameters import unflatten
 from .arguments import number, positive_int
@@ -66,13 +72,16 @@ class OnlineLaplace:
         call: how it is called and its embedding taken.
         target: the weights of the posterior.
         backend: the curvature backend of ``target`` (any :class:`CurvatureBackend`).
-        selection: the Hessian pairs of a batch (its generator draws the weight noise too).
+        selection: the Hessian pairs of a batch (its generator draws the weight noise too);
+            :meth:`LaplaceEmbedder.online` gives every pair of the batch, whatever the
+            loss's miner.
         loss: ``loss(embeddings [B, D], labels [B]) -> scalar``.
         geometry: the geometry of the output Hessian; ``config.approx`` its approximation.
         config: the configuration recorded in the returned posterior.
         prior_precision: a number, a ``[P]`` tensor or ``"marglik"`` (1 while training;
             chosen by :meth:`posterior`).
-        dataset_size: number of training items (scales the batch curvature).
+        dataset_size: number of training items (scales the batch curvature; a pair
+            ``(anchor, positive)`` is two items).
         lr: RMSprop's learning rate.
         weight_decay: RMSprop's weight decay.
         lr_decay: multiplies the learning rate at each :meth:`end_epoch`.
@@ -117,8 +126,9 @@ class OnlineLaplace:
         self.generator = selection.generator if selection.generator is not None else torch.Generator()
         params = dict(model.named_parameters())
         n_params = sum(params[n].numel() for n in target.names)
-        dtype = params[target.names[0]].dtype
-        self.H = torch.full((n_params,), float(dataset_size), dtype=dtype, device=model_device(model))
+        self.param_dtype = params[target.names[0]].dtype  # of the weights and the returned curvature
+        h_dtype = torch.promote_types(self.param_dtype, torch.float32)  # H <- 0.999 H: more than bfloat16's 3 digits
+        self.H = torch.full((n_params,), float(dataset_size), dtype=h_dtype, device=model_device(model))
         if isinstance(prior_precision, Tensor) and prior_precision.numel() not in (1, n_params):
             raise ValueError(
                 f"prior_precision must be a scalar or one value per weight of the posterior ({n_params}), "
@@ -177,6 +187,8 @@ class OnlineLaplace:
             distributed.average_gradients(self.model)
         assert loss is not None
         self.optimizer.step()
+        if self.distributed:
+            distributed.broadcast_buffers(self.model)  # each rank's forward updated its own BatchNorm statistics
         with torch.no_grad():
             self.H.mul_(self.memory_factor)
             h = torch.stack(curvatures).mean(0) if curvatures else None
@@ -188,8 +200,9 @@ class OnlineLaplace:
         return float(loss.detach())
 
     def _losses_and_curvatures(self, x: Batch, y: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """The loss averaged over ``n_samples`` weight samples, and the batch curvature at
-        each sample that has a Hessian pair."""
+        """The loss averaged over ``n_samples`` weight samples, and the batch curvature
+        ``[P]`` (in ``H``'s dtype) at each sample that has a Hessian pair. The noise
+        ``sigma * eps`` is drawn in ``H``'s dtype and added in the parameters' dtype."""
         device = model_device(self.model)
         x = prepare_inputs(x, self.model)
         y = torch.as_tensor(y, device=device)
@@ -200,7 +213,7 @@ class OnlineLaplace:
         losses, curvatures = [], []
         for _ in range(self.n_samples):
             eps = torch.randn(self.H.shape, generator=self.generator, dtype=self.H.dtype).to(device)
-            noise = unflatten(sigma * eps, self.model, self.target.names)
+            noise = unflatten((sigma * eps).to(self.param_dtype), self.model, self.target.names)
             sampled = {n: params[n] + noise[n] for n in self.target.names}
             out = self.call.functional(self.model, sampled, x)
             losses.append(self.loss_fn(out, y))
@@ -236,7 +249,28 @@ class OnlineLaplace:
                 self.backend = self.fallback(self.backend, err)
                 logger.warning("%s; using the %s backend from here on", err, self.backend.name)
                 h, _ = self.backend.batch_at(x, hessian, sampled)
-        return h * self.batch_to_data(n_pairs, len(y)) if n_pairs else None
+        return h.to(self.H.dtype) * self.batch_to_data(n_pairs, len(y)) if n_pairs else None
+
+    def run_epochs(self, loader: Iterable[Any], epochs: int, progress: bool = False) -> None:
+        """``epochs`` passes of :meth:`step` over the labelled batches of ``loader``, each
+        ended by :meth:`end_epoch` (what :meth:`LaplaceEmbedder.fit_online` runs). An epoch
+        in which ``loader`` yields no batch is an error (a one-shot iterator, say)."""
+        bar = tqdm(total=epochs * len_or(loader, 1), desc="online LAM", disable=not progress)
+        try:
+            for epoch in range(epochs):
+                steps = self.steps
+                for batch in loader:
+                    loss = self.step(*labelled(batch))
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if self.steps == steps:
+                    raise ValueError(
+                        f"the loader yielded no batch in epoch {epoch + 1} of {epochs}: it must yield its batches "
+                        "in every epoch (a DataLoader or a list of batches)"
+                    )
+                self.end_epoch()
+        finally:
+            bar.close()
 
     def batch_to_data(self, n_pairs: int, batch_size: int) -> float:
         """The factor that rescales one batch's curvature sum to the data set:
@@ -252,13 +286,14 @@ class OnlineLaplace:
         self.scheduler.step()
 
     def posterior(self, n_data: int | None = None) -> EmbeddingPosterior:
-        """The posterior at the current weights with the running curvature ``relu(H)``."""
+        """The posterior at the current weights with the running curvature ``relu(H)`` in
+        the parameters' dtype, as :meth:`LaplaceEmbedder.fit` gives it."""
         named = dict(self.model.named_parameters())
         mean = torch.cat([named[n].detach().reshape(-1) for n in self.target.names])
-        curvature = self.H.clamp_min(0)
+        curvature = self.H.clamp_min(0).to(self.param_dtype)
         prior = self.prior
         if isinstance(self.prior_precision, str):
-            prior = marglik_prior_precision(curvature, mean, n_data or self.dataset_size, 1)
+            prior = marglik_prior_precision(curvature, mean)
         config = replace(
             self.config,
             hessian_scale=1.0,
@@ -282,16 +317,19 @@ class OnlineLaplace:
         return {"online": True, "memory_factor": self.memory_factor, "steps": self.steps}
 
 
-def dataset_size_of(loader: Iterable[Any]) -> int:
-    """``len(loader.dataset)``, with a clear error when the loader has no sized dataset."""
+def dataset_size_of(loader: Iterable[Any], first: Any = None) -> int:
+    """The number of items of the loader's data set: ``len(loader.dataset)``, or twice that
+    when ``first`` (a loader item) is a pair batch ``(anchors, positives)``, whose rows
+    hold two items each, as :meth:`LaplaceEmbedder.fit` counts them. A clear error when
+    the loader has no sized dataset."""
     try:
-        return len(loader.dataset)  # type: ignore[attr-defined]
+        rows = len(loader.dataset)  # type: ignore[attr-defined]
     except (AttributeError, TypeError):
         raise ValueError("pass dataset_size=: the loader has no sized .dataset") from None
+    return 2 * rows if first is not None and is_pair_batch(first) else rows
 
 
 def first_input(loader: Iterable[Any]) -> Batch:
-    """The inputs of the loader's first batch."""
-    for batch in loader:
-        return inputs_of(batch)
-    raise ValueError("the loader yielded no batch")
+    """The inputs of the first batch of a re-iterable loader (a one-shot iterator is
+    refused, as by :func:`lam_plugin._batches.first_batch`)."""
+    return inputs_of(first_batch(loader))

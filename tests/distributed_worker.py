@@ -7,7 +7,10 @@ MODE ``fit`` fits the rank's shard of the batches, ``ddp`` does so with the mode
 wrapped in DistributedDataParallel, ``mismatch`` gives rank 1 another approximation,
 ``empty`` gives rank 1 no batch;
 ``online`` trains with online LAM on the rank's shard, ``online-same`` on all batches on
-every rank, ``online-bad`` gives rank 1 a second batch with one label too few.
+every rank, ``online-bad`` gives rank 1 a second batch with one label too few,
+``online-unused`` trains :class:`TwoHeads` (a head the embedding does not use) on all
+batches on every rank, ``online-bn`` a model with BatchNorm (:func:`bn_model`) on the
+rank's shard.
 Each rank writes what it got to ``OUT/rank<r>.pt`` (or its error to ``OUT/rank<r>.err``)
 and calls ``posterior.save(OUT/posterior.safetensors)``. ``LAM_DIST_BACKEND=nccl`` runs
 the ranks on the GPUs (rank r on ``cuda:r``; benchmarks/gpu_check.sh), gloo on the CPU
@@ -32,6 +35,36 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3), L2Normalize())
 
 
+class TwoHeads(nn.Module):
+    """An embedding and a classifier head that the embedding does not use (its parameters
+    get no gradient from online LAM's loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.Tanh())
+        self.emb = nn.Linear(16, 3)
+        self.cls = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.body(x)
+        return {"embedding": self.emb(h), "logits": self.cls(h)}
+
+
+def bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3), L2Normalize())
+
+
+def online_model(mode: str) -> tuple[nn.Module, dict]:
+    """The model and the LaplaceEmbedder settings of an online mode."""
+    if mode == "online-unused":
+        torch.manual_seed(0)
+        return TwoHeads(), {**online_settings(), "output_key": "embedding"}
+    if mode == "online-bn":
+        return bn_model(), online_settings()
+    return model(), online_settings()
+
+
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)) for _ in range(6)]
@@ -46,7 +79,7 @@ def main(mode: str, out: Path) -> None:
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
-    net = model().to(device)
+    net = (online_model(mode)[0] if mode.startswith("online") else model()).to(device)
     if mode == "ddp":
         net = nn.parallel.DistributedDataParallel(net, device_ids=[rank] if device.type == "cuda" else None)
     kwargs = settings()
@@ -87,17 +120,19 @@ def online(net: nn.Module, rank: int, world: int, mode: str, out: Path) -> None:
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(1.0)
-    data = batches() if mode == "online-same" else batches()[rank::world]
+    data = batches() if mode in ("online-same", "online-unused") else batches()[rank::world]
     if mode == "online-bad" and rank == 1:
         data[1] = (data[1][0], data[1][1][:-1])  # its step fails on this rank alone: no rank may wait
     try:
-        posterior = LaplaceEmbedder(net, **online_settings()).fit_online(
+        posterior = LaplaceEmbedder(net, **online_model(mode)[1]).fit_online(
             data, epochs=2, dataset_size=72, max_pairs=None
         )
     except ValueError as err:
         (out / f"rank{rank}.err").write_text(str(err))
         sys.exit(3)
-    torch.save({"curvature": posterior.curvature, "weights": net.state_dict()}, out / f"rank{rank}.pt")
+    sample = posterior.sample(batches()[0][0], n=2, generator=torch.Generator().manual_seed(0))
+    got = {"curvature": posterior.curvature, "weights": net.state_dict(), "sample": sample}
+    torch.save(got, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -186,3 +186,17 @@ def test_a_posterior_loads_through_the_wrapper_it_was_fitted_through(tmp_path):
         assert loaded.param_names == post.param_names == ["2.weight", "2.bias"]
         assert loaded.model is wrapped.module
         torch.testing.assert_close(loaded.curvature, post.curvature)
+
+
+def test_a_compiled_model_is_fitted_and_loaded_as_the_module_it_compiles(tmp_path):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 4))
+    compiled = torch.compile(plain, backend="eager")
+    x, y = torch.randn(8, 6), torch.arange(8) % 2
+    post = LaplaceEmbedder(compiled, subset="all", approx="pos", progress=False).fit([(x, y)])
+    assert post.model is plain and post.param_names == [n for n, _ in plain.named_parameters()]
+    post.save(tmp_path / "post.safetensors")
+    for model in (compiled, plain, nn.DataParallel(compiled)):
+        loaded = EmbeddingPosterior.load(tmp_path / "post.safetensors", model)
+        assert loaded.model is plain
+        torch.testing.assert_close(loaded.curvature, post.curvature)

@@ -15,9 +15,7 @@ from lam_plugin import LaplaceEmbedder
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from distributed_worker import batches, model, online_settings, settings  # noqa: E402
-
-pytest.importorskip("laplace")  # the workers use prior_precision="marglik"
+from distributed_worker import batches, bn_model, model, online_model, online_settings, settings  # noqa: E402
 
 
 def _launch(mode: str, out: Path) -> subprocess.CompletedProcess[str]:
@@ -99,3 +97,33 @@ def test_online_lam_keeps_one_model_over_the_ranks(tmp_path):
     assert torch.equal(a["curvature"], b["curvature"])
     assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
     assert _relerr(a["curvature"], single.curvature) > 1e-3  # the shards are not the whole
+
+
+def test_online_lam_in_ranks_leaves_parameters_without_gradient_alone(tmp_path):
+    """A head the embedding does not use gets no gradient in one process, so RMSprop leaves
+    it (no weight decay either); ranks given the same batches do the same, and train what
+    one process trains."""
+    pytest.importorskip("pytorch_metric_learning")
+    result = _launch("online-unused", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    net, kwargs = online_model("online-unused")
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    LaplaceEmbedder(net, **kwargs).fit_online(batches(), epochs=2, dataset_size=72, max_pairs=None)
+    assert torch.equal(net.cls.weight, start["cls.weight"]) and torch.equal(net.cls.bias, start["cls.bias"])
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(got["weights"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_online_lam_in_ranks_keeps_one_set_of_buffers(tmp_path):
+    """Each rank's training forward passes update its own BatchNorm statistics; rank 0's
+    are broadcast after every step, so the ranks keep one model and embed alike."""
+    pytest.importorskip("pytorch_metric_learning")
+    result = _launch("online-bn", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for k, v in a["weights"].items():
+        assert torch.equal(v, b["weights"][k]), k
+    assert not torch.equal(a["weights"]["1.running_mean"], bn_model().state_dict()["1.running_mean"])
+    assert torch.equal(a["curvature"], b["curvature"]) and torch.equal(a["sample"], b["sample"])

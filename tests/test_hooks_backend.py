@@ -434,6 +434,26 @@ def test_montecarlo_falls_back_to_full_batch_squares(caplog):
     assert _relerr(estimate, exact) <= 0.1
 
 
+@pytest.mark.parametrize("approx", ["fix", "full"])
+@pytest.mark.parametrize("backend", ["hooks", "montecarlo"])
+def test_a_zero_norm_output_raises_the_floating_point_error_of_every_backend(backend, approx):
+    """Design §3: a non-finite curvature is a FloatingPointError that names zero-norm
+    outputs, here as with torch.func, not an ``eigh`` that fails to converge on the NaN
+    directions of the output Hessian's blocks; in a fit and in an online step."""
+    from lam_plugin import LaplaceEmbedder
+
+    x, y = torch.randn(12, 10, generator=torch.Generator().manual_seed(0)), torch.arange(12) % 3
+    x[0] = 0.0  # a bias-free network maps it to the zero vector
+    model = nn.Sequential(nn.Linear(10, 16, bias=False), nn.Tanh(), nn.Linear(16, 4, bias=False))
+    lam = LaplaceEmbedder(model, subset="all", backend=backend, approx=approx, progress=False)
+    message = f"the {backend} backend produced a non-finite curvature; check the model outputs for zero-norm"
+    with pytest.raises(FloatingPointError, match=message):
+        lam.fit([(x, y)])
+    pytest.importorskip("pytorch_metric_learning")  # the loss of online LAM
+    with pytest.raises(FloatingPointError, match=message):
+        lam.fit_online([(x, y)], epochs=1, dataset_size=12)
+
+
 # --------------------------------------------------------------------------------------------
 # the user's model is left as it was; what the hooks cannot cover is named
 # --------------------------------------------------------------------------------------------

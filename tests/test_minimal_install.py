@@ -1,5 +1,6 @@
 """The plug-in installs and runs without scikit-learn, SciPy, matplotlib, the optional
-pytorch-metric-learning and laplace-torch, and the study package (lam_study)."""
+pytorch-metric-learning, laplace-torch (a test dependency only), and the study package
+(lam_study)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Top-level modules a minimal install lacks: the study's dependencies, the two optional
-# dependencies of the core, and the study itself.
+# Top-level modules a minimal install lacks: the study's dependencies, the optional
+# dependency of the core, laplace-torch, and the study itself.
 BLOCKED = ("sklearn", "scipy", "matplotlib", "pytorch_metric_learning", "laplace", "lam_study")
 
 # Distributions that must not be required by lam-plugin without extras.
@@ -55,6 +56,8 @@ model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), lam_plugin.
 labels = torch.arange(4).repeat(4)  # 16 items, 4 of each class
 loader = [(torch.randn(16, 8), labels) for _ in range(3)]
 posterior = lam_plugin.LaplaceEmbedder(model, progress=False).fit(loader)
+marglik = lam_plugin.LaplaceEmbedder(model, approx="pos", prior_precision="marglik", progress=False).fit(loader)
+assert isinstance(marglik.prior_precision, float) and marglik.prior_precision > 0, marglik.prior_precision
 
 x = torch.randn(12, 8)
 samples = posterior.sample(x, n=5)

@@ -113,7 +113,7 @@ __all__ = ["MAX_ELEMENTS", "HooksBackend", "block_factors", "fix_directions", "h
 logger = logging.getLogger(__name__)
 
 
-def block_factors(blocks: LowRankBlocks) -> tuple[Tensor, Tensor, Tensor]:
+def block_factors(blocks: LowRankBlocks, backend: str = "hooks") -> tuple[Tensor, Tensor, Tensor]:
     """``(alpha [B], basis [B, D, r], core [B, r, r])`` with
     ``G_k = alpha_k I + basis_k core_k basis_k^T`` (``basis`` orthonormal, ``core`` symmetric)
     for symmetric blocks ``G_k = alpha_k I + sum_t x_t y_t^T`` with a few terms
@@ -122,19 +122,26 @@ def block_factors(blocks: LowRankBlocks) -> tuple[Tensor, Tensor, Tensor]:
     The span of the ``2T`` vectors ``x_t, y_t`` holds the low-rank part, so their QR gives a
     basis for it and ``core = sum_t (basis^T x_t)(basis^T y_t)^T``: no ``[D, D]`` block is
     formed or decomposed.
+
+    Non-finite blocks (a zero-norm output has no direction ``e_k``) raise the
+    ``FloatingPointError`` of :func:`.base.check_finite`, naming ``backend``, before a
+    factorisation fails on them (``eigh`` does not converge on NaN).
     """
+    for part in (blocks.alpha, blocks.x, blocks.y):
+        check_finite(part, backend)
     x, y = blocks.x.permute(1, 2, 0), blocks.y.permute(1, 2, 0)  # [B, D, T]
     basis = torch.linalg.qr(torch.cat([x, y], dim=2)).Q
     core = (basis.mT @ x) @ (basis.mT @ y).mT
     return blocks.alpha, basis, (core + core.mT) / 2
 
 
-def fix_directions(g: OutputHessian) -> tuple[Tensor, Tensor]:
+def fix_directions(g: OutputHessian, backend: str = "hooks") -> tuple[Tensor, Tensor]:
     """``(directions [n, B, D], signs [n, B])`` with ``G_k = sum_r signs[r,k] w_rk w_rk^T``
     for a block-diagonal G (:func:`block_factors`): the ``D`` unit vectors scaled by
     ``sqrt|alpha_k|``, and the eigenvectors ``basis_k v`` of ``core_k`` scaled by
-    ``sqrt|mu|``. A direction whose scale is at rounding level in every sample is dropped."""
-    alpha, basis, core = block_factors(g.self_blocks())
+    ``sqrt|mu|``. A direction whose scale is at rounding level in every sample is dropped.
+    Non-finite blocks raise ``FloatingPointError`` naming ``backend`` (:func:`block_factors`)."""
+    alpha, basis, core = block_factors(g.self_blocks(), backend)
     mu, vec = torch.linalg.eigh(core)
     bsz, dim = basis.shape[:2]
     units = torch.eye(dim, dtype=alpha.dtype, device=alpha.device)[:, None, :] * alpha.abs().sqrt()[None, :, None]
@@ -172,7 +179,7 @@ class HooksBackend(CurvatureBackend):
         if fwd.embedding.requires_grad:  # else no subset parameter reaches the embedding
             fwd.check()
             if g.block_diagonal:
-                diags = self._fix_diagonal(fwd, x, *fix_directions(g))
+                diags = self._fix_diagonal(fwd, x, *fix_directions(g, self.name))
             elif bool(g.matrix.any()):
                 diags = fwd.dense_diagonal(g)
         diag = torch.cat([diags[n].reshape(-1) for n in self.param_names])

@@ -79,9 +79,10 @@ PAIR_CHUNK = 4096
 
 
 class _Sampler:
-    """Draws ``(v+, v-)``, each ``[B, D]``, with ``Cov(v+) - Cov(v-) = G`` (module docstring)."""
+    """Draws ``(v+, v-)``, each ``[B, D]``, with ``Cov(v+) - Cov(v-) = G`` (module docstring);
+    non-finite blocks of G raise ``FloatingPointError`` naming ``backend``."""
 
-    def __init__(self, g: OutputHessian, dtype: torch.dtype) -> None:
+    def __init__(self, g: OutputHessian, dtype: torch.dtype, backend: str) -> None:
         own = g.self_blocks()
         alpha, x, y = own.alpha.to(dtype), own.x.to(dtype), own.y.to(dtype)
         chunks = list(g.cross_blocks(PAIR_CHUNK))
@@ -94,7 +95,7 @@ class _Sampler:
             self.py = torch.cat([c.y for c in blocks], dim=1).to(dtype)
             # kappa I at (k, l) is -kappa/2 [I; -I][I; -I]^T plus kappa/2 I on both diagonal blocks
             alpha = alpha.index_add(0, self.k, self.kappa / 2).index_add(0, self.l, self.kappa / 2)
-        self.alpha, self.basis, core = block_factors(LowRankBlocks(alpha, x, y))
+        self.alpha, self.basis, core = block_factors(LowRankBlocks(alpha, x, y), backend)
         eye = torch.eye(core.shape[-1], dtype=dtype, device=core.device)
         self.lam, vec = torch.linalg.eigh(core + self.alpha[:, None, None] * eye)
         self.span = self.basis @ vec  # [B, D, r]: eigenvectors of the diagonal blocks in the basis' span
@@ -209,7 +210,7 @@ class MonteCarloBackend(CurvatureBackend):
 
     def _per_sample(self, fwd: HookedForward, g: OutputHessian) -> dict[str, Tensor]:
         bsz = fwd.embedding.shape[0]
-        sampler = _Sampler(g, fwd.embedding.dtype)
+        sampler = _Sampler(g, fwd.embedding.dtype, self.name)
         draws = [sampler.draw(self.generator) for _ in range(self.samples)]
         directions = torch.stack([v for pair in draws for v in pair])  # [2S, B, D]
         signs = torch.tensor([1.0, -1.0], dtype=directions.dtype, device=directions.device).repeat(self.samples)
@@ -221,7 +222,7 @@ class MonteCarloBackend(CurvatureBackend):
         diags = {n: torch.zeros_like(p) for n, p in leaves.items()}
         if not emb.requires_grad:
             return diags
-        sampler = _Sampler(g, emb.dtype)
+        sampler = _Sampler(g, emb.dtype, self.name)
         params = list(leaves.values())
         for _ in range(self.samples):
             for v, sign in zip(sampler.draw(self.generator), (1.0, -1.0)):

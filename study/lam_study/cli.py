@@ -35,7 +35,6 @@ logger = logging.getLogger("lam_study.cli")
 _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "torch": ("torch",),
     "backpack": ("backpack-for-pytorch",),
-    "laplace": ("laplace-torch",),
     "faiss": ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss"),
     "pytorch-metric-learning": ("pytorch-metric-learning",),
     "numpy": ("numpy",),
@@ -234,8 +233,8 @@ def _logging(verbose: bool) -> Iterator[None]:
     """Log ``lam_plugin.*`` at INFO (DEBUG with ``-v``) to stderr for the duration of a command.
 
     The handler sits on the ``lam_plugin`` logger (which stops propagating meanwhile), so
-    the output has one format whatever the root logger holds (``laplace`` installs a
-    default root handler when imported); everything is restored afterwards, which keeps
+    the output has one format whatever the root logger holds (an imported library may
+    have installed a default root handler); everything is restored afterwards, which keeps
     an in-process ``main()`` call free of lasting side effects.
     """
     package = logging.getLogger("lam_plugin")

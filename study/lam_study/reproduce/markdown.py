@@ -235,7 +235,7 @@ def _prior_items(lam: Mapping[str, Any]) -> list[str]:
     )
     items = [
         f"- **Post-hoc prior precision: `{chosen}`**, {how}. Candidates: {', '.join(lam['candidates'])} "
-        "(`marglik`: laplace-torch's marginal-likelihood optimum on the contrastive curvature; the others "
+        "(`marglik`: the marginal-likelihood optimum on the contrastive curvature; the others "
         f"fixed; values per seed: {values}). Share of last-layer weights whose curvature `fix` leaves at 0 "
         "(their variance is 1/prior): "
         + ", ".join(f"seed {s}: {v['zero_fraction']:.0%}" for s, v in lam["curvature"].items())

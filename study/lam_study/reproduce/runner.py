@@ -306,9 +306,7 @@ class _Runner:
         temperatures: dict[str, float] = {}
         for candidate in self.config.candidates:
             if candidate == "marglik":
-                value = marglik_prior_precision(
-                    base.config.hessian_scale * base.curvature, base.mean, base.stats.n_data, self.config.embedding_dim
-                )
+                value = marglik_prior_precision(base.config.hessian_scale * base.curvature, base.mean)
             else:
                 value = float(candidate)
             name = _prior_name(candidate)
