@@ -12,6 +12,7 @@ data (``lam_plugin.metrics.ece``), searching a log-spaced grid.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,6 +61,9 @@ def calibrate_temperature(
             of 10 for as long as the ECE improves.
         n: weight samples per candidate (the same seeded draws for every candidate).
         batch_size: items embedded at once.
+
+    A candidate that takes the precision, or the samples, out of the range of the
+    posterior's dtype (float16: ``10^-4`` already) is passed over with a warning.
     """
     if not temperatures:
         raise ValueError("temperatures must hold at least one candidate")
@@ -73,13 +77,23 @@ def calibrate_temperature(
     scores: dict[float, float] = {}
 
     def score(tau: float) -> float:
+        try:
+            tempered = posterior.tempered(tau)
+        except ValueError as err:  # out of the dtype's range: no candidate
+            logger.warning("temperature %g passed over: %s", tau, err)
+            return math.inf
         g = torch.Generator().manual_seed(seed)
-        samples = posterior.tempered(tau).sample(x, n=n, generator=g, batch_size=batch_size)
+        samples = tempered.sample(x, n=n, generator=g, batch_size=batch_size)
+        if not bool(torch.isfinite(samples).all()):
+            logger.warning("temperature %g passed over: its samples overflow %s", tau, samples.dtype)
+            return math.inf
         scores[tau] = ece(samples, labels, bins=bins)
         return scores[tau]
 
     for tau in temperatures:
         score(float(tau))
+    if not scores:
+        raise ValueError(f"every temperature takes the precision out of the range of {posterior.mean.dtype}")
     # the lowest ECE; among equals, the temperature closest to 1 (the posterior as fitted)
     best = min(scores, key=lambda t: (round(scores[t], 12), abs(np.log(t))))
     # a best value on the edge of the grid: keep going by factors of 10 while it improves

@@ -90,3 +90,16 @@ def test_non_finite_curvature_is_refused(tmp_path):
     mean[0] = float("inf")
     with pytest.raises(ValueError, match="mean holds NaN or infinite values"):
         EmbeddingPosterior(post.model, post.param_names, post.curvature, 1.0, mean=mean)
+
+
+def test_calibration_passes_over_temperatures_out_of_a_float16_range(caplog):
+    from lam_plugin.calibration import calibrate_temperature
+
+    post, x, y = _fitted()
+    model = NormMLP(10, 4)
+    model.load_state_dict(post.model.state_dict())
+    half = EmbeddingPosterior(model.half(), post.param_names, post.curvature.half(), 1.0, config=post.config)
+    calibrated, report = calibrate_temperature(half, x.half(), y, n=4, temperatures=[1e-4, 1.0, 100.0])
+    assert 1e-4 not in report.scores and report.temperature in (1.0, 100.0)
+    assert calibrated.mean.dtype == torch.float16
+    assert any("temperature 0.0001 passed over" in r.getMessage() for r in caplog.records)
