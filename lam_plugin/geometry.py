@@ -158,6 +158,10 @@ def pair_blocks(a: Tensor, b: Tensor, geometry: str | Geometry) -> tuple[Tensor,
     return resolve_geometry(geometry).pair_blocks(a, b)
 
 
+#: cost of the structured contraction of one block, per ``D P``, in dense multiply-adds
+_STRUCTURED_COST = 300
+
+
 @dataclass(frozen=True)
 class LowRankBlocks:
     """``N`` matrices ``C_n = alpha[n] I + sum_t x[t, n] y[t, n]^T`` (``[D, D]`` each, never formed).
@@ -174,6 +178,14 @@ class LowRankBlocks:
     def diagonal(self) -> Tensor:
         """``[N, D]``: ``diag(C_n) = alpha[n] + sum_t x[t, n] * y[t, n]``."""
         return self.alpha[:, None] + (self.x * self.y).sum(0)
+
+    def sandwich(self, a: Tensor, b: Tensor) -> Tensor:
+        """``[P]``: ``sum_n diag(a_n^T C_n b_n)`` for ``a, b [N, D, P]``, that is
+        ``sum_n (alpha_n sum_d a_n * b_n + sum_t (x_tn . a_n) * (y_tn . b_n))``, in
+        ``O(N T D P)`` where the formed ``C_n`` would cost ``O(N D^2 P)``."""
+        alpha, x, y = self.alpha.to(a.dtype), self.x.to(a.dtype), self.y.to(a.dtype)
+        out = torch.einsum("n,ndp->p", alpha, a * b)
+        return out + (torch.einsum("tnd,ndp->tnp", x, a) * torch.einsum("tnd,ndp->tnp", y, b)).sum((0, 1))
 
 
 @dataclass(frozen=True)
@@ -217,8 +229,23 @@ class OutputHessian:
         return _dense(self.f, self.pairs, self.geometry, self.block_diagonal)
 
     def contract(self, jac: Tensor) -> Tensor:
-        """``diag(J^T G J)`` for a Jacobian ``jac [B, D, P]``; returns ``[P]``."""
+        """``diag(J^T G J)`` for a Jacobian ``jac [B, D, P]``; returns ``[P]``.
+
+        The dense product with :attr:`matrix` costs ``O(B^2 D^2 P)`` (``O(B D^2 P)`` block
+        diagonal); the structure of the blocks gives the same sum, ``sum_k diag(J_k^T
+        G_kk J_k)`` over the :meth:`self_blocks` plus ``sum_n diag(J_k^T C_n J_l)`` over
+        the ``N`` folded :meth:`cross_blocks`, in ``O((B + N) D P)`` with a constant
+        about 300 times larger (gathers, batched products with a few rank-one terms,
+        measured on 2 CPU cores). So the structured sum is taken for wide embeddings
+        (``D = 384``, 2 to 6 times faster), the dense product for narrow ones (``D = 3``).
+        """
         b, d, p = jac.shape
+        pairs = b + (0 if self.block_diagonal else int(torch.triu(self.signed_counts).count_nonzero()))
+        if (b if self.block_diagonal else b * b) * d > _STRUCTURED_COST * pairs:
+            out = self.self_blocks().sandwich(jac, jac)
+            for k, l, blocks in self.cross_blocks(max(1, b)):
+                out += blocks.sandwich(jac[k], jac[l])
+            return out
         if self.block_diagonal:
             return (jac * torch.bmm(self.matrix.to(jac.dtype), jac)).sum(dim=(0, 1))
         flat = jac.reshape(b * d, p)

@@ -102,3 +102,20 @@ def test_a_fit_and_an_online_step_never_build_dense_blocks(monkeypatch, approx):
     assert trainer.backend.name == "last_layer"
     trainer.step(x, y)
     assert torch.isfinite(trainer.H).all()
+
+
+@pytest.mark.parametrize("geometry, approx", list(itertools.product(["arccos", "euclidean"], ["pos", "fix", "full"])))
+@pytest.mark.parametrize("cost", [0, 10**12])
+def test_contract_structured_and_dense_agree(monkeypatch, geometry, approx, cost):
+    """``OutputHessian.contract`` chooses the structured sum (cost 0) or the dense product
+    (a huge cost) by size; both equal ``diag(J^T G J)`` with the materialised G."""
+    monkeypatch.setattr(geometry_module, "_STRUCTURED_COST", cost)
+    gen = torch.Generator().manual_seed(3)
+    f = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    g = output_hessian(f, _random_pairs(gen), geometry, approx)
+    jac = torch.randn(B, D, 7, generator=gen, dtype=torch.float64)
+    dense = g.matrix.reshape(B, D, B, D) if not g.block_diagonal else torch.diag_embed(
+        torch.ones(B, dtype=torch.float64)
+    )[:, None, :, None] * g.matrix[:, :, None, :]
+    expected = torch.einsum("kdp,kdle,lep->p", jac, dense, jac)
+    torch.testing.assert_close(g.contract(jac), expected, rtol=1e-12, atol=1e-12)

@@ -180,7 +180,7 @@ class HooksBackend(CurvatureBackend):
             fwd.check()
             if g.block_diagonal:
                 diags = self._fix_diagonal(fwd, x, *fix_directions(g, self.name))
-            elif bool(g.matrix.any()):
+            elif bool(g.signed_counts.any()):
                 diags = fwd.dense_diagonal(g)
         diag = torch.cat([diags[n].reshape(-1) for n in self.param_names])
         return check_finite(diag, self.name), out
