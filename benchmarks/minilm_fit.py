@@ -7,7 +7,7 @@ form does not apply and every one of the D = 384 output dimensions costs a backw
 pass. Texts: WordNet noun glosses (``/usr/share/wordnet/data.noun``, Debian package
 ``wordnet-base``), cut at the first ``;``, labelled by their lexicographer file.
 
-    python benchmarks/minilm_fit.py [--batches 3] [--batch-size 64] [--repeats 3] [--max-words 8]
+    python benchmarks/minilm_fit.py [--batches 3] [--batch-size 64] [--repeats 3] [--max-words 8] [--approx fix]
 
 Prints the median times of one forward pass over the texts and of the fit (the
 backend over the same batches, and ``LaplaceEmbedder(...).fit``), and their ratios.
@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-words", type=int, default=8,
                         help="glosses of at most this many words; 0: whole glosses, any length (%(default)s)")
+    parser.add_argument("--approx", choices=("fix", "pos", "full"), default="fix",
+                        help="pos and full need the per-sample Jacobians and the pair blocks (%(default)s)")
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,18 +102,18 @@ def main() -> None:
     def backend_fit() -> None:
         for x, y in data:
             selection = PairSelection()
-            backend.batch(x, lambda f, y=y, selection=selection: output_hessian(f, selection(y, f), "arccos", "fix"))
+            backend.batch(x, lambda f, y=y, selection=selection: output_hessian(f, selection(y, f), "arccos", args.approx))
 
     def embedder_fit() -> None:
-        LaplaceEmbedder(model, subset=LAYER, approx="fix", backend="hooks", progress=False).fit(data)
+        LaplaceEmbedder(model, subset=LAYER, approx=args.approx, backend="hooks", progress=False).fit(data)
 
     forward()  # warm-up
     t_forward = median_time(forward, args.repeats)
     t_backend = median_time(backend_fit, args.repeats)
     t_embedder = median_time(embedder_fit, args.repeats)
-    t_default = median_time(lambda: LaplaceEmbedder(model, progress=False).fit(data), args.repeats)
+    t_default = median_time(lambda: LaplaceEmbedder(model, approx=args.approx, progress=False).fit(data), args.repeats)
     print(f"all-MiniLM-L6-v2, {args.batches} batches of {args.batch_size} WordNet glosses "
-          f"({tokens} tokens), subset {LAYER} ({n_params:,} parameters), approx='fix', "
+          f"({tokens} tokens), subset {LAYER} ({n_params:,} parameters), approx={args.approx!r}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"forward pass            {t_forward:8.3f} s")
     print(f"HooksBackend.batch      {t_backend:8.3f} s   {t_backend / t_forward:6.1f}x forward")

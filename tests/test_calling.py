@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_real_models import VOCAB, _text_batches, _tokens
 from torch import Tensor, nn
 
 from lam_plugin import EmbeddingPosterior, LaplaceEmbedder
 from lam_plugin.calling import ModelCall, convention_module, mean_pooling
 from lam_plugin.wrapping import check_inputs
 
-VOCAB, WIDTH, DIM = 30, 12, 6
+WIDTH, DIM = 12, 6
 
 
 class SizeReadingEncoder(nn.Module):
@@ -74,18 +75,6 @@ class Failing(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         raise self.error
-
-
-def _tokens(n: int, length: int, seed: int) -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (n, length), generator=g)
-    mask = torch.ones(n, length, dtype=torch.long)
-    mask[: n // 2, length - 2 :] = 0
-    return {"input_ids": ids * mask, "attention_mask": mask}
-
-
-def _text_batches(n_batches: int = 2, size: int = 8) -> list[tuple[dict[str, Tensor], Tensor]]:
-    return [(_tokens(size, 5, seed), torch.arange(size) % 3) for seed in range(n_batches)]
 
 
 # -- pass-through wrappers ----------------------------------------------------------------------
