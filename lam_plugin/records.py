@@ -87,7 +87,7 @@ class PosteriorSummary:
             )
         if self.data_share_median < 0.1:
             lines.append(
-                "  warning: the prior swamps the data curvature, so uncertainties will look alike; "
-                "try prior_precision='marglik' or a larger hessian_scale"
+                "  warning: the prior swamps the data curvature, so uncertainties will look alike; a smaller "
+                "prior_precision or a larger hessian_scale gives the data more weight"
             )
         return "\n".join(lines)
