@@ -65,15 +65,7 @@ def calibrate_temperature(
     A candidate that takes the precision, or the samples, out of the range of the
     posterior's dtype (float16: ``10^-4`` already) is passed over with a warning.
     """
-    if not temperatures:
-        raise ValueError("temperatures must hold at least one candidate")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an int of at least 2 (one weight sample has no spread to calibrate), got {n!r}")
-    labels = torch.as_tensor(labels)
-    if labels.numel() == 0:
-        raise ValueError("labels is empty")
-    if int(torch.unique(labels, return_counts=True)[1].max()) < 2:
-        raise ValueError("labels: no label occurs twice, so no item has a correct neighbour to be confident about")
+    labels = _checked(temperatures, n, labels)
     scores: dict[float, float] = {}
 
     def score(tau: float) -> float:
@@ -104,3 +96,17 @@ def calibrate_temperature(
                 best = edge
     logger.info("calibrated temperature %.3g (validation ECE %.4f)", best, scores[best])
     return posterior.tempered(best), CalibrationReport(best, scores[best], scores)
+
+
+def _checked(temperatures: Sequence[float], n: int, labels: Tensor) -> Tensor:
+    """``labels`` as a tensor, after refusing arguments :func:`calibrate_temperature` cannot use."""
+    if not temperatures:
+        raise ValueError("temperatures must hold at least one candidate")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n must be an int of at least 2 (one weight sample has no spread to calibrate), got {n!r}")
+    labels = torch.as_tensor(labels)
+    if labels.numel() == 0:
+        raise ValueError("labels is empty")
+    if int(torch.unique(labels, return_counts=True)[1].max()) < 2:
+        raise ValueError("labels: no label occurs twice, so no item has a correct neighbour to be confident about")
+    return labels
