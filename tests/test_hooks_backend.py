@@ -275,10 +275,11 @@ def test_hooks_match_reference_float32(cases, name, geometry, approx):
     assert _relerr(diag, ref) <= 1e-3
 
 
-@pytest.mark.parametrize("approx", ["fix", "full"])
+@pytest.mark.parametrize("approx", ["fix", "pos", "full"])
 def test_small_memory_budget_takes_every_chunked_route(cases, approx):
-    """A budget of a few hundred elements forces per-sample gradients instead of token
-    pairs, chunks of one direction, of a few rows, and one module group per pass set."""
+    """A budget of a few hundred elements forces per-sample gradients (fix) or Jacobians
+    (pos, full) instead of token pairs, chunks of one direction, of a few rows, and one
+    module group per pass set; the default budget takes the token pairs."""
     model, x, subsets = cases("small_bert")
     model64 = copy.deepcopy(model).double()
     big = _hooks(model64, x, subsets["all"], "arccos", approx)

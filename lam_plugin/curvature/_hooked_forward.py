@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..calling import Batch, ModelCall
-from ..geometry import OutputHessian
+from ..geometry import LowRankBlocks, OutputHessian
 from ._layer_rules import STOCK, Rule, TokenLinearRule, make_rule, stock_type
 from .base import UnsupportedModelError
 
@@ -262,9 +262,25 @@ class HookedForward:
         rows, size = r.shape(local)
         diag = torch.zeros(rows, size, dtype=grads.dtype, device=grads.device)
         bsz, dim = self.embedding.shape
+        per_block = r.pair_block_elements(dim)
+        if 0 < per_block <= self.budget:  # token pairs, no Jacobian formed
+            for k, l, blocks in _all_blocks(g, self.budget // per_block):
+                r.dense_add(local, grads, k, l, blocks, diag)
+            return diag
         for lo, hi, at in r.row_chunks(local, bsz * dim * size, self.budget):
             diag[at] = g.contract(r.jacobian(local, grads, lo, hi).reshape(bsz, dim, -1)).view(hi - lo, size)
         return diag
+
+
+def _all_blocks(g: OutputHessian, chunk: int) -> Iterator[tuple[Tensor, Tensor, LowRankBlocks]]:
+    """The blocks of G as ``(k [N], l [N], C)`` in chunks of at most ``chunk``: the
+    :meth:`~OutputHessian.self_blocks` (``k = l``), then the folded cross blocks."""
+    own = g.self_blocks()
+    items = torch.arange(own.alpha.shape[0], device=own.alpha.device)
+    for lo in range(0, items.numel(), chunk):
+        at = slice(lo, lo + chunk)
+        yield items[at], items[at], LowRankBlocks(own.alpha[at], own.x[:, at], own.y[:, at])
+    yield from g.cross_blocks(chunk)
 
 
 def batch_size(x: Batch) -> int:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..geometry import LowRankBlocks
 from .base import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,18 @@ class Rule(ABC):
         self.buf = None
         return self.acc
 
+    # -- dense G (``pos`` / ``full``) --
+    def pair_block_elements(self, n_total: int) -> int:
+        """Elements per block of :meth:`dense_add`'s largest intermediate, 0 where the
+        module's per-sample Jacobians are formed and contracted instead."""
+        return 0
+
+    def dense_add(self, local: str, g: Tensor, k: Tensor, l: Tensor, c: LowRankBlocks, out: Tensor) -> None:
+        """Add ``sum_n diag(J_k^T C_n J_l)`` over blocks ``C_n`` between items ``k[n]`` and
+        ``l[n]`` to ``out [rows, row_size]``, from the output gradients ``g [D, B, T, O]`` of
+        the ``D`` unit directions (only where :meth:`pair_block_elements` is positive)."""
+        raise NotImplementedError
+
 
 def _cat_tokens(parts: list[Tensor]) -> Tensor:
     """Concatenate the calls of a module along the token axis (no copy for one call)."""
@@ -194,6 +207,27 @@ class TokenLinearRule(Rule):
         # token pairs cost B T^2 O (n + Q/2) multiply-adds, per-sample squares n B T O Q
         _, t, _, q = self.a.shape
         return self.out_features * t * t if t * (n_total + q / 2) < n_total * q else 0
+
+    def pair_block_elements(self, n_total: int) -> int:
+        _, t, _, q = self.a.shape
+        linear = isinstance(self.module, nn.Linear)
+        return self.out_features * t * max(n_total, q, t) if linear and self.pair_elements(n_total) else 0
+
+    def dense_add(self, local: str, g: Tensor, k: Tensor, l: Tensor, c: LowRankBlocks, out: Tensor) -> None:
+        """The token-pair route for dense G (an ``nn.Linear``): with
+        ``M[n, o, t, s] = alpha_n sum_d g[d, k, t, o] g[d, l, s, o]
+        + sum_r (x_rn . g[:, k, t, o]) (y_rn . g[:, l, s, o])``, the weight gets
+        ``sum_{n,t,s} M a[k, t, q] a[l, s, q]`` and the bias ``sum_{n,t,s} M``: ``O(N T^2 O (D + Q))``
+        where forming the Jacobians costs ``O(B D T O Q)`` and contracting them ``O(N D O Q)``."""
+        gk, gl = g[:, k], g[:, l]
+        alpha, x, y = c.alpha.to(g.dtype), c.x.to(g.dtype), c.y.to(g.dtype)
+        m = torch.einsum("dnto,dnso->nots", gk, gl) * alpha[:, None, None, None]
+        m += torch.einsum("rnto,rnso->nots", torch.einsum("rnd,dnto->rnto", x, gk), torch.einsum("rnd,dnso->rnso", y, gl))
+        if local == "bias":
+            out += m.sum(dim=(0, 2, 3)).unsqueeze(-1)
+            return
+        a = self.a[:, :, 0]  # [B, T, Q]
+        out += torch.einsum("notq,ntq->oq", torch.einsum("nots,nsq->notq", m, a[l]), a[k])
 
     def fix_start(self, chunk: int, n_total: int, budget: int) -> None:
         bsz, t, _, q = self.a.shape

@@ -61,11 +61,11 @@ all-MiniLM-L6-v2 (``T = 12``, ``O = 384``, ``Q = 1536``, ``D = 384``, ``B = 64``
 4.3 G against 174 G. For ``T = 1`` (an MLP) it is ``diag_W = sum_k N_k a_k^2``.
 
 **Dense G** (``pos`` / ``full``, ``[B*D, B*D]``). Pair terms couple the Jacobians of two
-samples, so the per-sample Jacobians ``J [B, D, P]`` are formed exactly: ``D`` passes
-seeded with the unit vectors ``e_d`` for all samples give every layer's output
-gradients for every output dimension; per layer and parameter they are turned into
-Jacobian chunks ``[B, D, rows * row_size]`` and contracted with
-``OutputHessian.contract``. Memory: the stored output gradients (``D`` times the hooked
+samples: ``D`` passes seeded with the unit vectors ``e_d`` for all samples give every
+layer's output gradients for every output dimension. For an ``nn.Linear`` each block of
+G (identity plus rank-one terms) is contracted through token pairs, as for ``fix``
+(``TokenLinearRule.dense_add``); other layers turn them into Jacobian chunks
+``[B, D, rows * row_size]`` contracted with ``OutputHessian.contract``. Memory: the stored output gradients (``D`` times the hooked
 outputs; modules are processed in groups that fit ``max_elements``, each group costing
 its own ``D`` passes) and one Jacobian chunk (``<= max_elements``). For block-diagonal
 G, the directions run in chunks whose output gradients fit ``max_elements``, written
