@@ -263,8 +263,12 @@ class OutputHessian:
 
     @cached_property
     def directions(self) -> tuple[Tensor, Tensor]:
-        """``(n [B], e [B, D])``: the norms and unit directions of the outputs."""
+        """``(n [B], e [B, D])``: the norms and unit directions of the outputs. An item in
+        no pair has no block, so its norm is taken as 1: a zero-norm output there must
+        not turn its zero blocks into ``0 * NaN``; in a pair it still makes them NaN, and
+        the backends' finiteness check names it."""
         norm = self.f.norm(dim=-1)
+        norm = torch.where(self.signed_counts.ne(0).any(dim=1), norm, torch.ones_like(norm))
         return norm, self.f / norm[:, None]
 
     def self_blocks(self) -> LowRankBlocks:

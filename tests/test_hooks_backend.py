@@ -455,6 +455,28 @@ def test_a_zero_norm_output_raises_the_floating_point_error_of_every_backend(bac
         lam.fit_online([(x, y)], epochs=1, dataset_size=12)
 
 
+@pytest.mark.parametrize("approx", ["fix", "pos", "full"])
+@pytest.mark.parametrize("backend", ["hooks", "montecarlo", "backpack"])
+def test_a_zero_norm_output_in_no_pair_adds_nothing(backend, approx):
+    """A zero-norm output whose label has no other item and whose negatives' hinges are
+    inactive is in no pair: every backend gives the curvature of the other items, as
+    torch.func does, rather than ``0 * NaN``."""
+    from lam_plugin import LaplaceEmbedder
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.Tanh(), nn.Linear(8, 4, bias=False)).double()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 0, 1, 2])
+    x[3] = 0.0
+
+    def fit(name: str) -> Tensor:
+        lam = LaplaceEmbedder(model, subset="all", backend=name, approx=approx, progress=False, mc_samples=4096)
+        return lam.fit([(x, y)]).curvature
+
+    ref, got = fit("torch.func"), fit(backend)
+    assert bool(torch.isfinite(got).all()) and ref.abs().max() > 0
+    assert _relerr(got, ref) <= (0.2 if backend == "montecarlo" else 1e-10)
+
+
 # --------------------------------------------------------------------------------------------
 # the user's model is left as it was; what the hooks cannot cover is named
 # --------------------------------------------------------------------------------------------
