@@ -88,7 +88,15 @@ def check_same_everywhere(record: dict[str, Any]) -> None:
 def fail_together(error: BaseException | None, work: str = "the fit") -> None:
     """Raise on every rank, naming the ranks and their errors, if this rank's own ``work``
     failed with ``error`` or another rank's did: a rank that failed alone would leave the
-    others waiting for ever in the next collective. This rank's error is chained."""
+    others waiting for ever in the next collective. This rank's error is chained.
+
+    One all-reduce of a flag when no rank failed (online LAM calls this every step); the
+    messages are gathered only when one did."""
+    nccl = dist.get_backend() == "nccl"  # it reduces CUDA tensors only, as all_gather_object assumes too
+    flag = torch.tensor([float(error is not None)], device=torch.cuda.current_device() if nccl else "cpu")
+    dist.all_reduce(flag)
+    if float(flag) == 0:
+        return
     errors: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
     failed = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)

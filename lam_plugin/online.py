@@ -41,8 +41,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from ._batches import first_batch, is_pair_batch, labelled, len_or
-from ._batches import inputs as inputs_of
+from ._batches import is_pair_batch, labelled, len_or
 from ._parameters import unflatten
 from .arguments import number, positive_int
 from .calling import Batch, ModelCall
@@ -55,7 +54,7 @@ from .posterior import EmbeddingPosterior, FitStats, PosteriorConfig
 from .prior import marglik_prior_precision
 from .wrapping import batch_size, eval_mode, model_device, prepare_inputs
 
-__all__ = ["OnlineLaplace", "dataset_size_of", "first_input"]
+__all__ = ["OnlineLaplace", "dataset_size_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -327,9 +326,3 @@ def dataset_size_of(loader: Iterable[Any], first: Any = None) -> int:
     except (AttributeError, TypeError):
         raise ValueError("pass dataset_size=: the loader has no sized .dataset") from None
     return 2 * rows if first is not None and is_pair_batch(first) else rows
-
-
-def first_input(loader: Iterable[Any]) -> Batch:
-    """The inputs of the first batch of a re-iterable loader (a one-shot iterator is
-    refused, as by :func:`lam_plugin._batches.first_batch`)."""
-    return inputs_of(first_batch(loader))
