@@ -240,6 +240,13 @@ class HookedForward:
         for group in self._groups(dim):
             grads = self._grads(group, units)
             for r in group:
+                per_block = r.pair_block_elements(dim)
+                if 0 < per_block <= self.budget:  # token pairs, no Jacobian formed
+                    diags = {local: grads[r.name].new_zeros(r.shape(local)) for local in r.locals}
+                    for k, l, blocks in _all_blocks(g, self.budget // per_block):
+                        r.dense_add(grads[r.name], k, l, blocks, diags)
+                    out.update({(r.name, local): d for local, d in diags.items()})
+                    continue
                 for local in r.locals:
                     out[r.name, local] = self._contract(r, local, grads[r.name], g)
         return {name: out[where] for name, where in self.where.items()}
@@ -262,11 +269,6 @@ class HookedForward:
         rows, size = r.shape(local)
         diag = torch.zeros(rows, size, dtype=grads.dtype, device=grads.device)
         bsz, dim = self.embedding.shape
-        per_block = r.pair_block_elements(dim)
-        if 0 < per_block <= self.budget:  # token pairs, no Jacobian formed
-            for k, l, blocks in _all_blocks(g, self.budget // per_block):
-                r.dense_add(local, grads, k, l, blocks, diag)
-            return diag
         for lo, hi, at in r.row_chunks(local, bsz * dim * size, self.budget):
             diag[at] = g.contract(r.jacobian(local, grads, lo, hi).reshape(bsz, dim, -1)).view(hi - lo, size)
         return diag

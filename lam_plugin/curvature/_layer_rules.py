@@ -125,10 +125,11 @@ class Rule(ABC):
         module's per-sample Jacobians are formed and contracted instead."""
         return 0
 
-    def dense_add(self, local: str, g: Tensor, k: Tensor, l: Tensor, c: LowRankBlocks, out: Tensor) -> None:
+    def dense_add(self, g: Tensor, k: Tensor, l: Tensor, c: LowRankBlocks, out: dict[str, Tensor]) -> None:
         """Add ``sum_n diag(J_k^T C_n J_l)`` over blocks ``C_n`` between items ``k[n]`` and
-        ``l[n]`` to ``out [rows, row_size]``, from the output gradients ``g [D, B, T, O]`` of
-        the ``D`` unit directions (only where :meth:`pair_block_elements` is positive)."""
+        ``l[n]`` to each parameter's ``out[local] [rows, row_size]``, from the output
+        gradients ``g [D, B, T, O]`` of the ``D`` unit directions (only where
+        :meth:`pair_block_elements` is positive)."""
         raise NotImplementedError
 
 
@@ -213,7 +214,7 @@ class TokenLinearRule(Rule):
         linear = isinstance(self.module, nn.Linear)
         return self.out_features * t * max(n_total, q, t) if linear and self.pair_elements(n_total) else 0
 
-    def dense_add(self, local: str, g: Tensor, k: Tensor, l: Tensor, c: LowRankBlocks, out: Tensor) -> None:
+    def dense_add(self, g: Tensor, k: Tensor, l: Tensor, c: LowRankBlocks, out: dict[str, Tensor]) -> None:
         """The token-pair route for dense G (an ``nn.Linear``): with
         ``M[n, o, t, s] = alpha_n sum_d g[d, k, t, o] g[d, l, s, o]
         + sum_r (x_rn . g[:, k, t, o]) (y_rn . g[:, l, s, o])``, the weight gets
@@ -223,11 +224,12 @@ class TokenLinearRule(Rule):
         alpha, x, y = c.alpha.to(g.dtype), c.x.to(g.dtype), c.y.to(g.dtype)
         m = torch.einsum("dnto,dnso->nots", gk, gl) * alpha[:, None, None, None]
         m += torch.einsum("rnto,rnso->nots", torch.einsum("rnd,dnto->rnto", x, gk), torch.einsum("rnd,dnso->rnso", y, gl))
-        if local == "bias":
-            out += m.sum(dim=(0, 2, 3)).unsqueeze(-1)
+        if "bias" in out:
+            out["bias"] += m.sum(dim=(0, 2, 3)).unsqueeze(-1)
+        if "weight" not in out:
             return
         a = self.a[:, :, 0]  # [B, T, Q]
-        out += torch.einsum("notq,ntq->oq", torch.einsum("nots,nsq->notq", m, a[l]), a[k])
+        out["weight"] += torch.einsum("notq,ntq->oq", torch.einsum("nots,nsq->notq", m, a[l]), a[k])
 
     def fix_start(self, chunk: int, n_total: int, budget: int) -> None:
         bsz, t, _, q = self.a.shape
